@@ -1,0 +1,45 @@
+"""parmap: fast, crash-safe parallel loops with joblib's ``Parallel``/``delayed`` API.
+
+>>> from parmap import Parallel, delayed
+>>> Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4))
+[0, 1, 2, 3]
+"""
+from ._config import (cpu_count, effective_n_jobs, parallel_backend, parallel_config,
+                      register_parallel_backend)
+from ._delayed import delayed
+from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
+                      SerializationError, TaskTimeoutError, TerminatedWorkerError,
+                      WorkerCrashedError)
+from ._parallel import Parallel
+from .backends._base import ParallelBackendBase
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Parallel",
+    "delayed",
+    "parallel_config",
+    "parallel_backend",
+    "register_parallel_backend",
+    "effective_n_jobs",
+    "cpu_count",
+    "ParallelBackendBase",
+    "ParmapError",
+    "PoolError",
+    "WorkerCrashedError",
+    "TerminatedWorkerError",
+    "TaskTimeoutError",
+    "SerializationError",
+    "RemoteTaskError",
+    "RemoteTraceback",
+]
+
+# Users see parmap.Parallel, not parmap._parallel.Parallel.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("parmap."):
+        try:
+            _obj.__module__ = "parmap"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,364 @@
+"""Lazy dispatch: read tasks, group them into batches, keep a bounded number in flight.
+
+Data flow::
+
+    user iterable ──(locked read)──> Batch ──submit──> backend workers
+          ^                                                   │
+          │ dispatch() from the caller's thread, and from     │ callback(outcome)
+          │ the backend's threads when a batch completes      v
+          └──────────────── Dispatcher ◄──── events queue ◄───┘
+                                 │
+                                 └──> results(): in submission or completion order
+
+The throttle: at most ``pre_dispatch`` batches are *unreleased* at any time. A batch is
+released when its results are no longer the dispatcher's to hold: on completion for
+``return_as="list"`` (the list keeps them anyway), when handed to the consumer for the
+generator modes. So an infinite generator is read at most ``pre_dispatch`` batches ahead
+of what the caller consumed, and a slow consumer bounds memory.
+
+The input iterator is only ever read under ``_lock`` (a locked iterator), whichever thread
+dispatches. Completion callbacks must not block, so they only *try* the lock; whoever holds
+it re-checks the room after each batch, so no dispatch opportunity is lost. All
+bookkeeping that decides what to yield happens in the consumer's thread, from the events
+queue.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from operator import length_hint
+from queue import Empty, SimpleQueue
+from time import monotonic
+from typing import Any, Iterable, Iterator
+
+from ._delayed import Batch, check_task
+from ._errors import TaskTimeoutError, call_repr
+
+__all__ = ["Dispatcher", "AutoBatchSizer", "parse_pre_dispatch"]
+
+#: how often the consumer wakes to check timeouts (and, on Windows, to see Ctrl-C)
+POLL_INTERVAL = 0.1
+#: auto batching never grows a batch by more than this factor at once: one fast first
+#: task must not make the second batch take seconds
+MAX_GROWTH = 16
+#: and never beyond this many tasks (the memory held per batch stays bounded)
+MAX_AUTO_BATCH = 10_000
+
+
+class AutoBatchSizer:
+    """Picks batch sizes so that a batch runs for about ``target`` seconds.
+
+    Starts at 1, learns the per-task time from completed batches (measured in the worker,
+    so transport is not counted), and jumps straight to the size that fits the target,
+    growing at most ``MAX_GROWTH``-fold per step. When the number of tasks is known, a
+    batch never holds more than ``1/(4·n_jobs)`` of them, so every worker gets work.
+    """
+
+    def __init__(self, target: float, n_jobs: int, n_tasks: int | None = None):
+        self.target = target
+        self.n_jobs = n_jobs
+        self.size = 1
+        self._per_task: float | None = None
+        self._cap = MAX_AUTO_BATCH
+        if n_tasks:
+            self._cap = max(1, min(MAX_AUTO_BATCH, math.ceil(n_tasks / (4 * n_jobs))))
+
+    def observe(self, n_tasks: int, duration: float) -> None:
+        if n_tasks <= 0:
+            return
+        per_task = max(duration / n_tasks, 1e-8)
+        if self._per_task is None:
+            self._per_task = per_task
+        else:  # weight by the evidence: a big batch says more than a single task
+            weight = min(1.0, n_tasks / (n_tasks + self.size))
+            self._per_task += weight * (per_task - self._per_task)
+        ideal = int(self.target / self._per_task)
+        self.size = max(1, min(ideal, self.size * MAX_GROWTH, self._cap))
+
+
+class _Job:
+    """One submitted batch, as the dispatcher tracks it."""
+
+    __slots__ = ("batch", "outcome", "ready", "task_index", "task_started")
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+        self.outcome: Any = None
+        self.ready = False  # set by the consumer thread once it has seen the outcome
+        self.task_index = -1
+        self.task_started = 0.0
+
+    def mark(self, index: int, started: float) -> None:  # Batch.tracker protocol
+        self.task_index = index
+        self.task_started = started
+
+
+class _InputError:
+    """Raised by the user's iterable (or by checking its items) while dispatching."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Dispatcher:
+    """Runs one ``Parallel`` call on a configured backend."""
+
+    def __init__(self, iterable: Iterable, backend: Any, n_jobs: int, pre_dispatch: int | None,
+                 batch_size: int | str, retain: bool, timeout: float | None = None,
+                 on_progress: Any = None):
+        self.backend = backend
+        self.n_jobs = n_jobs
+        self.retain = retain
+        self.timeout = timeout
+        self.on_progress = on_progress
+        hint = length_hint(iterable, 0) if hasattr(iterable, "__len__") else 0
+        self.n_tasks: int | None = hint or None
+        self._it: Iterator = iter(iterable)
+        self._limit = pre_dispatch if pre_dispatch is not None else math.inf
+        self._fixed_size = batch_size if isinstance(batch_size, int) else None
+        self.sizer = AutoBatchSizer(backend.target_batch_duration, n_jobs, self.n_tasks)
+        self._track = timeout is not None and not backend.enforces_timeout
+        self._lock = threading.RLock()  # the locked iterator: held while reading tasks
+        self._count_lock = threading.Lock()  # guards _unreleased; never held across calls
+        self._dispatching = False
+        self._abort_done = False
+        self._events: SimpleQueue = SimpleQueue()
+        self._jobs: dict[int, _Job] = {}  # batch start index -> job, in dispatch order
+        self.exhausted = False
+        self.aborted = False
+        self.n_dispatched = 0  # tasks read from the iterable and submitted
+        self.n_batches = 0
+        self.n_completed = 0  # tasks whose results the consumer has seen
+        self._unreleased = 0  # batches dispatched and not yet released (see module doc)
+
+    # ------------------------------------------------------------------ dispatching
+    def dispatch(self, blocking: bool = True) -> None:
+        """Submit batches while there is room. Safe from any thread, never re-entrant."""
+        if not self._lock.acquire(blocking):
+            return
+        try:
+            if self._dispatching:  # a synchronous backend called back into us
+                return
+            self._dispatching = True
+            try:
+                while (not self.exhausted and not self.aborted
+                       and self._unreleased < self._limit):
+                    self._dispatch_one()
+            except BaseException as exc:
+                self.aborted = True
+                self._events.put(_InputError(exc))
+            finally:
+                self._dispatching = False
+        finally:
+            self._lock.release()
+
+    def _dispatch_one(self) -> None:
+        size = self._fixed_size or self.sizer.size
+        start = self.n_dispatched
+        tasks = []
+        append = tasks.append
+        for task in self._it:
+            if not (type(task) is tuple and len(task) == 3):
+                check_task(task, start + len(tasks))
+            append(task)
+            if len(tasks) >= size:
+                break
+        else:
+            self.exhausted = True
+            self.n_tasks = start + len(tasks)
+        if not tasks:
+            return
+        batch = Batch(start, tasks)
+        job = _Job(batch)
+        if self._track:
+            batch.tracker = job
+        self._jobs[start] = job
+        self.n_dispatched = start + len(tasks)
+        self.n_batches += 1
+        with self._count_lock:
+            self._unreleased += 1
+        self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
+
+    def _on_done(self, job: _Job, outcome: Any) -> None:
+        """Backend callback, from any thread."""
+        job.outcome = outcome
+        if isinstance(outcome, list):
+            self.sizer.observe(len(job.batch), job.batch.duration)
+        if self.retain:
+            with self._count_lock:
+                self._unreleased -= 1
+        self._events.put(job)
+        if self.retain and not self.aborted:
+            # Opportunistic: keeps workers fed without waiting for the consumer to wake.
+            # If the lock is busy, the consumer's dispatch after this event covers it.
+            self.dispatch(blocking=False)
+
+    def _release(self) -> None:
+        """Called by the consumer after it handled (list) or yielded (generators) a batch."""
+        if not self.retain:
+            with self._count_lock:
+                self._unreleased -= 1
+        self.dispatch()
+
+    # ------------------------------------------------------------------ consuming
+    def start(self) -> None:
+        self.backend.start_call()
+        self.dispatch()
+
+    def results(self, ordered: bool) -> Iterator[Any]:
+        """Yield every result, in submission or completion order; raise the first failure."""
+        return self._ordered() if ordered else self._unordered()
+
+    def close(self, finished: bool, keep_backend: bool) -> None:
+        """End the call; cancel what is left unless it ``finished``."""
+        if not finished:
+            self.abort(ensure_ready=keep_backend)
+        self.backend.stop_call()
+
+    def _ordered(self) -> Iterator[Any]:
+        next_start = 0
+        jobs = self._jobs
+        while True:
+            job = jobs.get(next_start)
+            if job is not None and job.ready:
+                del jobs[next_start]
+                next_start += len(job.batch)
+                if not self.retain:
+                    self._release()
+                yield from job.outcome
+            elif self.exhausted and not jobs:
+                return
+            else:
+                self._handle(self._next_event())
+                if self.retain:
+                    self._release()
+
+    def _unordered(self) -> Iterator[Any]:
+        jobs = self._jobs
+        while not (self.exhausted and not jobs):
+            job = self._handle(self._next_event())
+            del jobs[job.batch.start]
+            self._release()
+            yield from job.outcome
+
+    def _next_event(self) -> Any:
+        if not self._jobs and not self.exhausted:
+            self.dispatch()  # nothing in flight: make sure something is
+        get = self._events.get
+        while True:
+            try:
+                return get(timeout=POLL_INTERVAL)
+            except Empty:
+                if self._track:
+                    self._check_timeouts()
+
+    def _handle(self, event: Any) -> _Job:
+        if isinstance(event, _InputError):
+            self.abort()
+            raise event.exc
+        outcome = event.outcome
+        if isinstance(outcome, BaseException):
+            self.abort()
+            raise outcome
+        event.ready = True
+        self.n_completed += len(outcome)
+        if self.on_progress is not None:
+            self.on_progress(self)
+        return event
+
+    def _check_timeouts(self) -> None:
+        now = monotonic()
+        for job in list(self._jobs.values()):
+            if job.outcome is None and job.task_started and \
+                    now - job.task_started > self.timeout:
+                index = job.task_index
+                func, args, kwargs = job.batch.tasks[index - job.batch.start]
+                self.abort()
+                raise TaskTimeoutError(
+                    f"task {index} ({call_repr(func, args, kwargs)}) has run for more than "
+                    f"timeout={self.timeout}s; the call was cancelled. Raise the timeout, or "
+                    f"split the task into smaller ones.")
+
+    def abort(self, ensure_ready: bool = True) -> None:
+        """Stop dispatching and cancel what the backend has not finished."""
+        self.aborted = True
+        if not self._abort_done:
+            self._abort_done = True
+            self.backend.abort_everything(ensure_ready=ensure_ready)
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot for tests and progress reports."""
+        return {
+            "dispatched_tasks": self.n_dispatched,
+            "dispatched_batches": self.n_batches,
+            "completed_tasks": self.n_completed,
+            "unreleased_batches": self._unreleased,
+            "batch_size": self._fixed_size or self.sizer.size,
+            "exhausted": self.exhausted,
+            "n_tasks": self.n_tasks if self.exhausted or self.n_tasks else None,
+        }
+
+
+# ---------------------------------------------------------------------- pre_dispatch
+
+def parse_pre_dispatch(value: Any, n_jobs: int) -> int | None:
+    """``"all"`` -> None; an int or an arithmetic expression of ``n_jobs`` -> a positive int.
+
+    Expressions are parsed with :mod:`ast` and evaluated over a whitelist (numbers,
+    ``n_jobs``, + - * / // and parentheses); nothing is ever ``eval``'d.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"pre_dispatch must be 'all', a positive int or an expression of "
+                         f"n_jobs such as '2*n_jobs', got {value!r}")
+    if isinstance(value, str):
+        if value.strip() == "all":
+            return None
+        number = _eval_expression(value, n_jobs)
+    elif isinstance(value, (int, float)):
+        number = value
+    else:
+        raise TypeError(f"pre_dispatch must be 'all', a positive int or an expression of "
+                        f"n_jobs such as '2*n_jobs', got {type(value).__name__} {value!r:.40}")
+    if not math.isfinite(number) or int(number) < 1:
+        raise ValueError(f"pre_dispatch={value!r} gives {number!r} batches for n_jobs={n_jobs}; "
+                         f"it must be at least 1")
+    return int(number)
+
+
+def _eval_expression(text: str, n_jobs: int) -> float:
+    import ast
+
+    def bad() -> ValueError:
+        return ValueError(f"pre_dispatch={text!r} is not 'all', an int, or an arithmetic "
+                          f"expression of n_jobs such as '2*n_jobs' (allowed: numbers, n_jobs, "
+                          f"+ - * / // and parentheses)")
+
+    operators = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__,
+                 ast.Div: float.__truediv__, ast.FloorDiv: float.__floordiv__}
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id == "n_jobs":
+            return float(n_jobs)
+        if isinstance(node, ast.BinOp) and type(node.op) in operators:
+            try:
+                return operators[type(node.op)](walk(node.left), walk(node.right))
+            except ZeroDivisionError:
+                raise bad() from None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = walk(node.operand)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        raise bad()
+
+    if len(text) > 100:
+        raise bad()
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        raise bad() from None
+    return walk(tree)

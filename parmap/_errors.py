@@ -1,0 +1,210 @@
+"""Public exceptions and the transport of task errors from workers to the caller.
+
+Exception tree::
+
+    ParmapError                       base of every error parmap itself raises
+    ├── PoolError                     the worker pool failed, not the task's own code
+    │   ├── WorkerCrashedError        a worker died (segfault, os._exit, SIGKILL, OOM)
+    │   │                             alias: TerminatedWorkerError (joblib's name)
+    │   └── TaskTimeoutError          a task ran past ``timeout`` (also a TimeoutError)
+    ├── SerializationError            a function, argument or result could not be pickled
+    │                                 (also a pickle.PicklingError)
+    └── RemoteTaskError               a task raised an exception that could not be rebuilt
+                                      in the caller; carries its type name, message and
+                                      formatted traceback
+
+A task's own exception is never wrapped in one of these: the caller gets the original
+exception type, with the worker's traceback attached and a note naming the task.
+
+How an exception travels (process backend)::
+
+    worker: task raises ──> capture(exc) ──> pickled with tblib's traceback support
+                                 │               (falls back to text if it can't be
+                                 │                pickled *and* unpickled)
+    caller: rebuild() <──────────┘
+            original type, __traceback__ with the worker frames, __cause__ =
+            RemoteTraceback(formatted text) when it had no cause, note "task 17: f(3)"
+"""
+from __future__ import annotations
+
+import pickle
+import reprlib
+import traceback
+from typing import Any
+
+__all__ = [
+    "ParmapError",
+    "PoolError",
+    "WorkerCrashedError",
+    "TerminatedWorkerError",
+    "TaskTimeoutError",
+    "SerializationError",
+    "RemoteTaskError",
+    "RemoteTraceback",
+]
+
+
+class ParmapError(Exception):
+    """Base class of the errors raised by parmap itself."""
+
+
+class PoolError(ParmapError):
+    """The worker pool failed while running tasks (not the tasks' own code)."""
+
+
+class WorkerCrashedError(PoolError):
+    """A worker process died while running tasks.
+
+    ``exitcode`` is the worker's exit status (negative: killed by that signal) and
+    ``task_indices`` the indices of the tasks it was running.
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None,
+                 task_indices: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.task_indices = task_indices
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.exitcode, self.task_indices)
+
+
+#: joblib's name for the same failure, so ``except TerminatedWorkerError`` keeps working.
+TerminatedWorkerError = WorkerCrashedError
+
+
+class TaskTimeoutError(PoolError, TimeoutError):
+    """A task ran for longer than the ``timeout`` given to :class:`~parmap.Parallel`."""
+
+
+class SerializationError(ParmapError, pickle.PicklingError):
+    """A task's function, argument or result could not be pickled or unpickled."""
+
+
+class RemoteTaskError(ParmapError):
+    """A task raised an exception that could not be sent back as itself.
+
+    ``exc_type`` is the qualified name of the original exception type and
+    ``remote_traceback`` the traceback text formatted in the worker.
+    """
+
+    def __init__(self, message: str, exc_type: str = "", remote_traceback: str = ""):
+        super().__init__(message)
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.exc_type, self.remote_traceback)
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of a worker; set as ``__cause__`` of a task's exception."""
+
+    def __init__(self, tb_text: str):
+        super().__init__(tb_text)
+        self.tb_text = tb_text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb_text}"""'
+
+
+# --------------------------------------------------------------------------- call reprs
+
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = 40
+_short_repr.maxother = 40
+_short_repr.maxlist = _short_repr.maxtuple = _short_repr.maxdict = 4
+_short_repr.maxlevel = 2
+
+
+def func_name(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else type(func).__name__
+
+
+def call_repr(func: Any, args: tuple, kwargs: dict) -> str:
+    """A short, safe repr of a call such as ``f(1, 'a', key=[1, 2, 3, 4, ...])``."""
+    parts = []
+    for value in args:
+        parts.append(_safe_repr(value))
+    for key, value in kwargs.items():
+        parts.append(f"{key}={_safe_repr(value)}")
+    text = ", ".join(parts)
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{func_name(func)}({text})"
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return _short_repr.repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        return f"<{type(value).__name__} object>"
+
+
+def add_task_note(exc: BaseException, index: int, task: tuple) -> None:
+    """Attach "parmap: raised by task 17: f(3)" to ``exc`` (shown by Python 3.11+)."""
+    func, args, kwargs = task
+    note = f"parmap: raised by task {index}: {call_repr(func, args, kwargs)}"
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        if note not in notes:
+            notes.append(note)
+    elif notes is None:
+        try:
+            exc.__notes__ = [note]
+        except Exception:  # an exception class that forbids attributes
+            pass
+
+
+# --------------------------------------------------------------------------- transport
+
+class CapturedError:
+    """An exception captured in a worker, ready to be pickled back to the caller."""
+
+    __slots__ = ("payload", "is_text", "tb_text", "index")
+
+    def __init__(self, payload: Any, is_text: bool, tb_text: str, index: int):
+        self.payload = payload
+        self.is_text = is_text
+        self.tb_text = tb_text
+        self.index = index
+
+    def __reduce__(self):
+        return CapturedError, (self.payload, self.is_text, self.tb_text, self.index)
+
+    @classmethod
+    def capture(cls, exc: BaseException, index: int, dumps) -> CapturedError:
+        """Capture ``exc`` raised by task ``index``; ``dumps`` is the pickler to check with."""
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            from tblib import pickling_support
+
+            pickling_support.install(exc)
+            pickle.loads(dumps(exc))  # rebuilding in the caller must work too
+            return cls(exc, False, tb_text, index)
+        except Exception:
+            text = (f"{type(exc).__module__}.{type(exc).__qualname__}", _safe_str(exc))
+            return cls(text, True, tb_text, index)
+
+    def rebuild(self) -> BaseException:
+        """The exception to raise in the caller."""
+        if self.is_text:
+            type_name, message = self.payload
+            exc: BaseException = RemoteTaskError(
+                f"task {self.index} raised {type_name}: {message} (the exception could not "
+                f"be sent back as itself, so parmap re-raises it as text; its worker "
+                f"traceback is attached)", type_name, self.tb_text)
+        else:
+            exc.__cause__ = RemoteTraceback(self.tb_text)
+            return exc
+        # tblib rebuilt the worker frames into exc.__traceback__: raising it shows them
+        # below the caller's frames, and pdb.post_mortem() can walk them.
+        return self.payload
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<str() of {type(exc).__name__} failed>"

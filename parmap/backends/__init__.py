@@ -1,0 +1,1 @@
+"""Pluggable execution backends. Each module holds one; ``_base`` holds the contract."""

@@ -1,0 +1,107 @@
+"""A pool of threads: for tasks that release the GIL (numpy, I/O) or need shared memory.
+
+Worker threads take ``(generation, batch, callback, context)`` items from one queue. A
+cancelled call bumps ``generation``, so items queued before the abort are dropped without
+running. Each batch runs in a copy of the caller's :mod:`contextvars` context, so
+``parallel_config`` settings reach nested calls made by the tasks.
+"""
+from __future__ import annotations
+
+import contextvars
+import threading
+from queue import SimpleQueue
+from typing import Any, Callable
+
+from ._base import ParallelBackendBase
+
+__all__ = ["ThreadingBackend"]
+
+
+class _ThreadPool:
+    def __init__(self, size: int):
+        self.size = size
+        self.generation = 0
+        self._queue: SimpleQueue = SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"parmap-thread-{i}",
+                                          daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, batch: Callable[[], list], callback: Callable[[Any], None],
+               context: contextvars.Context) -> None:
+        self._queue.put((self.generation, batch, callback, context))
+
+    def cancel_pending(self) -> None:
+        self.generation += 1
+
+    def shutdown(self, wait: bool) -> None:
+        self.generation += 1
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            generation, batch, callback, context = item
+            item = None
+            if generation != self.generation:
+                continue  # the call was cancelled before this batch started
+            try:
+                outcome: Any = context.copy().run(batch)
+            except BaseException as exc:
+                outcome = exc
+            if generation == self.generation:
+                callback(outcome)
+            outcome = batch = callback = None  # don't keep the last results alive
+
+
+class ThreadingBackend(ParallelBackendBase):
+    """Runs batches on a pool of threads owned by this backend instance."""
+
+    supports_sharedmem = True
+    target_batch_duration = 0.005
+
+    def __init__(self, nesting_level: int = 0, **backend_kwargs: Any):
+        super().__init__(nesting_level, **backend_kwargs)
+        self._pool: _ThreadPool | None = None
+        self._context = contextvars.copy_context()
+
+    def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
+        n_jobs = super().configure(n_jobs, parallel, **backend_kwargs)
+        if self._pool is not None and self._pool.size != n_jobs:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        if self._pool is None:
+            self._pool = _ThreadPool(n_jobs)
+        return n_jobs
+
+    def start_call(self) -> None:
+        self._context = contextvars.copy_context()
+
+    def submit(self, batch: Callable[[], list], callback: Callable[[Any], None]) -> None:
+        if self._pool is None:
+            raise RuntimeError("ThreadingBackend.submit called before configure")
+        self._pool.submit(batch, callback, self._context)
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        if self._pool is None:
+            return
+        if ensure_ready:
+            self._pool.cancel_pending()
+        else:
+            self.terminate(wait=False)
+
+    def terminate(self, wait: bool = True) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait)
+
+    def get_nested_backend(self) -> tuple[str, int | None]:
+        return "threading", None
