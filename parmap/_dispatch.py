@@ -214,7 +214,10 @@ class Dispatcher:
     def close(self, finished: bool, keep_backend: bool) -> None:
         """End the call; cancel what is left unless it ``finished``."""
         if not finished:
-            self.abort(ensure_ready=keep_backend)
+            self.aborted = True
+            # even if abort() ran already: without keep_backend the workers must now go,
+            # without waiting for tasks that may never end
+            self.backend.abort_everything(ensure_ready=keep_backend)
         self.backend.stop_call()
 
     def _ordered(self) -> Iterator[Any]:

@@ -119,7 +119,9 @@ _short_repr.maxlevel = 2
 
 def func_name(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    return name if isinstance(name, str) else type(func).__name__
+    if not isinstance(name, str):
+        return type(func).__name__
+    return name.rpartition("<locals>.")[2]  # "outer.<locals>.f" reads better as "f"
 
 
 def call_repr(func: Any, args: tuple, kwargs: dict) -> str:

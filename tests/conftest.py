@@ -1,0 +1,99 @@
+"""Shared fixtures: every test is checked for leaked threads, child processes and
+/dev/shm files; backends are parametrised so one behavioural suite covers them all."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import parmap
+
+BACKENDS = ["sequential", "threading"]
+PARALLEL_BACKENDS = ["threading"]
+LEAK_GRACE = 5.0  # seconds a finishing thread/worker may take to go away
+
+
+def child_pids() -> set[int]:
+    """Live (or zombie) children of this process."""
+    me = str(os.getpid())
+    pids = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # not Linux: fall back to what multiprocessing knows
+        import multiprocessing
+
+        return {p.pid for p in multiprocessing.active_children()}
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                pids.add(int(entry))
+    return pids
+
+
+def shm_entries() -> set[str]:
+    try:
+        return {name for name in os.listdir("/dev/shm") if "parmap" in name}
+    except OSError:
+        return set()
+
+
+def shutdown_pools() -> None:
+    """Stop parmap's reusable worker pools, if the process backend is present."""
+    shutdown = getattr(parmap, "_shutdown_pools", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def leaks(threads_before: set, shm_before: set) -> list[str]:
+    problems = []
+    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    if threads:
+        problems.append(f"threads left running: {[t.name for t in threads]}")
+    children = child_pids()
+    if children:
+        problems.append(f"child processes left: {sorted(children)}")
+    shm = shm_entries() - shm_before
+    if shm:
+        problems.append(f"/dev/shm entries left: {sorted(shm)}")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    threads_before = set(threading.enumerate())
+    shm_before = shm_entries()
+    yield
+    shutdown_pools()
+    deadline = time.monotonic() + LEAK_GRACE
+    while (problems := leaks(threads_before, shm_before)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # waiting for teardown to finish, not synchronising the test
+    if problems:
+        pytest.fail(f"{request.node.nodeid} leaked: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_at_session_end():
+    threads_before = set(threading.enumerate())
+    shm_before = shm_entries()
+    yield
+    shutdown_pools()
+    problems = leaks(threads_before, shm_before)
+    assert not problems, "the test session leaked: " + "; ".join(problems)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(params=PARALLEL_BACKENDS)
+def parallel_backend(request):
+    """Backends that really run tasks concurrently."""
+    return request.param

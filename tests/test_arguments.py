@@ -1,0 +1,133 @@
+"""Every bad argument gets a ValueError/TypeError that names it."""
+from __future__ import annotations
+
+import pytest
+
+import parmap
+from parmap import Parallel, delayed, effective_n_jobs, parallel_config
+from parmap._config import check_n_jobs, resolve_n_jobs
+from parmap._dispatch import parse_pre_dispatch
+from parmap._parallel import _check_max_nbytes
+
+
+@pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5])
+def test_bad_n_jobs_is_a_value_error(value):
+    with pytest.raises(ValueError, match="n_jobs"):
+        Parallel(n_jobs=value)
+
+
+@pytest.mark.parametrize("value", [[2], object(), b"2"])
+def test_n_jobs_of_wrong_type_is_a_type_error(value):
+    with pytest.raises(TypeError, match="n_jobs"):
+        Parallel(n_jobs=value)
+
+
+@pytest.mark.parametrize("value, expected", [(2, 2), (2.9, 2), ("3", 3), (" 4 ", 4),
+                                             (None, None), (-1, -1), (-2.5, -2)])
+def test_n_jobs_accepted(value, expected):
+    assert check_n_jobs(value) == expected
+
+
+def test_negative_n_jobs_counts_from_cpu_count():
+    n = parmap.cpu_count()
+    assert resolve_n_jobs(-1) == n
+    assert resolve_n_jobs(-2) == max(1, n - 1)
+    assert resolve_n_jobs(-1000) == 1
+    assert resolve_n_jobs(None) == 1
+    assert effective_n_jobs(-1) == n
+
+
+def test_n_jobs_none_uses_config():
+    assert Parallel().n_jobs is None
+    with parallel_config(n_jobs=3):
+        assert Parallel().n_jobs == 3
+        assert Parallel(n_jobs=2).n_jobs == 2  # explicit wins
+    assert Parallel().n_jobs is None
+
+
+@pytest.mark.parametrize("value", ["lists", "", None, "Generator"])
+def test_bad_return_as(value):
+    with pytest.raises(ValueError, match="return_as"):
+        Parallel(return_as=value)
+
+
+@pytest.mark.parametrize("value", [0, -1, "big", 1.5, True, None])
+def test_bad_batch_size(value):
+    with pytest.raises(ValueError, match="batch_size"):
+        Parallel(batch_size=value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("all", None), (3, 3), ("3", 3), ("2*n_jobs", 8), ("2 * n_jobs", 8), ("n_jobs", 4),
+    ("3*n_jobs+1", 13), ("(n_jobs + 2) // 2", 3), ("n_jobs / 2", 2), ("-n_jobs + 10", 6)])
+def test_pre_dispatch_expressions(value, expected):
+    assert parse_pre_dispatch(value, 4) == expected
+
+
+@pytest.mark.parametrize("value", [
+    "__import__('os').system('true')", "n_jobs ** 2", "x * 2", "0", "n_jobs - 4", "1/0",
+    "n_jobs()", "[1]", "2*", "open('f')", "1e400", True, 0, -3])
+def test_bad_pre_dispatch(value):
+    with pytest.raises(ValueError, match="pre_dispatch"):
+        parse_pre_dispatch(value, 4)
+
+
+def test_bad_pre_dispatch_rejected_by_parallel():
+    with pytest.raises(ValueError, match="pre_dispatch"):
+        Parallel(pre_dispatch="import os")
+    with pytest.raises(TypeError, match="pre_dispatch"):
+        Parallel(pre_dispatch=[1])
+
+
+@pytest.mark.parametrize("value", [0, -1, "1s", True])
+def test_bad_timeout(value):
+    with pytest.raises(ValueError, match="timeout"):
+        Parallel(timeout=value)
+
+
+def test_bad_backend_name_lists_choices():
+    with pytest.raises(ValueError, match="backend 'nope' is not registered.*threading"):
+        Parallel(backend="nope")
+    with pytest.raises(TypeError, match="backend"):
+        Parallel(backend=3)
+
+
+@pytest.mark.parametrize("key, value", [("prefer", "gpu"), ("require", "shm"),
+                                        ("mmap_mode", "rw"), ("verbose", "loud"),
+                                        ("max_nbytes", "1Q"), ("max_nbytes", -5)])
+def test_bad_other_arguments(key, value):
+    with pytest.raises((ValueError, TypeError), match=key):
+        Parallel(**{key: value})
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), (0, 0), (1000, 1000), ("1M", 2**20),
+                                             ("500K", 500 * 1024), ("2G", 2 * 2**30),
+                                             ("1.5k", 1536), ("10", 10)])
+def test_max_nbytes_sizes(value, expected):
+    assert _check_max_nbytes(value) == expected
+
+
+def test_delayed_rejects_non_callables():
+    with pytest.raises(TypeError, match="delayed"):
+        delayed(3)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_items_that_are_not_tasks(n_jobs):
+    with pytest.raises(TypeError, match="item 1 of the iterable.*delayed"):
+        Parallel(n_jobs=n_jobs, backend="threading")([delayed(abs)(1), abs, delayed(abs)(2)])
+
+
+def test_require_sharedmem_with_process_like_backend_is_rejected():
+    class NoShare(parmap.ParallelBackendBase):
+        def submit(self, batch, callback):
+            callback(batch())
+
+    with pytest.raises(ValueError, match="sharedmem"):
+        Parallel(backend=NoShare(), require="sharedmem")
+    with parallel_config(backend=NoShare()):  # from the context it falls back to threads
+        assert Parallel(require="sharedmem")._backend.supports_sharedmem
+
+
+def test_prefer_threads_picks_threading():
+    assert type(Parallel(prefer="threads")._backend).__name__ == "ThreadingBackend"

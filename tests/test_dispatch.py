@@ -1,0 +1,142 @@
+"""The dispatcher: results match a list comprehension, input is read within the bound."""
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parmap import Parallel, ParallelBackendBase, delayed
+from parmap._dispatch import MAX_AUTO_BATCH, AutoBatchSizer
+
+
+def double(x):
+    return 2 * x
+
+
+class CountingIterable:
+    """Yields tasks and records how many were read, and the most read ahead of results."""
+
+    def __init__(self, n):
+        self.n = n
+        self.read = 0
+        self.consumed = 0  # results the test has taken
+        self.max_ahead = 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.read += 1
+            self.max_ahead = max(self.max_ahead, self.read - self.consumed)
+            yield delayed(double)(i)
+
+
+class SyncBackend(ParallelBackendBase):
+    """A synchronous backend that claims several workers: runs batches on submit."""
+
+    def submit(self, batch, callback):
+        try:
+            outcome = batch()
+        except BaseException as exc:
+            outcome = exc
+        callback(outcome)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_tasks=st.integers(0, 300), n_jobs=st.integers(2, 4),
+       batch_size=st.one_of(st.just("auto"), st.integers(1, 40)),
+       pre_dispatch=st.one_of(st.just("all"), st.integers(1, 10), st.just("2*n_jobs")),
+       return_as=st.sampled_from(["list", "generator", "generator_unordered"]),
+       backend=st.sampled_from(["threading", "sync"]))
+def test_dispatch_properties(n_tasks, n_jobs, batch_size, pre_dispatch, return_as, backend):
+    source = CountingIterable(n_tasks)
+    parallel = Parallel(n_jobs=n_jobs, backend=SyncBackend() if backend == "sync" else backend,
+                        batch_size=batch_size, pre_dispatch=pre_dispatch, return_as=return_as)
+    out = parallel(source)
+    if return_as == "list":
+        results = out
+    else:
+        results = []
+        for value in out:
+            results.append(value)
+            source.consumed += 1
+    expected = [2 * i for i in range(n_tasks)]
+    assert (sorted(results) if return_as == "generator_unordered" else results) == expected
+    assert source.read == n_tasks
+    if return_as != "list" and pre_dispatch != "all":
+        limit = pre_dispatch if isinstance(pre_dispatch, int) else 2 * n_jobs
+        size = batch_size if isinstance(batch_size, int) else MAX_AUTO_BATCH
+        # a batch is read whole before it is submitted, and the consumer holds one
+        assert source.max_ahead <= (limit + 1) * size
+
+
+def test_infinite_generator_bounded_with_auto_batches():
+    read = itertools.count()
+
+    def tasks():
+        for i in itertools.count():
+            next(read)
+            yield delayed(double)(i)
+
+    gen = Parallel(n_jobs=2, backend="threading", return_as="generator")(tasks())
+    assert list(itertools.islice(gen, 1000)) == [2 * i for i in range(1000)]
+    gen.close()
+    assert next(read) - 1 <= 1000 + 5 * MAX_AUTO_BATCH
+
+
+def test_input_read_under_a_lock():
+    """The iterable is never entered by two threads at once, whoever dispatches."""
+    inside = threading.Lock()
+    overlaps = []
+
+    def tasks():
+        for i in range(3000):
+            if not inside.acquire(blocking=False):
+                overlaps.append(i)
+            else:
+                inside.release()
+            yield delayed(double)(i)
+
+    out = Parallel(n_jobs=2, backend="threading", batch_size=1)(tasks())
+    assert out == [2 * i for i in range(3000)]
+    assert overlaps == []
+
+
+def test_auto_batch_size_ramps_up_for_tiny_tasks():
+    parallel = Parallel(n_jobs=2, backend="threading")
+    parallel(delayed(double)(i) for i in range(50_000))
+    stats = parallel._last_dispatcher.statistics()
+    assert stats["batch_size"] > 100
+    assert stats["dispatched_batches"] < 1000
+
+
+def test_auto_batch_size_stays_small_for_slow_tasks():
+    sizer = AutoBatchSizer(target=0.02, n_jobs=2)
+    sizer.observe(1, 0.5)
+    assert sizer.size == 1
+    sizer.observe(1, 0.0001)  # a fast outlier must not make one huge batch
+    assert sizer.size <= 16
+
+
+def test_auto_batch_size_capped_by_known_length():
+    sizer = AutoBatchSizer(target=1.0, n_jobs=2, n_tasks=800)
+    for _ in range(10):
+        sizer.observe(sizer.size, 1e-7 * sizer.size)
+    assert sizer.size == 100  # 800 / (4 * 2): every worker gets several batches
+
+
+@pytest.mark.parametrize("return_as", ["list", "generator"])
+def test_fixed_batch_size_groups_tasks(return_as):
+    sizes = []
+
+    class Recording(SyncBackend):
+        def submit(self, batch, callback):
+            sizes.append(len(batch))
+            super().submit(batch, callback)
+
+    out = Parallel(n_jobs=2, backend=Recording(), batch_size=7, return_as=return_as)(
+        delayed(double)(i) for i in range(30))
+    assert list(out) == [2 * i for i in range(30)]
+    assert sizes == [7, 7, 7, 7, 2]

@@ -1,0 +1,182 @@
+"""Behaviour of Parallel/delayed that every backend must share."""
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from parmap import Parallel, delayed, parallel_config
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y=0, *, z=0):
+    return x + y + z
+
+
+def test_results_in_order(backend):
+    assert Parallel(n_jobs=2, backend=backend)(delayed(square)(i) for i in range(50)) == \
+        [i * i for i in range(50)]
+
+
+def test_args_and_kwargs(backend):
+    out = Parallel(n_jobs=2, backend=backend)(
+        delayed(add)(i, y=i, z=1) for i in range(10))
+    assert out == [2 * i + 1 for i in range(10)]
+
+
+def test_empty_input(backend):
+    assert Parallel(n_jobs=2, backend=backend)([]) == []
+    assert list(Parallel(n_jobs=2, backend=backend, return_as="generator")(iter([]))) == []
+
+
+def test_lambdas_closures_and_bound_methods(backend):
+    offset = 10
+
+    class Box:
+        def __init__(self, v):
+            self.v = v
+
+        def get(self, k):
+            return self.v * k
+
+    tasks = [delayed(lambda x: x + offset)(1), delayed(Box(3).get)(2),
+             delayed(sorted)([3, 1, 2])]
+    assert Parallel(n_jobs=2, backend=backend)(tasks) == [11, 6, [1, 2, 3]]
+
+
+def test_generator_return_is_lazy_and_ordered(backend):
+    gen = Parallel(n_jobs=2, backend=backend, return_as="generator")(
+        delayed(square)(i) for i in range(30))
+    assert not isinstance(gen, list)
+    assert list(gen) == [i * i for i in range(30)]
+
+
+def test_generator_unordered_has_every_result(backend):
+    out = Parallel(n_jobs=2, backend=backend, return_as="generator_unordered")(
+        delayed(square)(i) for i in range(100))
+    assert sorted(out) == [i * i for i in range(100)]
+
+
+def test_unordered_yields_in_completion_order(parallel_backend):
+    slow_done = threading.Event()
+
+    def task(i):
+        if i == 0:
+            slow_done.wait(10)
+        return i
+
+    gen = Parallel(n_jobs=2, backend=parallel_backend, batch_size=1,
+                   return_as="generator_unordered")(delayed(task)(i) for i in range(6))
+    first = [next(gen) for _ in range(5)]
+    assert 0 not in first  # task 0 is still blocked: later tasks overtook it
+    slow_done.set()
+    assert list(gen) == [0]
+
+
+def test_context_manager_reuses_backend(parallel_backend):
+    with Parallel(n_jobs=2, backend=parallel_backend) as parallel:
+        first = parallel(delayed(square)(i) for i in range(10))
+        workers = parallel._backend._pool
+        second = parallel(delayed(square)(i) for i in range(10, 20))
+        assert parallel._backend._pool is workers
+    assert first + second == [i * i for i in range(20)]
+
+
+def test_instance_can_be_called_again(backend):
+    parallel = Parallel(n_jobs=2, backend=backend)
+    assert parallel([delayed(square)(2)]) == [4]
+    assert parallel([delayed(square)(3)]) == [9]
+
+
+def test_call_while_generator_running_is_an_error(backend):
+    parallel = Parallel(n_jobs=2, backend=backend, return_as="generator")
+    gen = parallel(delayed(square)(i) for i in range(10))
+    next(gen)
+    with pytest.raises(RuntimeError, match="still running"):
+        parallel([delayed(square)(1)])
+    gen.close()
+    assert list(parallel([delayed(square)(5)])) == [25]
+
+
+def test_infinite_generator_is_read_lazily(backend):
+    consumed = itertools.count()
+
+    def tasks():
+        for i in itertools.count():
+            next(consumed)
+            yield delayed(square)(i)
+
+    parallel = Parallel(n_jobs=2, backend=backend, return_as="generator",
+                        batch_size=1, pre_dispatch="2*n_jobs")
+    gen = parallel(tasks())
+    taken = list(itertools.islice(gen, 20))
+    assert taken == [i * i for i in range(20)]
+    read = next(consumed) - 1
+    assert read <= 20 + 4, read  # at most pre_dispatch (4) batches of one task ahead
+    gen.close()
+
+
+def test_closing_generator_cancels_remaining(parallel_backend):
+    ran = []
+    gate = threading.Event()
+
+    def task(i):
+        gate.wait(10)
+        ran.append(i)
+        return i
+
+    gen = Parallel(n_jobs=2, backend=parallel_backend, batch_size=1, return_as="generator",
+                   pre_dispatch="all")(delayed(task)(i) for i in range(200))
+    gen.close()
+    gate.set()
+    assert len(ran) <= 2  # only the batches already running could finish
+
+
+def test_garbage_collected_generator_cancels(parallel_backend):
+    gate = threading.Event()
+    ran = []
+
+    def task(i):
+        gate.wait(10)
+        ran.append(i)
+
+    gen = Parallel(n_jobs=2, backend=parallel_backend, batch_size=1, return_as="generator",
+                   pre_dispatch="all")(delayed(task)(i) for i in range(100))
+    del gen
+    gate.set()
+    assert len(ran) <= 2
+
+
+def test_parallel_config_sets_defaults(backend):
+    with parallel_config(backend=backend, n_jobs=2):
+        parallel = Parallel()
+        assert parallel.n_jobs == 2
+        assert parallel(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_threading_runs_tasks_concurrently():
+    barrier = threading.Barrier(2, timeout=10)
+    out = Parallel(n_jobs=2, backend="threading", batch_size=1)(
+        delayed(barrier.wait)() for _ in range(2))
+    assert sorted(out) == [0, 1]  # both tasks were at the barrier at once
+
+
+def test_nested_parallel_calls(backend):
+    def inner(i):
+        return sum(Parallel(n_jobs=2, backend=backend)(delayed(square)(j) for j in range(i)))
+
+    assert Parallel(n_jobs=2, backend=backend)(delayed(inner)(i) for i in range(6)) == \
+        [sum(j * j for j in range(i)) for i in range(6)]
+
+
+def test_statistics_snapshot():
+    parallel = Parallel(n_jobs=2, backend="threading", batch_size=3)
+    parallel(delayed(square)(i) for i in range(10))
+    stats = parallel._last_dispatcher.statistics()
+    assert stats["dispatched_tasks"] == stats["completed_tasks"] == 10
+    assert stats["dispatched_batches"] == 4
+    assert stats["exhausted"] and stats["n_tasks"] == 10
