@@ -43,3 +43,12 @@ for _name in __all__:
         except (AttributeError, TypeError):
             pass
 del _name, _obj
+
+
+def _shutdown_pools() -> None:
+    """Stop parmap's reusable worker processes now (tests use this; atexit does too)."""
+    import sys
+
+    pool = sys.modules.get("parmap._pool")
+    if pool is not None:
+        pool.shutdown_all()

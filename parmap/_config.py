@@ -38,7 +38,7 @@ _config: ContextVar[dict[str, Any]] = ContextVar("parmap_config", default={})
 
 # name -> factory returning a fresh backend instance; the built-ins are added lazily
 _BACKENDS: dict[str, Callable[..., Any]] = {}
-_default_backend = ["threading"]  # a list so register_parallel_backend can swap it
+_default_backend = ["processes"]  # a list so register_parallel_backend can swap it
 
 
 def get_config() -> dict[str, Any]:
@@ -171,11 +171,14 @@ def effective_n_jobs(n_jobs: Any = -1) -> int:
 def _ensure_builtin_backends() -> None:
     if _BACKENDS:
         return
+    from .backends.process import process_backend_factory
     from .backends.sequential import SequentialBackend
     from .backends.threading import ThreadingBackend
 
     _BACKENDS.setdefault("sequential", SequentialBackend)
     _BACKENDS.setdefault("threading", ThreadingBackend)
+    for name in ("processes", "loky", "multiprocessing"):  # joblib's names run ours
+        _BACKENDS.setdefault(name, process_backend_factory)
 
 
 def register_parallel_backend(name: str, factory: Callable[..., Any],

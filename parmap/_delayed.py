@@ -2,8 +2,9 @@
 
 A task is the plain tuple ``(function, args, kwargs)``, as in joblib, so code that builds
 those tuples by hand keeps working. ``delayed(f)`` is called once per task in the usual
-idiom ``delayed(f)(x) for x in xs``: it is kept to one closure, with no
-``functools.wraps`` (which would cost about a microsecond per task).
+idiom ``delayed(f)(x) for x in xs``, so it is kept cheap: one closure, no
+``functools.wraps`` (about a microsecond per task), and the wrapper of the last function
+is reused, which halves the cost of the idiom.
 """
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ __all__ = ["delayed", "Batch", "check_task"]
 Task = tuple  # (function, args, kwargs)
 
 
+_last: tuple = (None, None)  # (function, its wrapper): the idiom calls delayed(f) per task
+
+
 def delayed(function: Callable) -> Callable[..., Task]:
     """Capture a call: ``delayed(f)(*args, **kwargs)`` returns ``(f, args, kwargs)``.
 
     Also usable as a decorator: ``@delayed`` makes every call of the function return the
     task tuple instead of running it.
     """
+    global _last
+    last = _last  # one read: another thread may replace it, never tear it
+    if last[0] is function:
+        return last[1]
     if not callable(function):
         raise TypeError(f"delayed(function): expected a callable, got "
                         f"{type(function).__name__} {function!r:.60}")
@@ -31,6 +39,7 @@ def delayed(function: Callable) -> Callable[..., Task]:
         return function, args, kwargs
 
     delayed_function.__wrapped__ = function  # type: ignore[attr-defined]
+    _last = (function, delayed_function)
     return delayed_function
 
 
@@ -52,13 +61,14 @@ class Batch:
     ``tracker.mark(index, started)`` before each task so a timeout can be enforced.
     """
 
-    __slots__ = ("start", "tasks", "tracker", "duration")
+    __slots__ = ("start", "tasks", "tracker", "duration", "failed")
 
     def __init__(self, start: int, tasks: list):
         self.start = start
         self.tasks = tasks
         self.tracker: Any = None
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
+        self.failed = -1  # position in the batch of the task that raised
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -82,7 +92,7 @@ class Batch:
                     append(func(*args, **kwargs))
                     index += 1
         except BaseException as exc:
-            position = len(out)
+            position = self.failed = len(out)
             add_task_note(exc, self.start + position, self.tasks[position])
             raise
         finally:

@@ -193,11 +193,10 @@ class CapturedError:
         """The exception to raise in the caller."""
         if self.is_text:
             type_name, message = self.payload
-            exc: BaseException = RemoteTaskError(
+            exc = RemoteTaskError(
                 f"task {self.index} raised {type_name}: {message} (the exception could not "
                 f"be sent back as itself, so parmap re-raises it as text; its worker "
                 f"traceback is attached)", type_name, self.tb_text)
-        else:
             exc.__cause__ = RemoteTraceback(self.tb_text)
             return exc
         # tblib rebuilt the worker frames into exc.__traceback__: raising it shows them

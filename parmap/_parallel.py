@@ -122,6 +122,8 @@ class Parallel:
                 "exhausted nor closed. Finish or close() that generator first, or use a "
                 "separate Parallel instance for concurrent calls.")
         n_jobs = self._configure()
+        if n_jobs == 1 and self.return_as == "list" and not self.verbose:
+            return _run_inline_list(iterable)
         self._running = True
         try:
             gen = self._inline(iterable) if n_jobs == 1 else self._dispatched(iterable, n_jobs)
@@ -176,6 +178,20 @@ class Parallel:
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"
+
+
+def _run_inline_list(iterable: Iterable) -> list:
+    """The debugging mode's fast path: a plain loop, exceptions untouched."""
+    out: list = []
+    append = out.append
+    for task in iterable:
+        try:
+            func, args, kwargs = task
+        except (TypeError, ValueError):
+            check_task(task, len(out))
+            raise
+        append(func(*args, **kwargs))
+    return out
 
 
 # ---------------------------------------------------------------------- argument checks

@@ -10,7 +10,7 @@ import pytest
 
 import parmap
 
-BACKENDS = ["sequential", "threading"]
+BACKENDS = ["sequential", "threading", "processes"]
 PARALLEL_BACKENDS = ["threading"]
 LEAK_GRACE = 5.0  # seconds a finishing thread/worker may take to go away
 

@@ -1,0 +1,528 @@
+"""A reusable pool of worker processes that notices every way a worker can fail.
+
+Data flow::
+
+    caller threads                    manager thread (one per pool)         workers
+    ──────────────                    ─────────────────────────────         ───────
+    submit(job) ──> idle worker? ──────── send_bytes(batch) ──────────────> run batch
+                    else: pending deque                                        │
+                                      wait() on: every result pipe  <──────────┘
+                                                 every worker's sentinel
+                                                 a wake-up pipe
+                                      result   -> callback(results | exception),
+                                                  next pending job -> that worker
+                                      sentinel -> WorkerCrashedError for its job
+                                      deadline -> kill worker, TaskTimeoutError
+                                      idle for idle_timeout -> shut the pool down
+
+1. A worker holds at most one batch, and is sent one only when idle, so neither side can
+   block writing to a full pipe while the other is blocked too.
+2. The manager waits on results and on process sentinels *together*, so a worker that
+   dies (segfault, os._exit, SIGKILL, OOM killer) is noticed as fast as a result.
+3. Callbacks run outside the pool lock: the dispatcher may submit from inside them.
+4. Cancelling a call drops its pending jobs and kills the workers running its batches;
+   replacements are started when work needs them.
+
+Start method: ``fork`` when the caller is the main thread and no other Python thread
+exists (no lock can be held by a thread that does not exist, so fork is safe and costs
+~10 ms); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads this
+package, so its children start in milliseconds once it runs. Threads that C libraries
+start (OpenBLAS) are not visible to Python; they manage fork themselves with
+``pthread_atfork``. ``start_method=`` or ``PARMAP_START_METHOD`` override the choice.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import threading
+import warnings
+from collections import deque
+from multiprocessing.connection import wait
+from time import monotonic
+from typing import Any, Callable, NamedTuple
+
+from . import _worker
+from ._errors import (PoolError, SerializationError, TaskTimeoutError, WorkerCrashedError,
+                      call_repr)
+
+__all__ = ["PoolOptions", "PoolJob", "WorkerPool", "acquire_pool", "release_pool",
+           "shutdown_all", "choose_start_method"]
+
+#: seconds a worker gets to exit after a polite stop before it is killed
+STOP_GRACE = 1.0
+#: how often the manager checks task deadlines while a timeout is in force
+DEADLINE_POLL = 0.05
+THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+                   "NUMBA_NUM_THREADS")
+
+
+class PoolOptions(NamedTuple):
+    """What makes two pools interchangeable (n_jobs is not: a pool resizes)."""
+
+    start_method: str | None = None
+    initializer: bytes | None = None  # cloudpickle of (initializer, initargs)
+    inner_max_num_threads: int | None = None
+    idle_timeout: float = 300.0
+
+
+class PoolJob:
+    """One batch travelling through the pool."""
+
+    __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled")
+
+    def __init__(self, owner: object, batch: Any, payload: bytes,
+                 callback: Callable[[Any], None], timeout: float | None):
+        self.owner = owner
+        self.batch = batch
+        self.payload: bytes | None = payload
+        self.callback = callback
+        self.timeout = timeout
+        self.cancelled = False
+
+    def describe(self) -> str:
+        start, tasks = self.batch.start, self.batch.tasks
+        first = call_repr(*tasks[0])
+        if len(tasks) == 1:
+            return f"task {start} ({first})"
+        return f"tasks {start}..{start + len(tasks) - 1} (the first: {first})"
+
+
+class _Worker:
+    __slots__ = ("process", "task_conn", "result_conn", "status", "job", "dead")
+
+    def __init__(self, process: Any, task_conn: Any, result_conn: Any, status: Any):
+        self.process = process
+        self.task_conn = task_conn
+        self.result_conn = result_conn
+        self.status = status
+        self.job: PoolJob | None = None
+        self.dead = False
+
+
+def choose_start_method(requested: str | None = None) -> str:
+    method = requested or os.environ.get("PARMAP_START_METHOD") or "auto"
+    available = mp.get_all_start_methods()
+    if method != "auto":
+        if method not in available:
+            raise ValueError(f"start_method must be 'auto' or one of {available}, got "
+                             f"{method!r}")
+        return method
+    if (sys.platform.startswith("linux") and threading.active_count() == 1
+            and threading.current_thread() is threading.main_thread()):
+        return "fork"
+    if "forkserver" in available and sys.platform != "darwin":
+        return "forkserver"
+    return "spawn"
+
+
+_spawning = threading.local()
+
+
+def _skip_main_in_workers() -> None:
+    """Make spawn/forkserver workers started by parmap skip re-running ``__main__``.
+
+    multiprocessing re-imports the main script in every spawned child, which breaks
+    scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
+    functions and classes from ``__main__`` travel by value (cloudpickle). The wrapper
+    changes nothing for processes other code starts (the flag is per thread, and set only
+    around our own ``Process.start()``).
+    """
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "_parmap", False):
+        return
+
+    def get_preparation_data(name: str, *args: Any, **kwargs: Any) -> dict:
+        data = original(name, *args, **kwargs)
+        if getattr(_spawning, "active", False):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data._parmap = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
+
+
+_skip_main_in_workers()
+
+
+def _exit_description(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name} (exit code {exitcode})"
+        except ValueError:
+            return f"signal {-exitcode} (exit code {exitcode})"
+    return f"exit code {exitcode}"
+
+
+class WorkerPool:
+    def __init__(self, size: int, options: PoolOptions, private: bool = False):
+        self.size = size
+        self.options = options
+        self.private = private
+        self.closed = False
+        self.active_calls = 0
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._pending: deque[PoolJob] = deque()
+        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
+        self._last_active = monotonic()
+        with self._lock:
+            for _ in range(size):
+                self._spawn()
+        self._manager = threading.Thread(target=self._manage, name="parmap-pool-manager",
+                                         daemon=True)
+        self._manager.start()
+
+    # ------------------------------------------------------------------ workers
+    def _spawn(self) -> _Worker:
+        """Start one worker. Called with the lock held."""
+        method = choose_start_method(self.options.start_method)
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["parmap._worker"])
+        task_r, task_w = ctx.Pipe(duplex=False)
+        result_r, result_w = ctx.Pipe(duplex=False)
+        status = ctx.RawArray("d", 2)
+        inherited = [] if method != "fork" else [self._wake_r, self._wake_w] + [
+            conn for w in self._workers for conn in (w.task_conn, w.result_conn)]
+        process = ctx.Process(
+            target=_worker.worker_main, name="parmap-worker", daemon=False,
+            args=(task_r, result_w, status, os.getpid(), self._setup(), inherited))
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        _spawning.active = True
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns about fork with C-level threads; see module doc
+                warnings.simplefilter("ignore", DeprecationWarning)
+                process.start()
+        finally:
+            _spawning.active = False
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+            task_r.close()
+            result_w.close()
+        worker = _Worker(process, task_w, result_r, status)
+        self._workers.append(worker)
+        return worker
+
+    def _setup(self) -> bytes:
+        caps = self.options.inner_max_num_threads or max(_cpu_count() // self.size, 1)
+        env = {var: str(caps) for var in THREAD_CAP_VARS}
+        return pickle.dumps((env, self.options.initializer))
+
+    def _kill(self, worker: _Worker) -> None:
+        worker.dead = True
+        try:
+            worker.process.kill()
+        except Exception:  # already gone
+            pass
+
+    def resize(self, size: int) -> None:
+        with self._lock:
+            self.size = size
+            idle = [w for w in self._workers if w.job is None and not w.dead]
+            excess = len([w for w in self._workers if not w.dead]) - size
+            for worker in idle[:max(excess, 0)]:
+                self._stop(worker)
+        self._wake()
+
+    def _stop(self, worker: _Worker) -> None:
+        """Ask an idle worker to exit; the manager reaps it. Lock held."""
+        worker.dead = True
+        try:
+            worker.task_conn.send_bytes(b"")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, job: PoolJob) -> None:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("parmap: the worker pool was shut down")
+            self._pending.append(job)
+            self._last_active = monotonic()
+            self._assign_pending()
+
+    def _assign_pending(self) -> None:
+        """Send pending jobs to idle workers, starting replacements. Lock held."""
+        spawned = False
+        while self._pending:
+            worker = next((w for w in self._workers if w.job is None and not w.dead), None)
+            if worker is None:
+                if sum(not w.dead for w in self._workers) >= self.size:
+                    break
+                worker = self._spawn()
+                spawned = True
+            job = self._pending.popleft()
+            worker.job = job
+            payload, job.payload = job.payload, None
+            try:
+                worker.task_conn.send_bytes(payload)
+            except OSError:
+                pass  # the worker died: the manager reports it through its sentinel
+        if spawned:
+            self._wake()
+
+    def cancel(self, owner: object) -> None:
+        """Drop ``owner``'s pending jobs and kill the workers running its batches."""
+        with self._lock:
+            self._pending = deque(j for j in self._pending if j.owner is not owner)
+            for worker in self._workers:
+                if worker.job is not None and worker.job.owner is owner:
+                    worker.job.cancelled = True
+                    self._kill(worker)
+        self._wake()
+
+    # ------------------------------------------------------------------ manager
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send_bytes(b"!")
+        except OSError:
+            pass
+
+    def _manage(self) -> None:
+        try:
+            self._manage_loop()
+        except BaseException as exc:  # a bug here must fail the calls, never hang them
+            self._fail_everything(exc)
+            raise
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._lock:
+            jobs = list(self._pending) + [w.job for w in self._workers if w.job is not None]
+            self._close_locked()
+        _forget(self)
+        error = PoolError(f"parmap's pool manager failed ({type(exc).__name__}: {exc}); "
+                          f"the pool was shut down and the next call starts a new one. "
+                          f"Please report this as a bug.")
+        for job in jobs:
+            try:
+                job.callback(error)
+            except Exception:
+                pass
+
+    def _manage_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self.closed and not self._workers:
+                    self._wake_r.close()
+                    self._wake_w.close()
+                    return
+                workers = list(self._workers)
+                timeout = self._wait_timeout()
+            waitables = [self._wake_r]
+            waitables += [w.result_conn for w in workers if not w.result_conn.closed]
+            waitables += [w.process.sentinel for w in workers]
+            ready = set(wait(waitables, timeout))
+            finished: list = []
+            with self._lock:
+                if self._wake_r in ready:
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                for worker in workers:
+                    if worker.result_conn in ready:
+                        self._collect(worker, finished)
+                for worker in workers:
+                    if worker.process.sentinel in ready:
+                        self._reap(worker, finished)
+                self._check_deadlines(finished)
+                if not self.closed:
+                    self._assign_pending()
+                    self._maybe_idle_out()
+            for job, outcome in finished:
+                job.callback(self._decode(job, outcome))
+
+    def _wait_timeout(self) -> float | None:
+        if any(w.job is not None and w.job.timeout is not None for w in self._workers):
+            return DEADLINE_POLL
+        if self.closed or self.private:
+            return STOP_GRACE if self.closed else None
+        if self.active_calls == 0 and not self._pending:
+            return max(0.0, self._last_active + self.options.idle_timeout - monotonic())
+        return None
+
+    def _collect(self, worker: _Worker, finished: list) -> None:
+        try:
+            data = worker.result_conn.recv_bytes()
+        except (EOFError, OSError):
+            worker.result_conn.close()  # the sentinel tells why
+            return
+        job, worker.job = worker.job, None
+        self._last_active = monotonic()
+        if job is not None and not job.cancelled:
+            finished.append((job, data))
+
+    def _reap(self, worker: _Worker, finished: list) -> None:
+        if worker.job is not None and not worker.result_conn.closed:
+            try:  # a result sent just before the worker died still counts
+                while worker.job is not None and worker.result_conn.poll():
+                    self._collect(worker, finished)
+            except (EOFError, OSError):
+                pass
+        worker.process.join(timeout=STOP_GRACE)
+        job = worker.job
+        if job is not None and not job.cancelled and not self.closed:
+            code = worker.process.exitcode
+            finished.append((job, WorkerCrashedError(
+                f"a worker process (pid {worker.process.pid}) died with "
+                f"{_exit_description(code)} while running {job.describe()}. The call was "
+                f"cancelled. Common causes: a crash in C code (segfault), os._exit(), the "
+                f"out-of-memory killer (check `dmesg`), or a signal sent to the worker. "
+                f"Run with n_jobs=1 to reproduce it in the calling process.",
+                code, tuple(range(job.batch.start, job.batch.start + len(job.batch))))))
+        worker.job = None
+        for conn in (worker.task_conn, worker.result_conn):
+            conn.close()
+        self._workers.remove(worker)
+
+    def _check_deadlines(self, finished: list) -> None:
+        now = monotonic()
+        for worker in self._workers:
+            job = worker.job
+            if job is None or job.timeout is None or job.cancelled or worker.dead:
+                continue
+            started = worker.status[1]
+            if started and now - started > job.timeout:
+                index = int(worker.status[0])
+                batch = job.batch
+                func, args, kwargs = batch.tasks[index - batch.start]
+                job.cancelled = True
+                self._kill(worker)
+                finished.append((job, TaskTimeoutError(
+                    f"task {index} ({call_repr(func, args, kwargs)}) has run for more than "
+                    f"timeout={job.timeout}s; its worker was stopped and the call cancelled. "
+                    f"Raise the timeout, or split the task into smaller ones.")))
+
+    def _maybe_idle_out(self) -> None:
+        if (self.active_calls == 0 and not self._pending and not self.private
+                and all(w.job is None for w in self._workers)
+                and monotonic() - self._last_active >= self.options.idle_timeout):
+            _forget(self)
+            self._close_locked()
+
+    @staticmethod
+    def _decode(job: PoolJob, outcome: Any) -> Any:
+        if isinstance(outcome, BaseException):
+            return outcome
+        try:
+            status, payload, duration = pickle.loads(outcome)
+        except Exception as exc:
+            return SerializationError(
+                f"the results of {job.describe()} could not be unpickled in the caller: "
+                f"{type(exc).__name__}: {exc}")
+        job.batch.duration = duration
+        return payload if status == _worker.OK else payload.rebuild()
+
+    # ------------------------------------------------------------------ shutdown
+    def _close_locked(self) -> None:
+        self.closed = True
+        self._pending.clear()
+        for worker in self._workers:
+            if worker.job is None and not worker.dead:
+                self._stop(worker)
+            else:
+                if worker.job is not None:
+                    worker.job.cancelled = True
+                self._kill(worker)
+
+    def shutdown(self, wait_for_workers: bool = True) -> None:
+        """Stop every worker (killing busy ones) and the manager thread."""
+        with self._lock:
+            if not self.closed:
+                self._close_locked()
+        self._wake()
+        if wait_for_workers and threading.current_thread() is not self._manager:
+            self._manager.join(timeout=2 * STOP_GRACE)
+            with self._lock:
+                for worker in self._workers:
+                    self._kill(worker)
+                    worker.process.join(timeout=STOP_GRACE)
+            self._manager.join(timeout=STOP_GRACE)
+
+
+def _cpu_count() -> int:
+    from ._config import cpu_count
+
+    return cpu_count()
+
+
+# -------------------------------------------------------------------------- registry
+
+_registry_lock = threading.Lock()
+_shared: list[WorkerPool] = []  # the reusable pool (at most one), shared by every call
+
+
+def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
+    """The shared pool, resized or replaced to fit; a private one if it is busy elsewhere."""
+    with _registry_lock:
+        pool = _shared[0] if _shared else None
+        if pool is not None and (pool.closed or pool.options != options):
+            if pool.active_calls and not pool.closed:
+                private = WorkerPool(size, options, private=True)
+                private.active_calls += 1
+                return private
+            _shared.clear()
+            pool.shutdown()
+            pool = None
+        if pool is not None:
+            with pool._lock:  # the manager idles a pool out under this lock
+                if not pool.closed:
+                    pool.active_calls += 1
+                    reused = True
+                else:
+                    reused = False
+            if reused:
+                if size > pool.size or (size < pool.size and pool.active_calls == 1):
+                    pool.resize(size)
+                return pool
+            _shared.clear()
+        pool = WorkerPool(size, options)
+        pool.active_calls += 1
+        _shared.append(pool)
+        return pool
+
+
+def release_pool(pool: WorkerPool) -> None:
+    with pool._lock:
+        pool.active_calls -= 1
+        pool._last_active = monotonic()
+    if pool.private and pool.active_calls <= 0:
+        pool.shutdown()
+    else:
+        pool._wake()  # the idle timer starts now
+
+
+def _forget(pool: WorkerPool) -> None:
+    # Called by the manager with the pool lock held: taking _registry_lock here could
+    # deadlock with acquire_pool, and acquire_pool re-checks ``closed`` anyway.
+    if _shared and _shared[0] is pool:
+        _shared.clear()
+
+
+def shutdown_all() -> None:
+    """Stop the shared pool (tests, interpreter exit)."""
+    with _registry_lock:
+        pools = list(_shared)
+        _shared.clear()
+    for pool in pools:
+        pool.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    # A process forked by the user must not drive the parent's workers.
+    _shared.clear()
+
+
+atexit.register(shutdown_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

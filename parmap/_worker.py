@@ -1,0 +1,213 @@
+"""The worker process: receive a batch, run it safely, send back results or the error.
+
+This module is imported in every worker (and preloaded by the forkserver), so it keeps
+its imports light: no numpy, no cloudpickle until a message needs it.
+
+Messages, one per pipe direction and worker::
+
+    parent -> worker   cloudpickle bytes of (start, tasks, track_timeout); b"" means stop
+    worker -> parent   pickle bytes of (status, payload, duration):
+                           OK   payload = list of results
+                           ERR  payload = CapturedError (the task's exception, or a
+                                SerializationError naming the task whose result failed)
+
+A worker runs one batch at a time and the parent only sends to an idle worker, so no
+message needs an id: the parent knows which batch each worker holds.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+OK, ERR = 0, 1
+#: set in worker processes: parallel calls made by tasks use threads, never processes
+IN_WORKER = False
+#: how often a worker checks that its parent is still alive (the portable fallback to
+#: Linux's parent-death signal)
+PARENT_POLL = 0.5
+
+
+def worker_main(task_conn: Any, result_conn: Any, status: Any, parent_pid: int,
+                setup: bytes, close_conns: list) -> None:
+    """Entry point of a worker process."""
+    global IN_WORKER
+    IN_WORKER = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for conn in close_conns:  # other workers' pipe ends inherited through fork
+        conn.close()
+    _die_with_parent(parent_pid)
+    import faulthandler
+
+    faulthandler.enable()  # a segfault leaves a Python traceback on stderr
+    env, init = pickle.loads(setup)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    from ._config import parallel_config
+
+    parallel_config(backend="threading")  # nested Parallel() calls use threads
+    init_error = _run_initializer(init)
+    try:
+        _serve(task_conn, result_conn, status, init_error)
+    except (EOFError, OSError):
+        pass  # the parent closed our pipes: it is gone or shutting down
+
+
+def _run_initializer(init: bytes | None) -> Any:
+    if init is None:
+        return None
+    import cloudpickle
+
+    try:
+        initializer, initargs = cloudpickle.loads(init)
+        initializer(*initargs)
+        return None
+    except BaseException as exc:
+        return exc
+
+
+def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any) -> None:
+    from ._delayed import Batch
+    from ._errors import CapturedError
+
+    tracker = _SharedTracker(status)
+    recv, send = task_conn.recv_bytes, result_conn.send_bytes
+    while True:
+        message = recv()
+        if not message:
+            return
+        t0 = time.monotonic()
+        try:
+            start, tasks, track = pickle.loads(message)
+        except BaseException as exc:
+            send(_unloadable_batch(exc, message))
+            continue
+        message = None
+        if init_error is not None:
+            send(_dumps((ERR, CapturedError.capture(_init_failed(init_error), start, _dumps),
+                         0.0)))
+            continue
+        batch = Batch(start, tasks)
+        if track:
+            batch.tracker = tracker
+        try:
+            reply = (OK, batch(), batch.duration)
+        except BaseException as exc:
+            reply = (ERR, CapturedError.capture(exc, start + batch.failed, _dumps),
+                     batch.duration)
+        finally:
+            tracker.mark(-1, 0.0)
+        batch = tasks = None
+        send(_reply_bytes(reply, start, t0))
+        reply = None
+
+
+class _SharedTracker:
+    """Publishes (task index, start time) in shared memory for the parent's timeout check."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: Any):
+        self.status = status
+
+    def mark(self, index: int, started: float) -> None:
+        self.status[1] = 0.0  # never show a new index with an old start time
+        self.status[0] = index
+        self.status[1] = started
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle  # results holding lambdas or locally defined classes
+
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _reply_bytes(reply: tuple, start: int, t0: float) -> bytes:
+    try:
+        return _dumps(reply)
+    except Exception as exc:
+        from ._errors import CapturedError, SerializationError
+
+        status, payload, duration = reply
+        index, culprit = start, "result"
+        if status == OK:
+            for offset, result in enumerate(payload):
+                try:
+                    _dumps(result)
+                except Exception:
+                    index, culprit = start + offset, f"result ({type(result).__name__})"
+                    break
+        else:
+            culprit = "exception"
+        error = SerializationError(
+            f"the {culprit} of task {index} could not be pickled to send it back from the "
+            f"worker: {type(exc).__name__}: {exc}. Return plain data (numbers, strings, "
+            f"lists, dicts, numpy arrays) or make the object picklable.")
+        return _dumps((ERR, CapturedError.capture(error, index, _dumps),
+                       time.monotonic() - t0))
+
+
+def _unloadable_batch(exc: BaseException, message: bytes) -> bytes:
+    from ._errors import CapturedError, SerializationError
+
+    error = SerializationError(
+        f"a batch of tasks could not be unpickled in the worker: {type(exc).__name__}: "
+        f"{exc}. The function or an argument refers to something the worker cannot import "
+        f"(a module not on its sys.path, or an object defined after the pool started).")
+    return _dumps((ERR, CapturedError.capture(error, -1, _dumps), 0.0))
+
+
+def _init_failed(exc: BaseException) -> BaseException:
+    try:
+        exc.add_note("parmap: raised by the pool's initializer, before this task ran")
+    except AttributeError:  # Python 3.10
+        pass
+    return exc
+
+
+# ---------------------------------------------------------------------- parent death
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the parent dies, even in the middle of a task.
+
+    ``parent_pid`` is the process that owns the pool. Our direct parent is either that
+    process (fork) or the forkserver, which exits as soon as the owner is gone.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:
+            pass
+    direct_parent = os.getppid()  # read after prctl: a parent that died before is seen
+    if not _alive(parent_pid) or (direct_parent == 1 != parent_pid):
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, direct_parent), daemon=True,
+                     name="parmap-parent-watch").start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
+
+
+def _watch_parent(parent_pid: int, direct_parent: int) -> None:
+    while True:
+        time.sleep(PARENT_POLL)
+        if os.getppid() != direct_parent or not _alive(parent_pid):
+            os._exit(1)

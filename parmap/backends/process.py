@@ -1,0 +1,144 @@
+"""The default backend: batches run in parmap's reusable pool of worker processes.
+
+A ``ProcessBackend`` is a thin per-``Parallel`` handle on the shared pool (see
+``parmap._pool``): it serialises batches, tags them with the current call so that a
+cancelled call only cancels its own work, and holds the pool while a call (or a
+``with Parallel(...)`` block) runs. It answers to ``"processes"`` and to joblib's
+``"loky"`` and ``"multiprocessing"``.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Any, Callable
+
+from .._errors import SerializationError, func_name
+from ._base import ParallelBackendBase
+
+__all__ = ["ProcessBackend", "process_backend_factory"]
+
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class ProcessBackend(ParallelBackendBase):
+    enforces_timeout = True
+    target_batch_duration = 0.02
+
+    def __init__(self, nesting_level: int = 0, initializer: Callable | None = None,
+                 initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 start_method: str | None = None, **backend_kwargs: Any):
+        super().__init__(nesting_level, **backend_kwargs)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {initializer!r:.60}")
+        if not isinstance(initargs, tuple):
+            raise TypeError(f"initargs must be a tuple, got {type(initargs).__name__}")
+        if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) \
+                or idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be a positive number of seconds, got "
+                             f"{idle_timeout!r}")
+        if start_method is not None:
+            from .._pool import choose_start_method
+
+            choose_start_method(start_method)  # validates
+        self.initializer = initializer
+        self.initargs = initargs
+        self.idle_timeout = float(idle_timeout)
+        self.start_method = start_method
+        self.inner_max_num_threads: int | None = None
+        self._pool: Any = None
+        self._owner: object = object()
+
+    def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
+        from .._pool import PoolOptions, acquire_pool, release_pool
+
+        n_jobs = super().configure(n_jobs, parallel)
+        self.inner_max_num_threads = getattr(parallel, "inner_max_num_threads", None)
+        options = PoolOptions(self.start_method, self._pickled_initializer(),
+                              self.inner_max_num_threads, self.idle_timeout)
+        pool = self._pool
+        if pool is not None and (pool.closed or pool.options != options
+                                 or pool.size != n_jobs):
+            release_pool(pool)
+            self._pool = pool = None
+        if pool is None:
+            self._pool = acquire_pool(n_jobs, options)
+        return n_jobs
+
+    def _pickled_initializer(self) -> bytes | None:
+        if self.initializer is None:
+            return None
+        import cloudpickle
+
+        try:
+            return cloudpickle.dumps((self.initializer, self.initargs))
+        except Exception as exc:
+            raise SerializationError(f"initializer {func_name(self.initializer)} or its "
+                                     f"initargs could not be pickled: {exc}") from exc
+
+    def start_call(self) -> None:
+        self._owner = object()
+
+    def submit(self, batch: Any, callback: Callable[[Any], None]) -> None:
+        from .._pool import PoolJob
+
+        if self._pool is None:
+            raise RuntimeError("ProcessBackend.submit called before configure")
+        payload = dumps_batch(batch, track=self.timeout is not None)
+        self._pool.submit(PoolJob(self._owner, batch, payload, callback, self.timeout))
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.cancel(self._owner)
+        if not ensure_ready:
+            self.terminate()
+
+    def terminate(self) -> None:
+        from .._pool import release_pool
+
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            release_pool(pool)
+
+    def get_nested_backend(self) -> tuple[str, int | None]:
+        return "threading", None
+
+
+def process_backend_factory(**backend_kwargs: Any) -> ParallelBackendBase:
+    """Inside a worker, a process backend becomes threads: no fork bombs."""
+    from .. import _worker
+
+    if _worker.IN_WORKER:
+        from .threading import ThreadingBackend
+
+        return ThreadingBackend(nesting_level=1)
+    return ProcessBackend(**backend_kwargs)
+
+
+def dumps_batch(batch: Any, track: bool) -> bytes:
+    """Serialise a batch; on failure, name the task and the part that cannot be pickled."""
+    import cloudpickle
+
+    message = (batch.start, batch.tasks, track)
+    try:
+        return cloudpickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise _find_unpicklable(batch, exc) from exc
+
+
+def _find_unpicklable(batch: Any, exc: Exception) -> SerializationError:
+    import cloudpickle
+
+    for offset, (func, args, kwargs) in enumerate(batch.tasks):
+        parts = [("the function", func)]
+        parts += [(f"argument {i}", arg) for i, arg in enumerate(args)]
+        parts += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+        for label, value in parts:
+            try:
+                cloudpickle.dumps(value)
+            except Exception as part_exc:
+                return SerializationError(
+                    f"{label} of task {batch.start + offset} ({func_name(func)}) could not "
+                    f"be pickled to send it to a worker process: {type(part_exc).__name__}: "
+                    f"{part_exc}. Pass picklable data, create the object inside the task, "
+                    f"or use backend='threading'.")
+    return SerializationError(f"tasks {batch.start}..{batch.start + len(batch) - 1} could not "
+                              f"be pickled: {type(exc).__name__}: {exc}")
