@@ -228,11 +228,14 @@ class WorkerPool:
             pass
 
     def resize(self, size: int) -> None:
+        """Grow at once, or stop idle workers beyond ``size``."""
         with self._lock:
             self.size = size
-            idle = [w for w in self._workers if w.job is None and not w.dead]
-            excess = len([w for w in self._workers if not w.dead]) - size
-            for worker in idle[:max(excess, 0)]:
+            alive = [w for w in self._workers if not w.dead]
+            for _ in range(size - len(alive)):
+                self._spawn()
+            idle = [w for w in alive if w.job is None]
+            for worker in idle[:max(len(alive) - size, 0)]:
                 self._stop(worker)
         self._wake()
 

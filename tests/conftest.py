@@ -15,9 +15,31 @@ PARALLEL_BACKENDS = ["threading"]
 LEAK_GRACE = 5.0  # seconds a finishing thread/worker may take to go away
 
 
+def helper_pids() -> set[int]:
+    """multiprocessing's long-lived helpers (forkserver, resource tracker): not leaks."""
+    pids = set()
+    try:
+        from multiprocessing import forkserver, resource_tracker
+
+        pids.add(forkserver._forkserver._forkserver_pid)
+        pids.add(resource_tracker._resource_tracker._pid)
+    except (ImportError, AttributeError):
+        pass
+    return {pid for pid in pids if pid}
+
+
 def child_pids() -> set[int]:
-    """Live (or zombie) children of this process."""
-    me = str(os.getpid())
+    """Live (or zombie) descendants of this process, multiprocessing's helpers excepted
+    (workers started through the forkserver are its children, so count them too)."""
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = set().union(*(_children(pid) for pid in frontier)) - found
+        found |= frontier
+    return found - helper_pids()
+
+
+def _children(parent: int) -> set[int]:
+    me = str(parent)
     pids = set()
     try:
         entries = os.listdir("/proc")

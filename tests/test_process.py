@@ -1,0 +1,301 @@
+"""The process backend under real faults: crashes, signals, timeouts, pickling failures."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+import traceback
+
+import pytest
+
+import parmap
+from parmap import (Parallel, RemoteTaskError, SerializationError, TaskTimeoutError,
+                    WorkerCrashedError, delayed)
+from parmap._pool import THREAD_CAP_VARS
+
+from .conftest import child_pids
+
+
+def identity(x):
+    return x
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def raise_value_error(x):
+    if x == 4:
+        raise ValueError(f"no good: {x}")
+    return x
+
+
+def exit_on(x, bad=3, code=7):
+    if x == bad:
+        os._exit(code)
+    return x
+
+
+def segfault_on(x, bad=3):
+    if x == bad:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return x
+
+
+def kill_self_on(x, bad=2):
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def healthy():
+    assert Parallel(n_jobs=2)(delayed(identity)(i) for i in range(20)) == list(range(20))
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.lock = threading.Lock()  # makes it impossible to pickle
+
+
+def raise_unpicklable(x):
+    raise NeedsTwoArgs("cannot travel", 2)
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_exception_keeps_type_worker_frames_and_note():
+    with pytest.raises(ValueError, match="no good: 4") as info:
+        Parallel(n_jobs=2)(delayed(raise_value_error)(i) for i in range(10))
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].name == "raise_value_error"
+    assert frames[-1].filename == __file__
+    assert "task 4: raise_value_error(4)" in "".join(info.value.__notes__)
+    text = "".join(traceback.format_exception(info.value))
+    assert 'raise ValueError(f"no good: {x}")' in text
+
+
+def test_exception_that_cannot_travel_still_reports_type_message_traceback():
+    with pytest.raises(RemoteTaskError) as info:
+        Parallel(n_jobs=2)(delayed(raise_unpicklable)(i) for i in range(3))
+    err = info.value
+    assert err.exc_type.endswith("NeedsTwoArgs")
+    assert "cannot travel" in str(err) and "task 0" in str(err)
+    assert "raise_unpicklable" in err.remote_traceback
+    assert "raise_unpicklable" in str(err.__cause__)
+    healthy()
+
+
+def test_unpicklable_argument_is_named():
+    with pytest.raises(SerializationError,
+                       match=r"argument 1 of task 0 \(pow\) could not be pickled"):
+        Parallel(n_jobs=2)(delayed(pow)(2, threading.Lock()) for _ in range(3))
+    healthy()
+
+
+def test_unpicklable_keyword_argument_is_named():
+    with pytest.raises(SerializationError, match=r"keyword argument 'key' of task 0"):
+        Parallel(n_jobs=2)(delayed(sorted)([1], key=threading.Lock()) for _ in range(2))
+
+
+def test_unpicklable_function_is_named():
+    lock = threading.Lock()
+
+    def uses_lock(x):
+        with lock:
+            return x
+
+    with pytest.raises(SerializationError, match=r"the function of task 0 \(uses_lock\)"):
+        Parallel(n_jobs=2)(delayed(uses_lock)(i) for i in range(3))
+
+
+def test_unpicklable_result_is_named():
+    def make_lock(x):
+        return threading.Lock() if x == 3 else x
+
+    with pytest.raises(SerializationError, match=r"result \(lock\) of task 3"):
+        Parallel(n_jobs=2, batch_size=2)(delayed(make_lock)(i) for i in range(6))
+    healthy()
+
+
+# --------------------------------------------------------------------------- crashes
+
+@pytest.mark.parametrize("func, expect", [
+    (exit_on, r"exit code 7 while running tasks? 3"),
+    (segfault_on, r"signal SIGSEGV \(exit code -11\)"),
+    (kill_self_on, r"signal SIGKILL \(exit code -9\)"),
+])
+def test_worker_death_raises_promptly_and_pool_recovers(func, expect):
+    t0 = time.monotonic()
+    with pytest.raises(WorkerCrashedError, match=expect) as info:
+        Parallel(n_jobs=2, batch_size=1)(delayed(func)(i) for i in range(8))
+    assert time.monotonic() - t0 < 3.0
+    assert info.value.task_indices and isinstance(info.value, parmap.TerminatedWorkerError)
+    healthy()
+
+
+def test_worker_killed_from_outside():
+    gen = Parallel(n_jobs=2, batch_size=1, return_as="generator")(
+        delayed(sleep_for)(s) for s in [0.01] + [30] * 4)
+    assert next(gen) == 0.01
+    victims = child_pids()
+    assert victims
+    os.kill(min(victims), signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+        next(gen)
+    assert time.monotonic() - t0 < 1.5
+    healthy()
+
+
+# --------------------------------------------------------------------------- timeout
+
+def test_timeout_kills_stuck_worker_and_pool_recovers():
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError, match=r"task 2 \(sleep_for\(30\)\).*timeout=0.3"):
+        Parallel(n_jobs=2, timeout=0.3)(delayed(sleep_for)(s) for s in [0, 0, 30, 0])
+    assert 0.3 <= time.monotonic() - t0 < 1.5
+    healthy()
+
+
+def test_timeout_allows_tasks_within_it():
+    assert Parallel(n_jobs=2, timeout=5)(delayed(sleep_for)(0.01) for _ in range(6)) == \
+        [0.01] * 6
+
+
+# --------------------------------------------------------------------------- pool
+
+def test_workers_are_reused_across_calls_and_instances():
+    first = set(Parallel(n_jobs=2, batch_size=1)(delayed(pid_of)(i) for i in range(20)))
+    second = set(Parallel(n_jobs=2, batch_size=1)(delayed(pid_of)(i) for i in range(20)))
+    assert first | second <= child_pids()
+    assert len(child_pids()) == 2
+
+
+def test_pool_resizes_with_n_jobs():
+    Parallel(n_jobs=2)(delayed(identity)(i) for i in range(4))
+    assert len(child_pids()) == 2
+    Parallel(n_jobs=3)(delayed(identity)(i) for i in range(4))
+    assert len(child_pids()) == 3
+    Parallel(n_jobs=1, backend="processes")  # one worker means inline: no change
+    Parallel(n_jobs=2)(delayed(identity)(i) for i in range(4))
+    deadline = time.monotonic() + 5
+    while len(child_pids()) != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the stopped worker is reaped by the manager thread
+    assert len(child_pids()) == 2
+
+
+def test_idle_workers_exit_after_idle_timeout():
+    Parallel(n_jobs=2, idle_timeout=0.3)(delayed(identity)(i) for i in range(4))
+    assert child_pids()
+    deadline = time.monotonic() + 5
+    while child_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not child_pids()
+    healthy()  # and a new pool starts on demand
+
+
+def initialize(value):
+    os.environ["PARMAP_TEST_INIT"] = str(int(os.environ.get("PARMAP_TEST_INIT", "0")) + value)
+
+
+def read_init(_):
+    return os.getpid(), os.environ.get("PARMAP_TEST_INIT")
+
+
+def test_initializer_runs_once_per_worker():
+    out = Parallel(n_jobs=2, batch_size=1, initializer=initialize, initargs=(1,))(
+        delayed(read_init)(i) for i in range(20))
+    assert {value for _, value in out} == {"1"}
+
+
+def failing_initializer():
+    raise RuntimeError("initializer broke")
+
+
+def test_initializer_error_reaches_caller():
+    with pytest.raises(RuntimeError, match="initializer broke"):
+        Parallel(n_jobs=2, initializer=failing_initializer)(
+            delayed(identity)(i) for i in range(4))
+
+
+def thread_caps(_):
+    return {var: os.environ.get(var) for var in THREAD_CAP_VARS}
+
+
+def test_workers_get_thread_caps():
+    caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    expected = str(max(parmap.cpu_count() // 2, 1))
+    assert caps == {var: expected for var in THREAD_CAP_VARS}
+
+
+def test_inner_max_num_threads_and_user_settings_win(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with parmap.parallel_config(inner_max_num_threads=3):
+        caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    assert caps["OMP_NUM_THREADS"] == "7"
+    assert caps["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def nested(x):
+    inner = Parallel(n_jobs=2)(delayed(pid_of)(i) for i in range(4))
+    explicit = Parallel(n_jobs=2, backend="loky")(delayed(pid_of)(i) for i in range(4))
+    return set(inner) | set(explicit) == {os.getpid()}
+
+
+def test_nested_calls_use_threads_not_processes():
+    assert Parallel(n_jobs=2)(delayed(nested)(i) for i in range(4)) == [True] * 4
+
+
+def test_concurrent_calls_from_eight_threads():
+    results = {}
+
+    def run(k):
+        results[k] = Parallel(n_jobs=2)(delayed(identity)(k * 100 + i) for i in range(50))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {k: [k * 100 + i for i in range(50)] for k in range(8)}
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_start_methods(method):
+    out = Parallel(n_jobs=2, start_method=method)(delayed(lambda x: x * 3)(i)
+                                                  for i in range(10))
+    assert out == [3 * i for i in range(10)]
+
+
+def test_bad_backend_arguments():
+    with pytest.raises(ValueError, match="start_method"):
+        Parallel(n_jobs=2, start_method="teleport")
+    with pytest.raises(ValueError, match="idle_timeout"):
+        Parallel(n_jobs=2, idle_timeout=0)
+    with pytest.raises(TypeError, match="initializer"):
+        Parallel(n_jobs=2, initializer=3)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(120)
+def test_thousand_calls_do_not_leak():
+    healthy()
+    fds, threads, children = open_fds(), threading.active_count(), child_pids()
+    shm = set(os.listdir("/dev/shm"))
+    for i in range(1000):
+        Parallel(n_jobs=2)(delayed(identity)(j) for j in range(3))
+    assert open_fds() <= fds
+    assert threading.active_count() <= threads
+    assert child_pids() == children
+    assert set(os.listdir("/dev/shm")) <= shm
