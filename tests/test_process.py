@@ -299,3 +299,26 @@ def test_thousand_calls_do_not_leak():
     assert threading.active_count() <= threads
     assert child_pids() == children
     assert set(os.listdir("/dev/shm")) <= shm
+
+
+UNGUARDED = """
+import sys
+from parmap import Parallel, delayed
+print("top-level ran", flush=True)
+out = Parallel(n_jobs=2, start_method=sys.argv[1])(delayed(lambda x: x + 1)(i) for i in range(4))
+print(out, flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path, method):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script), method], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["top-level ran", "[1, 2, 3, 4]"]
