@@ -189,6 +189,11 @@ class WorkerPool:
         ctx = mp.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload(["parmap._worker"])
+        elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
+            # workers must share our resource tracker to send arrays through /dev/shm
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
         task_r, task_w = ctx.Pipe(duplex=False)
         result_r, result_w = ctx.Pipe(duplex=False)
         status = ctx.RawArray("d", 2)
@@ -278,13 +283,22 @@ class WorkerPool:
 
     def cancel(self, owner: object) -> None:
         """Drop ``owner``'s pending jobs and kill the workers running its batches."""
+        killed = []
         with self._lock:
             self._pending = deque(j for j in self._pending if j.owner is not owner)
             for worker in self._workers:
                 if worker.job is not None and worker.job.owner is owner:
                     worker.job.cancelled = True
                     self._kill(worker)
+                    killed.append(worker.process)
         self._wake()
+        if killed and "parmap._shm" in sys.modules:
+            # result files those workers wrote must be gone when the call returns, not
+            # whenever the manager reaps them: wait for the deaths (SIGKILL: milliseconds)
+            deadline = monotonic() + STOP_GRACE
+            for process in killed:
+                wait([process.sentinel], timeout=max(deadline - monotonic(), 0))
+                sys.modules["parmap._shm"].sweep_worker_results(os.getpid(), process.pid)
 
     # ------------------------------------------------------------------ manager
     def _wake(self) -> None:
@@ -343,7 +357,10 @@ class WorkerPool:
                     self._assign_pending()
                     self._maybe_idle_out()
             for job, outcome in finished:
-                job.callback(self._decode(job, outcome))
+                if job is None:
+                    _discard_reply(outcome)
+                else:
+                    job.callback(self._decode(job, outcome))
 
     def _wait_timeout(self) -> float | None:
         if any(w.job is not None and w.job.timeout is not None for w in self._workers):
@@ -364,6 +381,8 @@ class WorkerPool:
         self._last_active = monotonic()
         if job is not None and not job.cancelled:
             finished.append((job, data))
+        else:  # a cancelled batch: only its shared-memory files need handling
+            finished.append((None, data))
 
     def _reap(self, worker: _Worker, finished: list) -> None:
         if worker.job is not None and not worker.result_conn.closed:
@@ -373,6 +392,8 @@ class WorkerPool:
             except (EOFError, OSError):
                 pass
         worker.process.join(timeout=STOP_GRACE)
+        if "parmap._shm" in sys.modules:
+            sys.modules["parmap._shm"].sweep_worker_results(os.getpid(), worker.process.pid)
         job = worker.job
         if job is not None and not job.cancelled and not self.closed:
             code = worker.process.exitcode
@@ -418,7 +439,14 @@ class WorkerPool:
         if isinstance(outcome, BaseException):
             return outcome
         try:
-            status, payload, duration = pickle.loads(outcome)
+            status, payload, duration, shm_files = pickle.loads(outcome)
+            if shm_files is not None:
+                from ._shm import discard_results
+
+                try:
+                    payload = pickle.loads(payload)
+                finally:
+                    discard_results(shm_files)
         except Exception as exc:
             return SerializationError(
                 f"the results of {job.describe()} could not be unpickled in the caller: "
@@ -451,6 +479,18 @@ class WorkerPool:
                     self._kill(worker)
                     worker.process.join(timeout=STOP_GRACE)
             self._manager.join(timeout=STOP_GRACE)
+
+
+def _discard_reply(data: bytes) -> None:
+    """Unlink the shared-memory result files of a reply nobody will read."""
+    try:
+        shm_files = pickle.loads(data)[3]
+    except Exception:
+        return
+    if shm_files:
+        from ._shm import discard_results
+
+        discard_results(shm_files)
 
 
 def _cpu_count() -> int:

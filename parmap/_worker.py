@@ -5,11 +5,15 @@ its imports light: no numpy, no cloudpickle until a message needs it.
 
 Messages, one per pipe direction and worker::
 
-    parent -> worker   cloudpickle bytes of (start, tasks, track_timeout); b"" means stop
-    worker -> parent   pickle bytes of (status, payload, duration):
+    parent -> worker   cloudpickle bytes of (start, tasks, track_timeout, result_nbytes);
+                       b"" means stop
+    worker -> parent   pickle bytes of (status, payload, duration, shm_files):
                            OK   payload = list of results
                            ERR  payload = CapturedError (the task's exception, or a
                                 SerializationError naming the task whose result failed)
+                       shm_files is None, or the list of /dev/shm files holding large
+                       result arrays; then payload is itself pickle bytes, which the
+                       parent loads before unlinking whatever files are left
 
 A worker runs one batch at a time and the parent only sends to an idle worker, so no
 message needs an id: the parent knows which batch each worker holds.
@@ -30,6 +34,9 @@ IN_WORKER = False
 #: how often a worker checks that its parent is still alive (the portable fallback to
 #: Linux's parent-death signal)
 PARENT_POLL = 0.5
+#: large result arrays may travel through /dev/shm: only when this worker shares the
+#: parent's resource tracker, which cleans up if the parent is killed
+SHM_RESULTS = False
 
 
 def worker_main(task_conn: Any, result_conn: Any, status: Any, parent_pid: int,
@@ -51,8 +58,13 @@ def worker_main(task_conn: Any, result_conn: Any, status: Any, parent_pid: int,
 
     parallel_config(backend="threading")  # nested Parallel() calls use threads
     init_error = _run_initializer(init)
+    global SHM_RESULTS
+    if sys.platform.startswith("linux"):
+        from multiprocessing import resource_tracker
+
+        SHM_RESULTS = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
     try:
-        _serve(task_conn, result_conn, status, init_error)
+        _serve(task_conn, result_conn, status, init_error, parent_pid)
     except (EOFError, OSError):
         pass  # the parent closed our pipes: it is gone or shutting down
 
@@ -70,7 +82,8 @@ def _run_initializer(init: bytes | None) -> Any:
         return exc
 
 
-def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any) -> None:
+def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
+           parent_pid: int) -> None:
     from ._delayed import Batch
     from ._errors import CapturedError
 
@@ -82,14 +95,14 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any) -> No
             return
         t0 = time.monotonic()
         try:
-            start, tasks, track = pickle.loads(message)
+            start, tasks, track, result_nbytes = pickle.loads(message)
         except BaseException as exc:
             send(_unloadable_batch(exc, message))
             continue
         message = None
         if init_error is not None:
             send(_dumps((ERR, CapturedError.capture(_init_failed(init_error), start, _dumps),
-                         0.0)))
+                         0.0, None)))
             continue
         batch = Batch(start, tasks)
         if track:
@@ -102,7 +115,7 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any) -> No
         finally:
             tracker.mark(-1, 0.0)
         batch = tasks = None
-        send(_reply_bytes(reply, start, t0))
+        send(_reply_bytes(reply, start, t0, result_nbytes, parent_pid))
         reply = None
 
 
@@ -129,9 +142,20 @@ def _dumps(obj: Any) -> bytes:
         return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _reply_bytes(reply: tuple, start: int, t0: float) -> bytes:
+def _reply_bytes(reply: tuple, start: int, t0: float, result_nbytes: int | None,
+                 parent_pid: int) -> bytes:
+    if reply[0] == OK and result_nbytes is not None and SHM_RESULTS \
+            and "numpy" in sys.modules:
+        from ._shm import ResultPlacer, discard_results, dumps_with
+
+        placer = ResultPlacer(result_nbytes, parent_pid)
+        try:
+            inner = dumps_with(pickle.Pickler, reply[1], placer)
+            return _dumps((OK, inner, reply[2], placer.created))
+        except Exception:
+            discard_results(placer.created)  # pickled the ordinary way below
     try:
-        return _dumps(reply)
+        return _dumps((*reply, None))
     except Exception as exc:
         from ._errors import CapturedError, SerializationError
 
@@ -151,7 +175,7 @@ def _reply_bytes(reply: tuple, start: int, t0: float) -> bytes:
             f"worker: {type(exc).__name__}: {exc}. Return plain data (numbers, strings, "
             f"lists, dicts, numpy arrays) or make the object picklable.")
         return _dumps((ERR, CapturedError.capture(error, index, _dumps),
-                       time.monotonic() - t0))
+                       time.monotonic() - t0, None))
 
 
 def _unloadable_batch(exc: BaseException, message: bytes) -> bytes:
@@ -161,7 +185,7 @@ def _unloadable_batch(exc: BaseException, message: bytes) -> bytes:
         f"a batch of tasks could not be unpickled in the worker: {type(exc).__name__}: "
         f"{exc}. The function or an argument refers to something the worker cannot import "
         f"(a module not on its sys.path, or an object defined after the pool started).")
-    return _dumps((ERR, CapturedError.capture(error, -1, _dumps), 0.0))
+    return _dumps((ERR, CapturedError.capture(error, -1, _dumps), 0.0, None))
 
 
 def _init_failed(exc: BaseException) -> BaseException:

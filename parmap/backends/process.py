@@ -9,6 +9,7 @@ cancelled call only cancels its own work, and holds the pool while a call (or a
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any, Callable
 
 from .._errors import SerializationError, func_name
@@ -46,12 +47,19 @@ class ProcessBackend(ParallelBackendBase):
         self.inner_max_num_threads: int | None = None
         self._pool: Any = None
         self._owner: object = object()
+        self._placer: Any = None
+        self._max_nbytes: int | None = None
+        self._mmap_mode: str | None = "r"
+        self._temp_folder: str | None = None
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
         from .._pool import PoolOptions, acquire_pool, release_pool
 
         n_jobs = super().configure(n_jobs, parallel)
         self.inner_max_num_threads = getattr(parallel, "inner_max_num_threads", None)
+        self._max_nbytes = getattr(parallel, "max_nbytes", None)
+        self._mmap_mode = getattr(parallel, "mmap_mode", "r")
+        self._temp_folder = getattr(parallel, "temp_folder", None)
         options = PoolOptions(self.start_method, self._pickled_initializer(),
                               self.inner_max_num_threads, self.idle_timeout)
         pool = self._pool
@@ -76,13 +84,25 @@ class ProcessBackend(ParallelBackendBase):
 
     def start_call(self) -> None:
         self._owner = object()
+        self._placer = None
+        if (self._max_nbytes is not None and self._mmap_mode is not None
+                and "numpy" in sys.modules):  # no numpy loaded: no arrays to place
+            from .._shm import ArgumentPlacer
+
+            self._placer = ArgumentPlacer(self._max_nbytes, self._mmap_mode,
+                                          self._temp_folder)
+
+    def stop_call(self) -> None:
+        placer, self._placer = self._placer, None
+        if placer is not None:
+            placer.close()
 
     def submit(self, batch: Any, callback: Callable[[Any], None]) -> None:
         from .._pool import PoolJob
 
         if self._pool is None:
             raise RuntimeError("ProcessBackend.submit called before configure")
-        payload = dumps_batch(batch, track=self.timeout is not None)
+        payload = dumps_batch(batch, self.timeout is not None, self._placer, self._max_nbytes)
         self._pool.submit(PoolJob(self._owner, batch, payload, callback, self.timeout))
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
@@ -113,13 +133,19 @@ def process_backend_factory(**backend_kwargs: Any) -> ParallelBackendBase:
     return ProcessBackend(**backend_kwargs)
 
 
-def dumps_batch(batch: Any, track: bool) -> bytes:
-    """Serialise a batch; on failure, name the task and the part that cannot be pickled."""
+def dumps_batch(batch: Any, track: bool, placer: Any = None,
+                result_nbytes: int | None = None) -> bytes:
+    """Serialise a batch for a worker (large arrays go through ``placer``); on failure,
+    name the task and the part that cannot be pickled."""
     import cloudpickle
 
-    message = (batch.start, batch.tasks, track)
+    message = (batch.start, batch.tasks, track, result_nbytes)
     try:
-        return cloudpickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if placer is None:
+            return cloudpickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        from .._shm import dumps_with
+
+        return dumps_with(cloudpickle.Pickler, message, placer)
     except Exception as exc:
         raise _find_unpicklable(batch, exc) from exc
 

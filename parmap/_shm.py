@@ -1,0 +1,385 @@
+"""Large numpy arrays cross to and from worker processes through shared memory files.
+
+Arguments (caller -> workers)::
+
+    array > max_nbytes ──> its root buffer is written once per call to a file in
+                           /dev/shm (or the temp folder); workers get
+                           (path, offset, dtype, shape, strides) and map the file
+    np.memmap          ──> (its own file, offset, ...) at any size: no copy at all
+
+On Linux, a root array that owns a large buffer is then *remapped*: the pages under the
+caller's array are replaced, in place, by a private mapping of the file just written
+(``mmap(MAP_FIXED | MAP_PRIVATE)``), chunk by chunk. The array keeps its address and
+contents and stays private to the caller (writes are copy-on-write), but its memory is
+now the same physical pages the workers read: one copy of the data in the whole process
+tree instead of two.
+
+Results (workers -> caller)::
+
+    array > max_nbytes ──> the worker writes it to /dev/shm/parmap_<caller>_w<worker>_<n>
+                           and sends the name; the caller maps the file, unlinks it at
+                           once, and returns an ordinary ndarray whose memory is released
+                           with it. Nothing is pickled, and the caller never copies.
+
+Cleanup, however a call ends: argument files are unlinked when the call ends (normally,
+by an exception, Ctrl-C, a crash, a timeout or a closed generator), at interpreter exit
+for calls still open, and — for /dev/shm files — by multiprocessing's resource tracker if
+the caller is killed. Result files are unlinked as soon as they are mapped; those of a
+cancelled batch or a crashed worker are swept by the pool. Folders elsewhere than
+/dev/shm left by a killed caller are swept the next time parmap places a file there.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import itertools
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+import weakref
+from typing import Any
+
+__all__ = ["ArgumentPlacer", "ResultPlacer", "rebuild_array", "rebuild_result",
+           "sweep_worker_results", "discard_results", "dumps_with", "SHM_DIR"]
+
+SHM_DIR = "/dev/shm"
+#: /dev/shm must keep this much room free after a placement, or the temp folder is used
+SHM_MARGIN = 64 * 1024 ** 2
+#: arrays at least this big are remapped in place (glibc always gives them their own
+#: mmap, so the pages around them belong to no other object)
+REMAP_MIN_BYTES = 32 * 1024 ** 2
+REMAP_CHUNK = 64 * 1024 ** 2
+ENV_TEMP_FOLDER = "PARMAP_TEMP_FOLDER"
+_counter = itertools.count()
+_open_placers: weakref.WeakSet = weakref.WeakSet()
+
+
+def _track(path: str, register: bool) -> None:
+    """(Un)register a /dev/shm file with multiprocessing's resource tracker."""
+    if os.path.dirname(path) != SHM_DIR:
+        return
+    from multiprocessing import resource_tracker
+
+    name = "/" + os.path.basename(path)
+    try:
+        if register:
+            resource_tracker.register(name, "shared_memory")
+        else:
+            resource_tracker.unregister(name, "shared_memory")
+    except Exception:  # the tracker is a safety net, never a reason to fail a call
+        pass
+
+
+def _unlink(path: str) -> None:
+    """Remove one of our files; only the call that removed it tells the tracker."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return  # already removed (and unregistered) by whoever removed it
+    _track(path, register=False)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + REMAP_CHUNK], offset + done)
+
+
+# ---------------------------------------------------------------------- arguments
+
+class ArgumentPlacer:
+    """Places the large arrays of one call; ``close()`` removes every file it made."""
+
+    def __init__(self, max_nbytes: int, mmap_mode: str, temp_folder: str | None = None):
+        self.max_nbytes = max_nbytes
+        self.mmap_mode = "r+" if mmap_mode == "w+" else mmap_mode
+        self.temp_folder = temp_folder
+        self.token = uuid.uuid4().hex[:12]
+        self._placed: dict[int, tuple] = {}  # id(root) -> (root, path, base address)
+        self._files: list[str] = []
+        self._folder: str | None = None
+        self._lock = threading.Lock()
+        _open_placers.add(self)
+
+    def reduce(self, arr: Any) -> tuple | None:
+        """The pickle reduction of ``arr`` as a file reference, or None to pickle it."""
+        import numpy as np
+
+        if arr.dtype.hasobject:
+            return None
+        memmap_ref = _memmap_reference(arr)
+        if memmap_ref is not None:
+            path, offset = memmap_ref
+        elif arr.nbytes <= self.max_nbytes or arr.nbytes == 0:
+            return None
+        else:
+            root = arr
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            if root.base is not None or not root.flags.c_contiguous:
+                arr = root = np.ascontiguousarray(arr)  # foreign buffer: place the view
+            with self._lock:
+                entry = self._placed.get(id(root))
+                if entry is None:
+                    entry = self._placed[id(root)] = self._place(root)
+            path, offset = entry[1], arr.__array_interface__["data"][0] - entry[2]
+        return rebuild_array, (path, offset, arr.dtype.str, arr.shape, arr.strides,
+                               self.mmap_mode)
+
+    def _place(self, root: Any) -> tuple:
+        address = root.__array_interface__["data"][0]
+        start = address - address % mmap.PAGESIZE
+        end = -(-(address + root.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        path = self._new_path(end - start)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, end - start)
+            if _can_remap(root):
+                _copy_and_remap(fd, start, end)
+            else:
+                _write_all(fd, memoryview(root), address - start)
+        finally:
+            os.close(fd)
+        return root, path, start
+
+    def _new_path(self, nbytes: int) -> str:
+        name = f"parmap_{os.getpid()}_{self.token}_{next(_counter)}"
+        if self._folder is None:
+            self._folder = choose_folder(self.temp_folder, nbytes)
+        path = os.path.join(self._folder, name)
+        self._files.append(path)
+        _track(path, register=True)
+        return path
+
+    def close(self) -> None:
+        with self._lock:
+            files, self._files = self._files, []
+            self._placed.clear()
+            folder, self._folder = self._folder, None
+        for path in files:
+            _unlink(path)
+        if folder is not None and folder != SHM_DIR:
+            shutil.rmtree(folder, ignore_errors=True)
+        _open_placers.discard(self)
+
+
+def choose_folder(temp_folder: str | None, nbytes: int) -> str:
+    """Where a call's files go: the argument, $PARMAP_TEMP_FOLDER, /dev/shm if it has
+    room, else the system temp dir. Returns /dev/shm itself, or a fresh 0700 folder."""
+    base = temp_folder or os.environ.get(ENV_TEMP_FOLDER)
+    if base is None:
+        if _shm_has_room(nbytes):
+            return SHM_DIR
+        base = tempfile.gettempdir()
+    os.makedirs(base, exist_ok=True)
+    _sweep_stale_folders(base)
+    return tempfile.mkdtemp(prefix=f"parmap_{os.getpid()}_", dir=base)
+
+
+def _shm_has_room(nbytes: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False  # elsewhere POSIX shared memory is not a folder of files
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize >= nbytes + SHM_MARGIN
+
+
+def _sweep_stale_folders(base: str) -> None:
+    """Remove parmap folders whose owner process no longer exists (a killed caller)."""
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return
+    for entry in entries:
+        parts = entry.split("_")
+        if len(parts) >= 3 and parts[0] == "parmap" and parts[1].isdigit():
+            if not _pid_alive(int(parts[1])):
+                shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _memmap_reference(arr: Any) -> tuple[str, int] | None:
+    """(file, offset of arr's first byte) for a view on an np.memmap's file, else None."""
+    import numpy as np
+
+    if not isinstance(arr, np.memmap) or getattr(arr, "filename", None) is None:
+        return None
+    mm = getattr(arr, "_mmap", None)
+    if mm is None:
+        return None
+    base = arr
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    # np.memmap maps from the allocation-granularity boundary below its offset
+    map_start = base.offset - base.offset % mmap.ALLOCATIONGRANULARITY
+    first = base.__array_interface__["data"][0] - (base.offset - map_start)
+    return arr.filename, map_start + arr.__array_interface__["data"][0] - first
+
+
+def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tuple,
+                  mode: str) -> Any:
+    """In a worker: the array, as a view on the mapped file."""
+    import numpy as np
+
+    access = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}[mode]
+    with open(path, "r+b" if mode == "r+" else "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=access)
+    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=mm, offset=offset,
+                      strides=strides)
+
+
+# ---------------------------------------------------------------------- remapping
+
+_libc: Any = None
+
+
+def _mmap_fn() -> Any:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        _libc = libc
+    return _libc.mmap
+
+
+def _can_remap(root: Any) -> bool:
+    return (sys.platform.startswith("linux") and root.flags.owndata
+            and root.nbytes >= REMAP_MIN_BYTES and os.environ.get("PARMAP_NO_REMAP") is None)
+
+
+def _copy_and_remap(fd: int, start: int, end: int) -> None:
+    """Copy [start, end) into the file and map the file over it, one chunk at a time, so
+    the caller never holds both copies of more than one chunk."""
+    map_fixed = 0x10
+    mmap_fn = _mmap_fn()
+    for offset in range(0, end - start, REMAP_CHUNK):
+        length = min(REMAP_CHUNK, end - start - offset)
+        chunk = (ctypes.c_char * length).from_address(start + offset)
+        _write_all(fd, memoryview(chunk), offset)
+        got = mmap_fn(start + offset, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                      mmap.MAP_PRIVATE | map_fixed, fd, offset)
+        if got != start + offset:  # cannot happen with MAP_FIXED; the data is intact
+            raise OSError(ctypes.get_errno(), "parmap: mmap(MAP_FIXED) failed")
+
+
+# ---------------------------------------------------------------------- results
+
+class ResultPlacer:
+    """In a worker: puts large result arrays in /dev/shm files for the caller to map."""
+
+    def __init__(self, max_nbytes: int, parent_pid: int):
+        self.max_nbytes = max_nbytes
+        self.prefix = os.path.join(SHM_DIR, f"parmap_{parent_pid}_w{os.getpid()}_")
+        self.created: list[str] = []
+
+    def reduce(self, arr: Any) -> tuple | None:
+        import numpy as np
+
+        if (arr.dtype.hasobject or arr.nbytes <= self.max_nbytes
+                or not _shm_has_room(arr.nbytes)):
+            return None
+        data = np.ascontiguousarray(arr)
+        path = f"{self.prefix}{next(_counter)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.created.append(path)
+        _track(path, register=True)
+        try:
+            os.ftruncate(fd, data.nbytes)
+            _write_all(fd, memoryview(data), 0)
+        finally:
+            os.close(fd)
+        return rebuild_result, (path, data.dtype.str, data.shape)
+
+
+def rebuild_result(path: str, dtype: str, shape: tuple) -> Any:
+    """In the caller: map a worker's result file, unlink it, return a plain ndarray."""
+    import numpy as np
+
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE) if size else b""
+    finally:
+        _unlink(path)
+    if not size:
+        return np.empty(shape, dtype=np.dtype(dtype))
+    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=mm)
+
+
+def sweep_worker_results(parent_pid: int, worker_pid: int) -> None:
+    """Remove result files a dead worker had not handed over."""
+    prefix = f"parmap_{parent_pid}_w{worker_pid}_"
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix):
+            _unlink(os.path.join(SHM_DIR, entry))
+
+
+def discard_results(paths: list) -> None:
+    for path in paths:
+        _unlink(path)
+
+
+@atexit.register
+def _close_open_placers() -> None:
+    for placer in list(_open_placers):
+        placer.close()
+
+
+_pickler_classes: dict[type, type] = {}
+
+
+def dumps_with(base: type, obj: Any, placer: Any, protocol: int = 5) -> bytes:
+    """Pickle ``obj`` with the pickler class ``base``, letting ``placer`` reduce ndarrays."""
+    import io
+
+    cls = _pickler_classes.get(base)
+    if cls is None:
+        cls = _pickler_classes[base] = _ndarray_pickler(base)
+    buf = io.BytesIO()
+    pickler = cls(buf, protocol=protocol)
+    pickler.placer = placer
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
+def _ndarray_pickler(base: type) -> type:
+    import numpy as np
+
+    ndarray = np.ndarray
+    parent_override = getattr(base, "reducer_override", None)
+
+    class _Pickler(base):  # type: ignore[misc, valid-type]
+        placer: Any = None
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, ndarray):
+                reduced = self.placer.reduce(obj)
+                if reduced is not None:
+                    return reduced
+            if parent_override is not None:
+                return parent_override(self, obj)
+            return NotImplemented
+
+    return _Pickler
