@@ -12,7 +12,9 @@ Usage: python benchmarks/bench_core.py [--quick]
    ``f``: ``Parallel(n_jobs=1)`` vs ``[f(x) for x in xs]``, plus
    ``[delayed(f)(x) for x in xs]`` alone (the cost of building task tuples; keeping
    200k tuples+dicts alive also triggers cyclic-GC passes) and the same tuples built
-   and dropped at once, as Parallel consumes them (the task-building share of its time).
+   and dropped at once, as Parallel consumes them (the task-building share of its time),
+   and the same ``delayed`` tasks run by a bare ``for`` loop (the floor for any
+   ``Parallel(...)(delayed(f)(x) for x in xs)`` API, joblib's included).
    Target: parmap / list comprehension <= 3.0.
 
 Repetitions (5, or 3 with --quick) are interleaved across contenders (rep 1 of
@@ -63,6 +65,9 @@ def sequential_contenders(n):
     cs = [
         ("parmap n_jobs=1", lambda n: Parallel(n_jobs=1)(delayed(f)(x) for x in head(n)), n, 1),
         ("list comprehension", lambda n: [f(x) for x in head(n)], n, 1),
+        # The floor for any joblib-style API: the same delayed() tasks, run by a bare loop.
+        ("same tasks, bare loop", lambda n: [fn(*a, **k) for fn, a, k in
+                                             (delayed(f)(x) for x in head(n))], n, 1),
         ("[delayed(f)(x)] only", lambda n: [delayed(f)(x) for x in head(n)], n, 1),
         # Same tasks built but dropped at once, as Parallel consumes them (no GC pressure).
         ("delayed(f)(x) discarded", lambda n: deque(
@@ -125,6 +130,8 @@ def main():
           f"{'OK' if r_thr <= 1.0 else 'MISSED'}")
     print(f"  parmap n_jobs=1 / list comprehension  = {r_seq:.2f}x (target <= 3.0): "
           f"{'OK' if r_seq <= 3.0 else 'MISSED'}")
+    r_floor = seq["parmap n_jobs=1"]["median_s"] / seq["same tasks, bare loop"]["median_s"]
+    print(f"  parmap n_jobs=1 / same tasks in a bare loop = {r_floor:.2f}x")
 
     result = {
         "machine": {"platform": platform.platform(), "python": sys.version,
@@ -134,7 +141,8 @@ def main():
                    "joblib": getattr(joblib, "__version__", None)},
         "threading": thr, "sequential": seq,
         "ratios": {"threading_parmap_vs_threadpool": r_thr, "threading_target": 1.0,
-                   "sequential_parmap_vs_listcomp": r_seq, "sequential_target": 3.0},
+                   "sequential_parmap_vs_listcomp": r_seq, "sequential_target": 3.0,
+                   "sequential_parmap_vs_bare_loop": r_floor},
     }
     out_dir = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
