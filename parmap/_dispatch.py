@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import lru_cache
+from itertools import chain, islice
 from operator import length_hint
 from queue import Empty, SimpleQueue
 from time import monotonic
@@ -43,6 +45,8 @@ POLL_INTERVAL = 0.1
 MAX_GROWTH = 16
 #: and never beyond this many tasks (the memory held per batch stays bounded)
 MAX_AUTO_BATCH = 10_000
+#: the first batch, sized from an earlier call's measurement, holds at most this many
+MAX_PRIMED = MAX_GROWTH ** 2
 
 
 class AutoBatchSizer:
@@ -63,7 +67,7 @@ class AutoBatchSizer:
         if n_tasks:
             self._cap = max(1, min(MAX_AUTO_BATCH, math.ceil(n_tasks / (4 * n_jobs))))
 
-    def observe(self, n_tasks: int, duration: float) -> None:
+    def observe(self, n_tasks: int, duration: float, func: Any = None) -> None:
         if n_tasks <= 0:
             return
         per_task = max(duration / n_tasks, 1e-8)
@@ -72,8 +76,49 @@ class AutoBatchSizer:
         else:  # weight by the evidence: a big batch says more than a single task
             weight = min(1.0, n_tasks / (n_tasks + self.size))
             self._per_task += weight * (per_task - self._per_task)
+        if func is not None:
+            _remember(func, self._per_task)
+        self._resize()
+
+    def prime(self, func: Any, n_tasks: int | None) -> None:
+        """Before the first batch: start from what earlier calls measured for ``func``.
+
+        A call whose tasks all fit in one target duration is split into ``n_jobs``
+        equal batches (the usual ``Parallel`` call of a handful of tiny tasks: 2 batches
+        instead of 4 round trips); otherwise batches start at the learnt size.
+        """
+        per_task = _learnt.get(_func_key(func))
+        if per_task is None or self._per_task is not None:
+            return
+        self._per_task = per_task
+        if n_tasks and n_tasks * per_task <= self.target:
+            self.size = max(1, min(math.ceil(n_tasks / self.n_jobs), MAX_AUTO_BATCH))
+        else:  # a guess from another call: trust it only so far
+            self.size = min(max(1, int(self.target / per_task)), self._cap, MAX_PRIMED)
+
+    def _resize(self) -> None:
         ideal = int(self.target / self._per_task)
         self.size = max(1, min(ideal, self.size * MAX_GROWTH, self._cap))
+
+
+#: per-task seconds measured by earlier calls, by function (see AutoBatchSizer.prime)
+_learnt: dict[tuple, float] = {}
+_LEARNT_MAX = 256
+
+
+def _func_key(func: Any) -> tuple | None:
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(qualname, str):
+        return None
+    return getattr(func, "__module__", None), qualname
+
+
+def _remember(func: Any, per_task: float) -> None:
+    key = _func_key(func)
+    if key is not None:
+        if len(_learnt) >= _LEARNT_MAX and key not in _learnt:
+            _learnt.clear()
+        _learnt[key] = per_task
 
 
 class _Job:
@@ -157,19 +202,17 @@ class Dispatcher:
     def _dispatch_one(self) -> None:
         size = self._fixed_size or self.sizer.size
         start = self.n_dispatched
-        tasks = []
-        append = tasks.append
-        for task in self._it:
-            if not (type(task) is tuple and len(task) == 3):
-                check_task(task, start + len(tasks))
-            append(task)
-            if len(tasks) >= size:
-                break
-        else:
+        tasks = list(islice(self._it, size))  # the locked read, at C speed
+        if start == 0 and tasks and self._fixed_size is None and type(tasks[0]) is tuple:
+            tasks, size = self._first_batch(tasks, size)
+        if len(tasks) < size:
             self.exhausted = True
             self.n_tasks = start + len(tasks)
         if not tasks:
             return
+        if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
+            for offset, task in enumerate(tasks):
+                check_task(task, start + offset)
         batch = Batch(start, tasks)
         job = _Job(batch)
         if self._track:
@@ -181,11 +224,25 @@ class Dispatcher:
             self._unreleased += 1
         self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
 
+    def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
+        """Size the first batch from earlier calls of the same function, if any."""
+        self.sizer.prime(tasks[0][0], self.n_tasks)
+        if self.sizer.size > size:
+            tasks += islice(self._it, self.sizer.size - size)
+            size = self.sizer.size
+            if len(tasks) < size and self.n_tasks is None and len(tasks) > 1:
+                # that was every task: share them out so that every worker gets some
+                share = math.ceil(len(tasks) / self.n_jobs)
+                self._it = chain(tasks[share:], self._it)
+                tasks, size = tasks[:share], share
+        return tasks, size
+
     def _on_done(self, job: _Job, outcome: Any) -> None:
         """Backend callback, from any thread."""
         job.outcome = outcome
         if isinstance(outcome, list):
-            self.sizer.observe(len(job.batch), job.batch.duration)
+            batch = job.batch
+            self.sizer.observe(len(batch), batch.duration, batch.task(0)[0])
         if self.retain:
             with self._count_lock:
                 self._unreleased -= 1
@@ -209,6 +266,10 @@ class Dispatcher:
 
     def results(self, ordered: bool) -> Iterator[Any]:
         """Yield every result, in submission or completion order; raise the first failure."""
+        return chain.from_iterable(self.batches(ordered))
+
+    def batches(self, ordered: bool) -> Iterator[list]:
+        """Yield the result list of each batch, in submission or completion order."""
         return self._ordered() if ordered else self._unordered()
 
     def close(self, finished: bool, keep_backend: bool) -> None:
@@ -230,7 +291,7 @@ class Dispatcher:
                 next_start += len(job.batch)
                 if not self.retain:
                     self._release()
-                yield from job.outcome
+                yield job.outcome
             elif self.exhausted and not jobs:
                 return
             else:
@@ -244,7 +305,7 @@ class Dispatcher:
             job = self._handle(self._next_event())
             del jobs[job.batch.start]
             self._release()
-            yield from job.outcome
+            yield job.outcome
 
     def _next_event(self) -> Any:
         if not self._jobs and not self.exhausted:
@@ -277,7 +338,7 @@ class Dispatcher:
             if job.outcome is None and job.task_started and \
                     now - job.task_started > self.timeout:
                 index = job.task_index
-                func, args, kwargs = job.batch.tasks[index - job.batch.start]
+                func, args, kwargs = job.batch.task(index - job.batch.start)
                 self.abort()
                 raise TaskTimeoutError(
                     f"task {index} ({call_repr(func, args, kwargs)}) has run for more than "
@@ -330,7 +391,9 @@ def parse_pre_dispatch(value: Any, n_jobs: int) -> int | None:
     return int(number)
 
 
+@lru_cache(maxsize=64)
 def _eval_expression(text: str, n_jobs: int) -> float:
+    """Cached: the same one or two expressions come back on every call."""
     import ast
 
     def bad() -> ValueError:

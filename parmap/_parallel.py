@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from itertools import chain
 from typing import Any, Iterable, Iterator
 
 from ._config import (_UNSET, check_backend, check_n_jobs, get_config, make_backend,
@@ -126,9 +127,15 @@ class Parallel:
             return _run_inline_list(iterable)
         self._running = True
         try:
-            gen = self._inline(iterable) if n_jobs == 1 else self._dispatched(iterable, n_jobs)
+            if n_jobs == 1:
+                gen = self._inline(iterable)
+                next(gen)
+                return list(gen) if self.return_as == "list" else gen
+            gen = self._dispatched(iterable, n_jobs)
             next(gen)  # start dispatching now, as joblib does; closing gen cancels the call
-            return list(gen) if self.return_as == "list" else gen
+            if self.return_as == "list":
+                return list(chain.from_iterable(gen))
+            return _flatten(gen)
         except BaseException:
             self._running = False
             raise
@@ -166,7 +173,8 @@ class Parallel:
         try:
             dispatcher.start()
             yield None  # primed by __call__, once the first batches are out
-            yield from dispatcher.results(ordered=self.return_as != "generator_unordered")
+            # one result list per batch; __call__ flattens them
+            yield from dispatcher.batches(ordered=self.return_as != "generator_unordered")
             finished = True
             if progress is not None:
                 progress.finish(dispatcher.n_completed)
@@ -178,6 +186,15 @@ class Parallel:
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"
+
+
+def _flatten(batches: Iterator[list]) -> Iterator[Any]:
+    """The results one by one; closing this generator closes (cancels) ``batches``."""
+    try:
+        for results in batches:
+            yield from results
+    finally:
+        batches.close()  # type: ignore[attr-defined]
 
 
 def _run_inline_list(iterable: Iterable) -> list:

@@ -15,8 +15,12 @@ Data flow::
                                       deadline -> kill worker, TaskTimeoutError
                                       idle for idle_timeout -> shut the pool down
 
-1. A worker holds at most one batch, and is sent one only when idle, so neither side can
-   block writing to a full pipe while the other is blocked too.
+1. A worker holds at most ``PREFETCH`` batches: the one it runs and the next, queued in
+   its pipe, so it starts the next batch without waiting for the round trip through the
+   manager. The worker drains its task pipe in a reader thread, so the parent's writes
+   never wait on the worker's (no deadlock on full pipes), and a queued batch always
+   belongs to the same call as the running one, so cancelling a call never kills
+   another call's work.
 2. The manager waits on results and on process sentinels *together*, so a worker that
    dies (segfault, os._exit, SIGKILL, OOM killer) is noticed as fast as a result.
 3. Callbacks run outside the pool lock: the dispatcher may submit from inside them.
@@ -56,6 +60,8 @@ __all__ = ["PoolOptions", "PoolJob", "WorkerPool", "acquire_pool", "release_pool
 STOP_GRACE = 1.0
 #: how often the manager checks task deadlines while a timeout is in force
 DEADLINE_POLL = 0.05
+#: batches a worker may hold: the running one and the next (see the module doc)
+PREFETCH = 2
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
                    "NUMBA_NUM_THREADS")
@@ -85,23 +91,27 @@ class PoolJob:
         self.cancelled = False
 
     def describe(self) -> str:
-        start, tasks = self.batch.start, self.batch.tasks
-        first = call_repr(*tasks[0])
-        if len(tasks) == 1:
+        start, n = self.batch.start, len(self.batch)
+        first = call_repr(*self.batch.task(0))
+        if n == 1:
             return f"task {start} ({first})"
-        return f"tasks {start}..{start + len(tasks) - 1} (the first: {first})"
+        return f"tasks {start}..{start + n - 1} (the first: {first})"
 
 
 class _Worker:
-    __slots__ = ("process", "task_conn", "result_conn", "status", "job", "dead")
+    __slots__ = ("process", "task_conn", "result_conn", "status", "jobs", "dead")
 
     def __init__(self, process: Any, task_conn: Any, result_conn: Any, status: Any):
         self.process = process
         self.task_conn = task_conn
         self.result_conn = result_conn
         self.status = status
-        self.job: PoolJob | None = None
+        self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
         self.dead = False
+
+    def running(self) -> PoolJob | None:
+        """The batch the worker is running (or about to): the oldest it holds."""
+        return self.jobs[0] if self.jobs else None
 
 
 def choose_start_method(requested: str | None = None) -> str:
@@ -239,7 +249,7 @@ class WorkerPool:
             alive = [w for w in self._workers if not w.dead]
             for _ in range(size - len(alive)):
                 self._spawn()
-            idle = [w for w in alive if w.job is None]
+            idle = [w for w in alive if not w.jobs]
             for worker in idle[:max(len(alive) - size, 0)]:
                 self._stop(worker)
         self._wake()
@@ -251,6 +261,10 @@ class WorkerPool:
             worker.task_conn.send_bytes(b"")
         except OSError:
             pass
+
+    def release(self) -> None:
+        """A call or ``Parallel`` block is done with the pool: see :func:`release_pool`."""
+        release_pool(self)
 
     # ------------------------------------------------------------------ jobs
     def submit(self, job: PoolJob) -> None:
@@ -264,16 +278,31 @@ class WorkerPool:
     def _assign_pending(self) -> None:
         """Send pending jobs to idle workers, starting replacements. Lock held."""
         spawned = False
-        while self._pending:
-            worker = next((w for w in self._workers if w.job is None and not w.dead), None)
-            if worker is None:
-                if sum(not w.dead for w in self._workers) >= self.size:
-                    break
+        pending = self._pending
+        while pending:
+            job = None
+            worker = next((w for w in self._workers if not w.jobs and not w.dead), None)
+            if worker is None and sum(not w.dead for w in self._workers) < self.size:
                 worker = self._spawn()
                 spawned = True
-            job = self._pending.popleft()
-            worker.job = job
-            payload, job.payload = job.payload, None
+            if worker is None:  # every worker busy: queue a batch behind one of its own call
+                for candidate in self._workers:
+                    if candidate.dead or len(candidate.jobs) >= PREFETCH:
+                        continue
+                    owner = candidate.jobs[0].owner
+                    job = next((j for j in pending if j.owner is owner), None)
+                    if job is not None:
+                        pending.remove(job)
+                        worker = candidate
+                        break
+                if worker is None:
+                    break
+            else:
+                job = pending.popleft()
+            worker.jobs.append(job)
+            payload = job.payload
+            if len(worker.jobs) == 1:  # runs at once: never sent again, the bytes can go
+                job.payload = None
             try:
                 worker.task_conn.send_bytes(payload)
             except OSError:
@@ -287,8 +316,9 @@ class WorkerPool:
         with self._lock:
             self._pending = deque(j for j in self._pending if j.owner is not owner)
             for worker in self._workers:
-                if worker.job is not None and worker.job.owner is owner:
-                    worker.job.cancelled = True
+                if worker.jobs and worker.jobs[0].owner is owner:  # all its jobs are owner's
+                    for job in worker.jobs:
+                        job.cancelled = True
                     self._kill(worker)
                     killed.append(worker.process)
         self._wake()
@@ -316,7 +346,7 @@ class WorkerPool:
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._lock:
-            jobs = list(self._pending) + [w.job for w in self._workers if w.job is not None]
+            jobs = list(self._pending) + [j for w in self._workers for j in w.jobs]
             self._close_locked()
         _forget(self)
         error = PoolError(f"parmap's pool manager failed ({type(exc).__name__}: {exc}); "
@@ -363,7 +393,7 @@ class WorkerPool:
                     job.callback(self._decode(job, outcome))
 
     def _wait_timeout(self) -> float | None:
-        if any(w.job is not None and w.job.timeout is not None for w in self._workers):
+        if any(j.timeout is not None for w in self._workers for j in w.jobs):
             return DEADLINE_POLL
         if self.closed or self.private:
             return STOP_GRACE if self.closed else None
@@ -377,7 +407,9 @@ class WorkerPool:
         except (EOFError, OSError):
             worker.result_conn.close()  # the sentinel tells why
             return
-        job, worker.job = worker.job, None
+        job = worker.jobs.popleft() if worker.jobs else None
+        if worker.jobs:
+            worker.jobs[0].payload = None  # running now: it will not be re-sent
         self._last_active = monotonic()
         if job is not None and not job.cancelled:
             finished.append((job, data))
@@ -385,16 +417,16 @@ class WorkerPool:
             finished.append((None, data))
 
     def _reap(self, worker: _Worker, finished: list) -> None:
-        if worker.job is not None and not worker.result_conn.closed:
+        if worker.jobs and not worker.result_conn.closed:
             try:  # a result sent just before the worker died still counts
-                while worker.job is not None and worker.result_conn.poll():
+                while worker.jobs and worker.result_conn.poll():
                     self._collect(worker, finished)
             except (EOFError, OSError):
                 pass
         worker.process.join(timeout=STOP_GRACE)
         if "parmap._shm" in sys.modules:
             sys.modules["parmap._shm"].sweep_worker_results(os.getpid(), worker.process.pid)
-        job = worker.job
+        job = worker.running()
         if job is not None and not job.cancelled and not self.closed:
             code = worker.process.exitcode
             finished.append((job, WorkerCrashedError(
@@ -404,22 +436,33 @@ class WorkerPool:
                 f"out-of-memory killer (check `dmesg`), or a signal sent to the worker. "
                 f"Run with n_jobs=1 to reproduce it in the calling process.",
                 code, tuple(range(job.batch.start, job.batch.start + len(job.batch))))))
-        worker.job = None
+        self._requeue(worker, job)
         for conn in (worker.task_conn, worker.result_conn):
             conn.close()
         self._workers.remove(worker)
 
+    def _requeue(self, worker: _Worker, failed: PoolJob | None) -> None:
+        """A dead worker's batches other than ``failed`` never started: queue them again."""
+        again = [j for j in worker.jobs
+                 if j is not failed and not j.cancelled and j.payload is not None]
+        worker.jobs.clear()
+        if again and not self.closed:
+            self._pending.extendleft(reversed(again))
+
     def _check_deadlines(self, finished: list) -> None:
         now = monotonic()
         for worker in self._workers:
-            job = worker.job
-            if job is None or job.timeout is None or job.cancelled or worker.dead:
-                continue
             started = worker.status[1]
-            if started and now - started > job.timeout:
-                index = int(worker.status[0])
+            if worker.dead or not worker.jobs or not started:
+                continue
+            index = int(worker.status[0])
+            job = next((j for j in worker.jobs
+                        if j.batch.start <= index < j.batch.start + len(j.batch)), None)
+            if job is None or job.timeout is None or job.cancelled:
+                continue
+            if now - started > job.timeout:
                 batch = job.batch
-                func, args, kwargs = batch.tasks[index - batch.start]
+                func, args, kwargs = batch.task(index - batch.start)
                 job.cancelled = True
                 self._kill(worker)
                 finished.append((job, TaskTimeoutError(
@@ -429,7 +472,7 @@ class WorkerPool:
 
     def _maybe_idle_out(self) -> None:
         if (self.active_calls == 0 and not self._pending and not self.private
-                and all(w.job is None for w in self._workers)
+                and all(not w.jobs for w in self._workers)
                 and monotonic() - self._last_active >= self.options.idle_timeout):
             _forget(self)
             self._close_locked()
@@ -459,11 +502,11 @@ class WorkerPool:
         self.closed = True
         self._pending.clear()
         for worker in self._workers:
-            if worker.job is None and not worker.dead:
+            if not worker.jobs and not worker.dead:
                 self._stop(worker)
             else:
-                if worker.job is not None:
-                    worker.job.cancelled = True
+                for job in worker.jobs:
+                    job.cancelled = True
                 self._kill(worker)
 
     def shutdown(self, wait_for_workers: bool = True) -> None:

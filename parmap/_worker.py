@@ -5,8 +5,10 @@ its imports light: no numpy, no cloudpickle until a message needs it.
 
 Messages, one per pipe direction and worker::
 
-    parent -> worker   cloudpickle bytes of (start, tasks, track_timeout, result_nbytes);
-                       b"" means stop
+    parent -> worker   cloudpickle bytes of (start, func, tasks, track_timeout,
+                       result_nbytes): ``func`` None and ``tasks`` (function, args, kwargs)
+                       tuples, or the compact form of ``_delayed.compact``: the one
+                       function, and ``tasks`` its argument tuples; b"" means stop
     worker -> parent   pickle bytes of (status, payload, duration, shm_files):
                            OK   payload = list of results
                            ERR  payload = CapturedError (the task's exception, or a
@@ -15,8 +17,8 @@ Messages, one per pipe direction and worker::
                        result arrays; then payload is itself pickle bytes, which the
                        parent loads before unlinking whatever files are left
 
-A worker runs one batch at a time and the parent only sends to an idle worker, so no
-message needs an id: the parent knows which batch each worker holds.
+A worker runs its batches one at a time, in the order received, and replies to each, so
+no message needs an id: the parent knows which batches each worker holds, in order.
 """
 from __future__ import annotations
 
@@ -88,14 +90,14 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
     from ._errors import CapturedError
 
     tracker = _SharedTracker(status)
-    recv, send = task_conn.recv_bytes, result_conn.send_bytes
+    recv, send = _start_reader(task_conn), result_conn.send_bytes
     while True:
         message = recv()
         if not message:
             return
         t0 = time.monotonic()
         try:
-            start, tasks, track, result_nbytes = pickle.loads(message)
+            start, func, tasks, track, result_nbytes = pickle.loads(message)
         except BaseException as exc:
             send(_unloadable_batch(exc, message))
             continue
@@ -104,7 +106,7 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
             send(_dumps((ERR, CapturedError.capture(_init_failed(init_error), start, _dumps),
                          0.0, None)))
             continue
-        batch = Batch(start, tasks)
+        batch = Batch(start, tasks, func)
         if track:
             batch.tracker = tracker
         try:
@@ -114,9 +116,33 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
                      batch.duration)
         finally:
             tracker.mark(-1, 0.0)
-        batch = tasks = None
+        batch = tasks = func = None
         send(_reply_bytes(reply, start, t0, result_nbytes, parent_pid))
         reply = None
+
+
+def _start_reader(task_conn: Any) -> Any:
+    """Drain the task pipe in a thread; return the function that gets the next message.
+
+    The parent queues the next batch while this one runs; reading it at once means the
+    parent's write never waits for us, whatever the pipe's size (see ``_pool``).
+    """
+    from queue import SimpleQueue
+
+    inbox: SimpleQueue = SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                message = task_conn.recv_bytes()
+                inbox.put(message)
+                if not message:
+                    return
+        except (EOFError, OSError):  # the parent closed the pipe: it is gone or stopping
+            inbox.put(b"")
+
+    threading.Thread(target=read, name="parmap-task-reader", daemon=True).start()
+    return inbox.get
 
 
 class _SharedTracker:

@@ -140,3 +140,38 @@ def test_fixed_batch_size_groups_tasks(return_as):
         delayed(double)(i) for i in range(30))
     assert list(out) == [2 * i for i in range(30)]
     assert sizes == [7, 7, 7, 7, 2]
+
+
+def triple(x):
+    return 3 * x
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["list", "generator"])
+def test_small_call_of_a_known_tiny_function_is_split_in_n_jobs_batches(sized):
+    Parallel(n_jobs=2, backend="threading")(delayed(triple)(i) for i in range(5000))
+    parallel = Parallel(n_jobs=2, backend="threading")
+    tasks = [delayed(triple)(i) for i in range(6)]
+    out = parallel(tasks if sized else iter(tasks))
+    assert out == [3 * i for i in range(6)]
+    assert parallel._last_dispatcher.statistics()["dispatched_batches"] == 2
+
+
+def test_learnt_size_of_the_first_batch_is_bounded():
+    sizer = AutoBatchSizer(target=0.02, n_jobs=2)
+    sizer.observe(1000, 1e-3)  # a previous call: a microsecond per task
+    fresh = AutoBatchSizer(target=0.02, n_jobs=2)
+    fresh.prime(quadruple, n_tasks=None)
+    assert fresh.size == 1  # nothing learnt about this function
+    sizer.observe(1000, 1e-3, func=quadruple)
+    fresh.prime(quadruple, n_tasks=None)
+    assert 1 < fresh.size <= 256  # the guess may be wrong: trust it only so far
+    small = AutoBatchSizer(target=0.02, n_jobs=2, n_tasks=6)
+    small.prime(quadruple, n_tasks=6)
+    assert small.size == 3  # 6 us of work in all: one batch per worker
+    known = AutoBatchSizer(target=0.02, n_jobs=2, n_tasks=10**6)
+    known.prime(quadruple, n_tasks=10**6)
+    assert known.size <= 10**6 // 8 and known.size <= MAX_AUTO_BATCH
+
+
+def quadruple(x):
+    return 4 * x

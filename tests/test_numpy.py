@@ -388,11 +388,11 @@ gen = Parallel(n_jobs=2, batch_size=1, temp_folder=folder, return_as="generator"
     delayed(task)(arr, 0.01 if i < 4 else 60) for i in range(50))
 for _ in range(4):
     next(gen)
-print(os.getpid(), flush=True)
-if how == "exit":
-    sys.exit(0)  # the generator and its call are still open
 try:
-    list(gen)  # SIGINT or SIGKILL arrives in here
+    print(os.getpid(), flush=True)
+    if how == "exit":
+        sys.exit(0)  # the generator and its call are still open
+    list(gen)  # SIGINT or SIGKILL arrives in here (or just before)
 except KeyboardInterrupt:
     sys.exit(42)
 """
@@ -440,11 +440,11 @@ def test_nothing_is_left_when_the_caller_exits_or_is_interrupted(tmp_path, how, 
         if how == "sigint":
             assert ours(pid, folder)  # the call's argument file exists while it runs
             proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
         proc.wait()
-    assert proc.returncode == (42 if how == "sigint" else 0)
+    assert proc.returncode == (42 if how == "sigint" else 0), err
     assert ours(pid, folder) == []
 
 

@@ -322,3 +322,69 @@ def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path, method):
                          text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["top-level ran", "[1, 2, 3, 4]"]
+
+
+def test_batches_travel_compactly_and_errors_still_name_the_task():
+    from parmap._delayed import Batch, compact
+
+    tasks = [delayed(identity)(i) for i in range(3)]
+    assert compact(tasks) == (identity, [(0,), (1,), (2,)])
+    mixed = tasks + [delayed(identity)(x=3)]
+    assert compact(mixed) == (None, mixed)
+    batch = Batch(10, [(1,), (0,)], func=lambda x: 1 / x)
+    with pytest.raises(ZeroDivisionError) as info:
+        batch()
+    assert "task 11" in "\n".join(getattr(info.value, "__notes__", [])) or \
+        "task 11" in str(getattr(info.value, "__cause__", ""))
+    with pytest.raises(ZeroDivisionError):
+        Parallel(n_jobs=2)(delayed(lambda x: 1 / x)(i - 5) for i in range(10))
+
+
+def test_functions_of_main_travel_by_value(tmp_path):
+    """Plain pickle is used for importable functions; __main__ ones go by value."""
+    import pickle
+    import subprocess
+    import sys
+
+    from parmap._delayed import Batch
+    from parmap.backends.process import dumps_batch
+
+    namespace = {"__name__": "__main__"}
+    exec("def scaled(x):\n    return 10 * x\n", namespace)
+    payload = dumps_batch(Batch(0, [(namespace["scaled"], (4,), {})]), False)
+    assert b"scaled" in payload
+    reader = ("import pickle, sys\n"
+              "start, func, tasks, track, nbytes = pickle.loads(sys.stdin.buffer.read())\n"
+              "print(func(*tasks[0]))")
+    out = subprocess.run([sys.executable, "-c", reader], input=payload, capture_output=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == b"40", out.stderr
+    importable = dumps_batch(Batch(0, [(identity, (4,), {})]), False)
+    assert b"cloudpickle" not in importable  # by reference, with plain pickle
+    assert pickle.loads(importable)[1] is identity
+
+
+def test_a_crash_in_one_call_leaves_a_concurrent_call_whole():
+    results, errors = {}, {}
+
+    def run(name, func):
+        try:
+            results[name] = Parallel(n_jobs=2, batch_size=1)(
+                delayed(func)(i) for i in range(40))
+        except WorkerCrashedError as exc:
+            errors[name] = exc
+
+    threads = [threading.Thread(target=run, args=("crash", exit_on)),
+               threading.Thread(target=run, args=("ok", sleep_then_identity))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results["ok"] == list(range(40))
+    assert "crash" in errors
+    healthy()
+
+
+def sleep_then_identity(x):
+    time.sleep(0.005)
+    return x

@@ -8,8 +8,10 @@ cancelled call only cancels its own work, and holds the pool while a call (or a
 """
 from __future__ import annotations
 
+import io
 import pickle
 import sys
+from types import FunctionType
 from typing import Any, Callable
 
 from .._errors import SerializationError, func_name
@@ -112,11 +114,10 @@ class ProcessBackend(ParallelBackendBase):
             self.terminate()
 
     def terminate(self) -> None:
-        from .._pool import release_pool
-
         pool, self._pool = self._pool, None
         if pool is not None:
-            release_pool(pool)
+            # no import here: this also runs when a generator is finalised at shutdown
+            pool.release()
 
     def get_nested_backend(self) -> tuple[str, int | None]:
         return "threading", None
@@ -136,24 +137,64 @@ def process_backend_factory(**backend_kwargs: Any) -> ParallelBackendBase:
 def dumps_batch(batch: Any, track: bool, placer: Any = None,
                 result_nbytes: int | None = None) -> bytes:
     """Serialise a batch for a worker (large arrays go through ``placer``); on failure,
-    name the task and the part that cannot be pickled."""
+    name the task and the part that cannot be pickled.
+
+    Plain pickle first: it is faster, and the common case (functions from importable
+    modules) then never imports cloudpickle, which costs ~25 ms of cold start. Whatever
+    plain pickle cannot send faithfully (lambdas, closures, anything from ``__main__``)
+    goes through cloudpickle.
+    """
+    from .._delayed import compact
+
+    func, tasks = compact(batch.tasks)
+    if func is not None:
+        # keep the compact form in the caller too: the task tuples can go now, which
+        # spares the garbage collector tens of thousands of live tuples per batch
+        batch.func, batch.tasks = func, tasks
+    message = (batch.start, func, tasks, track, result_nbytes)
+    try:
+        return _dumps(_ImportablePickler, message, placer)
+    except Exception:
+        pass
     import cloudpickle
 
-    message = (batch.start, batch.tasks, track, result_nbytes)
     try:
-        if placer is None:
-            return cloudpickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        from .._shm import dumps_with
-
-        return dumps_with(cloudpickle.Pickler, message, placer)
+        return _dumps(cloudpickle.Pickler, message, placer)
     except Exception as exc:
         raise _find_unpicklable(batch, exc) from exc
+
+
+def _dumps(pickler: type, message: tuple, placer: Any) -> bytes:
+    if placer is None:
+        buf = io.BytesIO()
+        pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+        return buf.getvalue()
+    from .._shm import dumps_with
+
+    return dumps_with(pickler, message, placer)
+
+
+class _ByValue(Exception):
+    """Raised by _ImportablePickler for an object a worker might not be able to import."""
+
+
+class _ImportablePickler(pickle.Pickler):
+    """Plain pickle that refuses functions and classes of ``__main__``: a worker started
+    with spawn or forkserver does not run ``__main__``, and a forked one lacks whatever
+    was defined after it started. Lambdas and closures plain pickle refuses itself."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (FunctionType, type)) and \
+                getattr(obj, "__module__", None) == "__main__":
+            raise _ByValue(obj)
+        return NotImplemented
 
 
 def _find_unpicklable(batch: Any, exc: Exception) -> SerializationError:
     import cloudpickle
 
-    for offset, (func, args, kwargs) in enumerate(batch.tasks):
+    for offset in range(len(batch)):
+        func, args, kwargs = batch.task(offset)
         parts = [("the function", func)]
         parts += [(f"argument {i}", arg) for i, arg in enumerate(args)]
         parts += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
