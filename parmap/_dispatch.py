@@ -64,6 +64,7 @@ class AutoBatchSizer:
         self.size = 1
         self._per_task: float | None = None
         self._cap = MAX_AUTO_BATCH
+        self.n_tasks = n_tasks or None
         if n_tasks:
             self._cap = max(1, min(MAX_AUTO_BATCH, math.ceil(n_tasks / (4 * n_jobs))))
 
@@ -95,6 +96,17 @@ class AutoBatchSizer:
             self.size = max(1, min(math.ceil(n_tasks / self.n_jobs), MAX_AUTO_BATCH))
         else:  # a guess from another call: trust it only so far
             self.size = min(max(1, int(self.target / per_task)), self._cap, MAX_PRIMED)
+
+    def next_size(self, dispatched: int) -> int:
+        """The size of the next batch, ``dispatched`` tasks in. When the number of tasks
+        is known, batches shrink towards the end (at most 1/(2·n_jobs) of what is left)
+        so that the workers finish together."""
+        if self.n_tasks is None:
+            return self.size
+        left = self.n_tasks - dispatched
+        if self._per_task is not None and left * self._per_task <= self.target:
+            return self.size  # what is left is quick: balance no longer matters
+        return max(1, min(self.size, math.ceil(left / (2 * self.n_jobs))))
 
     def _resize(self) -> None:
         ideal = int(self.target / self._per_task)
@@ -200,8 +212,8 @@ class Dispatcher:
             self._lock.release()
 
     def _dispatch_one(self) -> None:
-        size = self._fixed_size or self.sizer.size
         start = self.n_dispatched
+        size = self._fixed_size or self.sizer.next_size(start)
         tasks = list(islice(self._it, size))  # the locked read, at C speed
         if start == 0 and tasks and self._fixed_size is None and type(tasks[0]) is tuple:
             tasks, size = self._first_batch(tasks, size)
@@ -227,15 +239,19 @@ class Dispatcher:
     def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
         """Size the first batch from earlier calls of the same function, if any."""
         self.sizer.prime(tasks[0][0], self.n_tasks)
-        if self.sizer.size > size:
-            tasks += islice(self._it, self.sizer.size - size)
-            size = self.sizer.size
-            if len(tasks) < size and self.n_tasks is None and len(tasks) > 1:
-                # that was every task: share them out so that every worker gets some
-                share = math.ceil(len(tasks) / self.n_jobs)
-                self._it = chain(tasks[share:], self._it)
-                tasks, size = tasks[:share], share
-        return tasks, size
+        want = self.sizer.size
+        if want <= size:
+            return tasks, size
+        tasks += islice(self._it, want + 1 - len(tasks))  # one more tells if that was all
+        if len(tasks) > want:
+            self._it = chain(tasks[want:], self._it)
+            tasks = tasks[:want]
+        elif self.n_tasks is None and len(tasks) > 1:
+            # that was every task: share them out so that every worker gets some
+            share = math.ceil(len(tasks) / self.n_jobs)
+            self._it = chain(tasks[share:], self._it)
+            tasks = tasks[:share]
+        return tasks, len(tasks)  # the end, if this was it, shows on the next read
 
     def _on_done(self, job: _Job, outcome: Any) -> None:
         """Backend callback, from any thread."""

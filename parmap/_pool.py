@@ -277,14 +277,14 @@ class WorkerPool:
 
     def _assign_pending(self) -> None:
         """Send pending jobs to idle workers, starting replacements. Lock held."""
-        spawned = False
+        wake = False
         pending = self._pending
         while pending:
             job = None
             worker = next((w for w in self._workers if not w.jobs and not w.dead), None)
             if worker is None and sum(not w.dead for w in self._workers) < self.size:
                 worker = self._spawn()
-                spawned = True
+                wake = True
             if worker is None:  # every worker busy: queue a batch behind one of its own call
                 for candidate in self._workers:
                     if candidate.dead or len(candidate.jobs) >= PREFETCH:
@@ -307,7 +307,9 @@ class WorkerPool:
                 worker.task_conn.send_bytes(payload)
             except OSError:
                 pass  # the worker died: the manager reports it through its sentinel
-        if spawned:
+            if job.timeout is not None:
+                wake = True  # the manager must start polling for the deadline
+        if wake:
             self._wake()
 
     def cancel(self, owner: object) -> None:

@@ -165,6 +165,27 @@ def test_timeout_kills_stuck_worker_and_pool_recovers():
     healthy()
 
 
+def test_timeout_fires_when_one_batch_goes_to_a_warm_pool():
+    healthy()  # the workers exist: only the new batch itself can wake the manager
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError, match=r"task 2 \(sleep_for\(30\)\)"):
+        Parallel(n_jobs=2, timeout=0.3, batch_size=4)(
+            delayed(sleep_for)(s) for s in [0, 0, 30, 0])
+    assert time.monotonic() - t0 < 1.5
+    healthy()
+
+
+def test_a_first_batch_sized_from_history_still_shares_the_tasks():
+    from parmap import _dispatch
+
+    backend = parmap.backends.process.ProcessBackend
+    per_task = backend.target_batch_duration / 4  # history says: 4 tasks fill a batch
+    _dispatch._remember(sleep_for, per_task)
+    parallel = Parallel(n_jobs=2)
+    assert parallel(delayed(sleep_for)(0) for _ in range(4)) == [0] * 4
+    assert parallel._last_dispatcher.statistics()["dispatched_batches"] == 2
+
+
 def test_timeout_allows_tasks_within_it():
     assert Parallel(n_jobs=2, timeout=5)(delayed(sleep_for)(0.01) for _ in range(6)) == \
         [0.01] * 6

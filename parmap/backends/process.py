@@ -24,7 +24,7 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 
 class ProcessBackend(ParallelBackendBase):
     enforces_timeout = True
-    target_batch_duration = 0.02
+    target_batch_duration = 0.05  # ~0.2 ms of the caller's CPU per batch: 0.4 %
 
     def __init__(self, nesting_level: int = 0, initializer: Callable | None = None,
                  initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
