@@ -185,9 +185,19 @@ class WorkerPool:
         self._pending: deque[PoolJob] = deque()
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._last_active = monotonic()
-        with self._lock:
-            for _ in range(size):
-                self._spawn()
+        self._manager: threading.Thread | None = None  # started with the workers
+
+    def _start(self) -> None:
+        """Start the workers, then the manager thread. Lock held.
+
+        Deferred to the first batch, which is serialised by then: large arrays of that
+        batch are already in shared memory and remapped, so forked workers inherit the
+        shared pages rather than a private copy of the caller's array. The manager
+        thread starts last, so that the caller is still single-threaded (fork-safe)
+        while the workers fork.
+        """
+        for _ in range(self.size):
+            self._spawn()
         self._manager = threading.Thread(target=self._manage, name="parmap-pool-manager",
                                          daemon=True)
         self._manager.start()
@@ -246,6 +256,8 @@ class WorkerPool:
         """Grow at once, or stop idle workers beyond ``size``."""
         with self._lock:
             self.size = size
+            if self._manager is None:
+                return  # not started yet: it will start with the new size
             alive = [w for w in self._workers if not w.dead]
             for _ in range(size - len(alive)):
                 self._spawn()
@@ -273,6 +285,8 @@ class WorkerPool:
                 raise RuntimeError("parmap: the worker pool was shut down")
             self._pending.append(job)
             self._last_active = monotonic()
+            if self._manager is None:
+                self._start()
             self._assign_pending()
 
     def _assign_pending(self) -> None:
@@ -334,6 +348,8 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ manager
     def _wake(self) -> None:
+        if self._manager is None:
+            return  # nothing to wake (and nobody would drain the pipe)
         try:
             self._wake_w.send_bytes(b"!")
         except OSError:
@@ -516,6 +532,11 @@ class WorkerPool:
         with self._lock:
             if not self.closed:
                 self._close_locked()
+            if self._manager is None:  # never started: no workers, no manager
+                if not self._wake_r.closed:
+                    self._wake_r.close()
+                    self._wake_w.close()
+                return
         self._wake()
         if wait_for_workers and threading.current_thread() is not self._manager:
             self._manager.join(timeout=2 * STOP_GRACE)

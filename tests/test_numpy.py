@@ -4,6 +4,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -470,3 +471,32 @@ def test_temp_folder_of_a_killed_caller_is_swept_by_the_next_call(tmp_path):
     proc.communicate(timeout=20)
     Parallel(n_jobs=2, temp_folder=str(folder))(delayed(describe)(big()) for _ in range(2))
     assert os.listdir(folder) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and maps are Linux")
+def test_cold_pool_workers_do_not_inherit_a_private_copy_of_a_large_argument():
+    """The pool starts after the first batch placed its arrays: forked workers then map
+    the shared file where the caller's array was, instead of keeping its original
+    private pages alive (a second copy of the data)."""
+    from parmap._pool import shutdown_all
+
+    from .conftest import child_pids
+
+    shutdown_all()  # a cold start, as in a script
+    arr = np.random.default_rng(1).random(8_000_000)  # 64 MB: remapped in place
+    middle = arr.__array_interface__["data"][0] + arr.nbytes // 2
+    out = Parallel(n_jobs=2, start_method="fork")(delayed(np.sum)(arr) for _ in range(2))
+    assert out == [arr.sum()] * 2
+    backing = {}
+    for pid in child_pids():
+        try:
+            with open(f"/proc/{pid}/maps") as fh:
+                for line in fh:
+                    low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                    if low <= middle < high:
+                        backing[pid] = line.split()[5:]
+        except OSError:
+            continue
+    assert backing, "no worker found"
+    for pid, path in backing.items():
+        assert path and "parmap_" in path[0], f"worker {pid}: array region is {path or 'anonymous'}"
