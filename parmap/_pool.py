@@ -53,7 +53,7 @@ from . import _worker
 from ._errors import (PoolError, SerializationError, TaskTimeoutError, WorkerCrashedError,
                       call_repr)
 
-__all__ = ["PoolOptions", "PoolJob", "WorkerPool", "acquire_pool", "release_pool",
+__all__ = ["PoolOptions", "PoolJob", "WorkerPool", "RETRY", "acquire_pool", "release_pool",
            "shutdown_all", "choose_start_method"]
 
 #: seconds a worker gets to exit after a polite stop before it is killed
@@ -65,6 +65,10 @@ PREFETCH = 2
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
                    "NUMBA_NUM_THREADS")
+
+
+#: the outcome of a batch whose worker asks for it again with its arrays placed
+RETRY = type("Retry", (), {"__repr__": lambda self: "RETRY"})()
 
 
 class PoolOptions(NamedTuple):
@@ -273,6 +277,11 @@ class WorkerPool:
             worker.task_conn.send_bytes(b"")
         except OSError:
             pass
+
+    def will_fork(self) -> bool:
+        """The workers are not started yet and will be forked from this thread."""
+        return self._manager is None and not self.closed and \
+            choose_start_method(self.options.start_method) == "fork"
 
     def release(self) -> None:
         """A call or ``Parallel`` block is done with the pool: see :func:`release_pool`."""
@@ -513,6 +522,8 @@ class WorkerPool:
                 f"the results of {job.describe()} could not be unpickled in the caller: "
                 f"{type(exc).__name__}: {exc}")
         job.batch.duration = duration
+        if status == _worker.RETRY:
+            return RETRY
         return payload if status == _worker.OK else payload.rebuild()
 
     # ------------------------------------------------------------------ shutdown

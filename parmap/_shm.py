@@ -43,7 +43,8 @@ import uuid
 import weakref
 from typing import Any
 
-__all__ = ["ArgumentPlacer", "ResultPlacer", "rebuild_array", "rebuild_result",
+__all__ = ["ArgumentPlacer", "ResultPlacer", "rebuild_array", "rebuild_inherited",
+           "rebuild_result", "NotInherited",
            "sweep_worker_results", "discard_results", "dumps_with", "SHM_DIR"]
 
 SHM_DIR = "/dev/shm"
@@ -92,15 +93,36 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 
 # ---------------------------------------------------------------------- arguments
 
-class ArgumentPlacer:
-    """Places the large arrays of one call; ``close()`` removes every file it made."""
+#: arrays pinned for workers about to be forked (see ArgumentPlacer.can_inherit): a
+#: forked worker finds them in its copy of this dict, at the same address, unchanged
+_PINNED: dict[str, Any] = {}
 
-    def __init__(self, max_nbytes: int, mmap_mode: str, temp_folder: str | None = None):
+
+class NotInherited(Exception):
+    """Raised in a worker that was not forked after an array was pinned: the caller then
+    sends the batch again with the array placed in shared memory."""
+
+
+class ArgumentPlacer:
+    """Places the large arrays of one call; ``close()`` removes every file it made.
+
+    ``can_inherit`` (optional) says whether the workers are about to be forked from this
+    process, after the current batch: the pool is cold and forks. The arrays of such a
+    batch are not copied at all. They are *pinned*; the forked workers read them where
+    they are, shared copy-on-write with the caller, and a worker that was not forked
+    after the pin (a replacement, a forkserver) asks for the batch again, which is then
+    placed the ordinary way (see ``stop_inheriting``).
+    """
+
+    def __init__(self, max_nbytes: int, mmap_mode: str, temp_folder: str | None = None,
+                 can_inherit: Any = None):
         self.max_nbytes = max_nbytes
         self.mmap_mode = "r+" if mmap_mode == "w+" else mmap_mode
         self.temp_folder = temp_folder
+        self.can_inherit = can_inherit if self.mmap_mode == "r" else None
         self.token = uuid.uuid4().hex[:12]
         self._placed: dict[int, tuple] = {}  # id(root) -> (root, path, base address)
+        self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
         self._folder: str | None = None
         self._lock = threading.Lock()
@@ -123,6 +145,11 @@ class ArgumentPlacer:
                 root = root.base
             if root.base is not None or not root.flags.c_contiguous:
                 arr = root = np.ascontiguousarray(arr)  # foreign buffer: place the view
+            pinned = self._pin(root)
+            if pinned is not None:
+                offset = arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+                return rebuild_inherited, (pinned, offset, arr.dtype.str, arr.shape,
+                                           arr.strides)
             with self._lock:
                 entry = self._placed.get(id(root))
                 if entry is None:
@@ -130,6 +157,20 @@ class ArgumentPlacer:
             path, offset = entry[1], arr.__array_interface__["data"][0] - entry[2]
         return rebuild_array, (path, offset, arr.dtype.str, arr.shape, arr.strides,
                                self.mmap_mode)
+
+    def _pin(self, root: Any) -> str | None:
+        with self._lock:
+            key = self._pins.get(id(root))
+            if key is None and self.can_inherit is not None and self.can_inherit():
+                key = self._pins[id(root)] = f"{self.token}_{next(_counter)}"
+                _PINNED[key] = root
+            return key
+
+    def stop_inheriting(self) -> None:
+        """From now on place every array: some worker did not inherit the pinned ones."""
+        with self._lock:
+            self.can_inherit = None
+            self._pins.clear()
 
     def _place(self, root: Any) -> tuple:
         address = root.__array_interface__["data"][0]
@@ -160,6 +201,10 @@ class ArgumentPlacer:
         with self._lock:
             files, self._files = self._files, []
             self._placed.clear()
+            self.can_inherit = None
+            for key in [k for k in _PINNED if k.startswith(self.token)]:
+                del _PINNED[key]  # the caller's array is the caller's again
+            self._pins.clear()
             folder, self._folder = self._folder, None
         for path in files:
             _unlink(path)
@@ -230,6 +275,19 @@ def _memmap_reference(arr: Any) -> tuple[str, int] | None:
     map_start = base.offset - base.offset % mmap.ALLOCATIONGRANULARITY
     first = base.__array_interface__["data"][0] - (base.offset - map_start)
     return arr.filename, map_start + arr.__array_interface__["data"][0] - first
+
+
+def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: tuple) -> Any:
+    """In a worker: a read-only view of a pinned array inherited through fork."""
+    import numpy as np
+
+    root = _PINNED.get(key)
+    if root is None:
+        raise NotInherited(key)
+    view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=root, offset=offset,
+                      strides=strides)
+    view.flags.writeable = False
+    return view
 
 
 def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tuple,

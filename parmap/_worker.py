@@ -13,6 +13,8 @@ Messages, one per pipe direction and worker::
                            OK   payload = list of results
                            ERR  payload = CapturedError (the task's exception, or a
                                 SerializationError naming the task whose result failed)
+                           RETRY  this worker lacks an array pinned for forked
+                                workers: send the batch again, arrays placed
                        shm_files is None, or the list of /dev/shm files holding large
                        result arrays; then payload is itself pickle bytes, which the
                        parent loads before unlinking whatever files are left
@@ -30,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-OK, ERR = 0, 1
+OK, ERR, RETRY = 0, 1, 2
 #: set in worker processes: parallel calls made by tasks use threads, never processes
 IN_WORKER = False
 #: how often a worker checks that its parent is still alive (the portable fallback to
@@ -99,7 +101,10 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
         try:
             start, func, tasks, track, result_nbytes = pickle.loads(message)
         except BaseException as exc:
-            send(_unloadable_batch(exc, message))
+            if type(exc).__name__ == "NotInherited":  # see _shm.ArgumentPlacer
+                send(_dumps((RETRY, None, 0.0, None)))
+            else:
+                send(_unloadable_batch(exc, message))
             continue
         message = None
         if init_error is not None:

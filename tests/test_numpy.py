@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import parmap._shm as shm
+from parmap._pool import WorkerPool
 from parmap import Parallel, WorkerCrashedError, delayed, parallel_config
 
 from .conftest import shm_entries
@@ -50,6 +51,16 @@ def describe_all(*args, **kwargs):
     walk(args)
     walk(kwargs)
     return found
+
+
+_REAL_WILL_FORK = WorkerPool.will_fork
+
+
+@pytest.fixture(autouse=True)
+def no_inheritance(monkeypatch):
+    """Most tests here are about placement in shared memory: keep arrays from being
+    inherited by a cold pool's forked workers (tests of inheritance undo this)."""
+    monkeypatch.setattr(WorkerPool, "will_fork", lambda self: False)
 
 
 @pytest.fixture
@@ -384,6 +395,7 @@ def task(arr, seconds):
     return np.full(300_000, float(arr[0]))  # 2.4 MB: comes back through /dev/shm
 
 how, folder = sys.argv[1], sys.argv[2] or None
+Parallel(n_jobs=2)(delayed(abs)(-1) for _ in range(2))  # a warm pool: arr is placed
 arr = np.ones(300_000)
 gen = Parallel(n_jobs=2, batch_size=1, temp_folder=folder, return_as="generator")(
     delayed(task)(arr, 0.01 if i < 4 else 60) for i in range(50))
@@ -500,3 +512,46 @@ def test_cold_pool_workers_do_not_inherit_a_private_copy_of_a_large_argument():
     assert backing, "no worker found"
     for pid, path in backing.items():
         assert path and "parmap_" in path[0], f"worker {pid}: array region is {path or 'anonymous'}"
+
+
+# ------------------------------------------- inheritance by workers forked for the call
+
+@pytest.fixture
+def inheritance(monkeypatch):
+    """A cold pool whose workers fork for this call: the case where arrays are inherited."""
+    from parmap._pool import choose_start_method, shutdown_all
+
+    if choose_start_method() != "fork":
+        pytest.skip("the caller would not fork here")
+    monkeypatch.setattr(WorkerPool, "will_fork", _REAL_WILL_FORK)  # undo no_inheritance
+    shutdown_all()
+    yield WorkerPool
+
+
+def test_cold_fork_pool_reads_arrays_in_place_without_copying(inheritance, count_placements):
+    arr = big(3.0, n=4 * BIG)
+    out = Parallel(n_jobs=2)(delayed(describe_all)(arr, arr[::2], k=arr[10:]) for _ in range(4))
+    assert count_placements == []  # nothing was copied to shared memory
+    assert all(len(d) == 3 and not any(x["mapped"] or x["writeable"] for x in d) for d in out)
+    assert [x["sum"] for x in out[0]] == [3.0 * 4 * BIG, 3.0 * 2 * BIG, 3.0 * (4 * BIG - 10)]
+    assert shm._PINNED == {}  # released with the call
+    arr[:] = 5.0  # the next call (warm pool) must see the new values: placed, not inherited
+    out = Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(2))
+    assert count_placements == [arr.nbytes] and out[0]["sum"] == 5.0 * 4 * BIG
+
+
+def test_worker_without_the_pinned_array_asks_again_and_gets_it_placed(
+        inheritance, count_placements, monkeypatch):
+    monkeypatch.setattr(inheritance, "will_fork", lambda self: self._manager is None)
+    arr = big(4.0)
+    out = Parallel(n_jobs=2, start_method="forkserver")(delayed(describe)(arr)
+                                                        for _ in range(5))
+    assert count_placements == [arr.nbytes]
+    assert all(d["mapped"] and d["sum"] == 4.0 * BIG for d in out)
+
+
+@pytest.mark.parametrize("mode", ["r+", "c"])
+def test_writable_modes_are_never_inherited(inheritance, count_placements, mode):
+    arr = big(1.0)
+    Parallel(n_jobs=2, mmap_mode=mode)(delayed(describe)(arr) for _ in range(2))
+    assert count_placements == [arr.nbytes]

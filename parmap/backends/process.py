@@ -91,8 +91,10 @@ class ProcessBackend(ParallelBackendBase):
                 and "numpy" in sys.modules):  # no numpy loaded: no arrays to place
             from .._shm import ArgumentPlacer
 
+            pool = self._pool
             self._placer = ArgumentPlacer(self._max_nbytes, self._mmap_mode,
-                                          self._temp_folder)
+                                          self._temp_folder,
+                                          can_inherit=pool.will_fork if pool else None)
 
     def stop_call(self) -> None:
         placer, self._placer = self._placer, None
@@ -100,12 +102,27 @@ class ProcessBackend(ParallelBackendBase):
             placer.close()
 
     def submit(self, batch: Any, callback: Callable[[Any], None]) -> None:
-        from .._pool import PoolJob
+        from .._pool import RETRY, PoolJob
 
         if self._pool is None:
             raise RuntimeError("ProcessBackend.submit called before configure")
         payload = dumps_batch(batch, self.timeout is not None, self._placer, self._max_nbytes)
-        self._pool.submit(PoolJob(self._owner, batch, payload, callback, self.timeout))
+        pool, owner, placer = self._pool, self._owner, self._placer
+
+        def done(outcome: Any) -> None:
+            if outcome is not RETRY:
+                callback(outcome)
+                return
+            # a worker that was not forked after our arrays were pinned: place them
+            try:
+                placer.stop_inheriting()
+                again = dumps_batch(batch, self.timeout is not None, placer,
+                                    self._max_nbytes)
+                pool.submit(PoolJob(owner, batch, again, done, self.timeout))
+            except BaseException as exc:  # the call is failing: report, never hang
+                callback(exc)
+
+        pool.submit(PoolJob(owner, batch, payload, done, self.timeout))
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         if self._pool is not None:
@@ -146,7 +163,7 @@ def dumps_batch(batch: Any, track: bool, placer: Any = None,
     """
     from .._delayed import compact
 
-    func, tasks = compact(batch.tasks)
+    func, tasks = (batch.func, batch.tasks) if batch.func is not None else compact(batch.tasks)
     if func is not None:
         # keep the compact form in the caller too: the task tuples can go now, which
         # spares the garbage collector tens of thousands of live tuples per batch
