@@ -49,6 +49,6 @@ def _shutdown_pools() -> None:
     """Stop parmap's reusable worker processes now (tests use this; atexit does too)."""
     import sys
 
-    pool = sys.modules.get("parmap._pool")
-    if pool is not None:
-        pool.shutdown_all()
+    registry = sys.modules.get("parmap._registry")
+    if registry is not None:
+        registry.shutdown_all()

@@ -27,34 +27,27 @@ Data flow::
 4. Cancelling a call drops its pending jobs and kills the workers running its batches;
    replacements are started when work needs them.
 
-Start method: ``fork`` when the caller is the main thread and no other Python thread
-exists (no lock can be held by a thread that does not exist, so fork is safe and costs
-~10 ms); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads this
-package, so its children start in milliseconds once it runs. Threads that C libraries
-start (OpenBLAS) are not visible to Python; they manage fork themselves with
-``pthread_atfork``. ``start_method=`` or ``PARMAP_START_METHOD`` override the choice.
+How workers are started: ``parmap._spawn``. The shared pool every call reuses:
+``parmap._registry``.
 """
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
 import os
 import pickle
-import signal
 import sys
 import threading
-import warnings
 from collections import deque
 from multiprocessing.connection import wait
 from time import monotonic
 from typing import Any, Callable, NamedTuple
 
 from . import _worker
+from ._spawn import choose_start_method, exit_description, start_worker
 from ._errors import (PoolError, SerializationError, TaskTimeoutError, WorkerCrashedError,
                       call_repr)
 
-__all__ = ["PoolOptions", "PoolJob", "WorkerPool", "RETRY", "acquire_pool", "release_pool",
-           "shutdown_all", "choose_start_method"]
+__all__ = ["PoolOptions", "PoolJob", "WorkerPool", "RETRY"]
 
 #: seconds a worker gets to exit after a polite stop before it is killed
 STOP_GRACE = 1.0
@@ -62,9 +55,6 @@ STOP_GRACE = 1.0
 DEADLINE_POLL = 0.05
 #: batches a worker may hold: the running one and the next (see the module doc)
 PREFETCH = 2
-THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
-                   "NUMBA_NUM_THREADS")
 
 
 #: the outcome of a batch whose worker asks for it again with its arrays placed
@@ -118,65 +108,6 @@ class _Worker:
         return self.jobs[0] if self.jobs else None
 
 
-def choose_start_method(requested: str | None = None) -> str:
-    method = requested or os.environ.get("PARMAP_START_METHOD") or "auto"
-    available = mp.get_all_start_methods()
-    if method != "auto":
-        if method not in available:
-            raise ValueError(f"start_method must be 'auto' or one of {available}, got "
-                             f"{method!r}")
-        return method
-    if (sys.platform.startswith("linux") and threading.active_count() == 1
-            and threading.current_thread() is threading.main_thread()):
-        return "fork"
-    if "forkserver" in available and sys.platform != "darwin":
-        return "forkserver"
-    return "spawn"
-
-
-_spawning = threading.local()
-
-
-def _skip_main_in_workers() -> None:
-    """Make spawn/forkserver workers started by parmap skip re-running ``__main__``.
-
-    multiprocessing re-imports the main script in every spawned child, which breaks
-    scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
-    functions and classes from ``__main__`` travel by value (cloudpickle). The wrapper
-    changes nothing for processes other code starts (the flag is per thread, and set only
-    around our own ``Process.start()``).
-    """
-    from multiprocessing import spawn
-
-    original = spawn.get_preparation_data
-    if getattr(original, "_parmap", False):
-        return
-
-    def get_preparation_data(name: str, *args: Any, **kwargs: Any) -> dict:
-        data = original(name, *args, **kwargs)
-        if getattr(_spawning, "active", False):
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-        return data
-
-    get_preparation_data._parmap = True  # type: ignore[attr-defined]
-    spawn.get_preparation_data = get_preparation_data
-
-
-_skip_main_in_workers()
-
-
-def _exit_description(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "an unknown status"
-    if exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name} (exit code {exitcode})"
-        except ValueError:
-            return f"signal {-exitcode} (exit code {exitcode})"
-    return f"exit code {exitcode}"
-
-
 class WorkerPool:
     def __init__(self, size: int, options: PoolOptions, private: bool = False):
         self.size = size
@@ -190,6 +121,8 @@ class WorkerPool:
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._last_active = monotonic()
         self._manager: threading.Thread | None = None  # started with the workers
+        #: called (pool lock held) when the pool closes itself: failure or idle timeout
+        self.on_close: Callable[[WorkerPool], None] | None = None
 
     def _start(self) -> None:
         """Start the workers, then the manager thread. Lock held.
@@ -209,45 +142,14 @@ class WorkerPool:
     # ------------------------------------------------------------------ workers
     def _spawn(self) -> _Worker:
         """Start one worker. Called with the lock held."""
-        method = choose_start_method(self.options.start_method)
-        ctx = mp.get_context(method)
-        if method == "forkserver":
-            ctx.set_forkserver_preload(["parmap._worker"])
-        elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
-            # workers must share our resource tracker to send arrays through /dev/shm
-            from multiprocessing import resource_tracker
-
-            resource_tracker.ensure_running()
-        task_r, task_w = ctx.Pipe(duplex=False)
-        result_r, result_w = ctx.Pipe(duplex=False)
-        status = ctx.RawArray("d", 2)
-        inherited = [] if method != "fork" else [self._wake_r, self._wake_w] + [
+        inherited = [self._wake_r, self._wake_w] + [
             conn for w in self._workers for conn in (w.task_conn, w.result_conn)]
-        process = ctx.Process(
-            target=_worker.worker_main, name="parmap-worker", daemon=False,
-            args=(task_r, result_w, status, os.getpid(), self._setup(), inherited))
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-        _spawning.active = True
-        try:
-            with warnings.catch_warnings():
-                # Python 3.12+ warns about fork with C-level threads; see module doc
-                warnings.simplefilter("ignore", DeprecationWarning)
-                process.start()
-        finally:
-            _spawning.active = False
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
-            task_r.close()
-            result_w.close()
+        process, task_w, result_r, status = start_worker(
+            self.options.start_method, self.size, self.options.inner_max_num_threads,
+            self.options.initializer, inherited)
         worker = _Worker(process, task_w, result_r, status)
         self._workers.append(worker)
         return worker
-
-    def _setup(self) -> bytes:
-        caps = self.options.inner_max_num_threads or max(_cpu_count() // self.size, 1)
-        env = {var: str(caps) for var in THREAD_CAP_VARS}
-        return pickle.dumps((env, self.options.initializer))
 
     def _kill(self, worker: _Worker) -> None:
         worker.dead = True
@@ -282,10 +184,6 @@ class WorkerPool:
         """The workers are not started yet and will be forked from this thread."""
         return self._manager is None and not self.closed and \
             choose_start_method(self.options.start_method) == "fork"
-
-    def release(self) -> None:
-        """A call or ``Parallel`` block is done with the pool: see :func:`release_pool`."""
-        release_pool(self)
 
     # ------------------------------------------------------------------ jobs
     def submit(self, job: PoolJob) -> None:
@@ -375,7 +273,7 @@ class WorkerPool:
         with self._lock:
             jobs = list(self._pending) + [j for w in self._workers for j in w.jobs]
             self._close_locked()
-        _forget(self)
+        self._notify_closed()
         error = PoolError(f"parmap's pool manager failed ({type(exc).__name__}: {exc}); "
                           f"the pool was shut down and the next call starts a new one. "
                           f"Please report this as a bug.")
@@ -458,7 +356,7 @@ class WorkerPool:
             code = worker.process.exitcode
             finished.append((job, WorkerCrashedError(
                 f"a worker process (pid {worker.process.pid}) died with "
-                f"{_exit_description(code)} while running {job.describe()}. The call was "
+                f"{exit_description(code)} while running {job.describe()}. The call was "
                 f"cancelled. Common causes: a crash in C code (segfault), os._exit(), the "
                 f"out-of-memory killer (check `dmesg`), or a signal sent to the worker. "
                 f"Run with n_jobs=1 to reproduce it in the calling process.",
@@ -497,11 +395,15 @@ class WorkerPool:
                     f"timeout={job.timeout}s; its worker was stopped and the call cancelled. "
                     f"Raise the timeout, or split the task into smaller ones.")))
 
+    def _notify_closed(self) -> None:
+        if self.on_close is not None:
+            self.on_close(self)
+
     def _maybe_idle_out(self) -> None:
         if (self.active_calls == 0 and not self._pending and not self.private
                 and all(not w.jobs for w in self._workers)
                 and monotonic() - self._last_active >= self.options.idle_timeout):
-            _forget(self)
+            self._notify_closed()
             self._close_locked()
 
     @staticmethod
@@ -570,79 +472,3 @@ def _discard_reply(data: bytes) -> None:
         discard_results(shm_files)
 
 
-def _cpu_count() -> int:
-    from ._config import cpu_count
-
-    return cpu_count()
-
-
-# -------------------------------------------------------------------------- registry
-
-_registry_lock = threading.Lock()
-_shared: list[WorkerPool] = []  # the reusable pool (at most one), shared by every call
-
-
-def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
-    """The shared pool, resized or replaced to fit; a private one if it is busy elsewhere."""
-    with _registry_lock:
-        pool = _shared[0] if _shared else None
-        if pool is not None and (pool.closed or pool.options != options):
-            if pool.active_calls and not pool.closed:
-                private = WorkerPool(size, options, private=True)
-                private.active_calls += 1
-                return private
-            _shared.clear()
-            pool.shutdown()
-            pool = None
-        if pool is not None:
-            with pool._lock:  # the manager idles a pool out under this lock
-                if not pool.closed:
-                    pool.active_calls += 1
-                    reused = True
-                else:
-                    reused = False
-            if reused:
-                if size > pool.size or (size < pool.size and pool.active_calls == 1):
-                    pool.resize(size)
-                return pool
-            _shared.clear()
-        pool = WorkerPool(size, options)
-        pool.active_calls += 1
-        _shared.append(pool)
-        return pool
-
-
-def release_pool(pool: WorkerPool) -> None:
-    with pool._lock:
-        pool.active_calls -= 1
-        pool._last_active = monotonic()
-    if pool.private and pool.active_calls <= 0:
-        pool.shutdown()
-    else:
-        pool._wake()  # the idle timer starts now
-
-
-def _forget(pool: WorkerPool) -> None:
-    # Called by the manager with the pool lock held: taking _registry_lock here could
-    # deadlock with acquire_pool, and acquire_pool re-checks ``closed`` anyway.
-    if _shared and _shared[0] is pool:
-        _shared.clear()
-
-
-def shutdown_all() -> None:
-    """Stop the shared pool (tests, interpreter exit)."""
-    with _registry_lock:
-        pools = list(_shared)
-        _shared.clear()
-    for pool in pools:
-        pool.shutdown()
-
-
-def _after_fork_in_child() -> None:
-    # A process forked by the user must not drive the parent's workers.
-    _shared.clear()
-
-
-atexit.register(shutdown_all)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -14,7 +14,7 @@ import pytest
 import parmap
 from parmap import (Parallel, RemoteTaskError, SerializationError, TaskTimeoutError,
                     WorkerCrashedError, delayed)
-from parmap._pool import THREAD_CAP_VARS
+from parmap._spawn import THREAD_CAP_VARS
 
 from .conftest import child_pids
 

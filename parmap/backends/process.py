@@ -1,7 +1,7 @@
 """The default backend: batches run in parmap's reusable pool of worker processes.
 
 A ``ProcessBackend`` is a thin per-``Parallel`` handle on the shared pool (see
-``parmap._pool``): it serialises batches, tags them with the current call so that a
+``parmap._pool``, shared through ``parmap._registry``): it serialises batches, tags them with the current call so that a
 cancelled call only cancels its own work, and holds the pool while a call (or a
 ``with Parallel(...)`` block) runs. It answers to ``"processes"`` and to joblib's
 ``"loky"`` and ``"multiprocessing"``.
@@ -39,7 +39,7 @@ class ProcessBackend(ParallelBackendBase):
             raise ValueError(f"idle_timeout must be a positive number of seconds, got "
                              f"{idle_timeout!r}")
         if start_method is not None:
-            from .._pool import choose_start_method
+            from .._spawn import choose_start_method
 
             choose_start_method(start_method)  # validates
         self.initializer = initializer
@@ -48,6 +48,7 @@ class ProcessBackend(ParallelBackendBase):
         self.start_method = start_method
         self.inner_max_num_threads: int | None = None
         self._pool: Any = None
+        self._registry: Any = None
         self._owner: object = object()
         self._placer: Any = None
         self._max_nbytes: int | None = None
@@ -55,7 +56,10 @@ class ProcessBackend(ParallelBackendBase):
         self._temp_folder: str | None = None
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
-        from .._pool import PoolOptions, acquire_pool, release_pool
+        from .. import _registry
+        from .._pool import PoolOptions
+
+        self._registry = _registry  # terminate() may run at shutdown: no import there
 
         n_jobs = super().configure(n_jobs, parallel)
         self.inner_max_num_threads = getattr(parallel, "inner_max_num_threads", None)
@@ -67,10 +71,10 @@ class ProcessBackend(ParallelBackendBase):
         pool = self._pool
         if pool is not None and (pool.closed or pool.options != options
                                  or pool.size != n_jobs):
-            release_pool(pool)
+            _registry.release_pool(pool)
             self._pool = pool = None
         if pool is None:
-            self._pool = acquire_pool(n_jobs, options)
+            self._pool = _registry.acquire_pool(n_jobs, options)
         return n_jobs
 
     def _pickled_initializer(self) -> bytes | None:
@@ -134,7 +138,7 @@ class ProcessBackend(ParallelBackendBase):
         pool, self._pool = self._pool, None
         if pool is not None:
             # no import here: this also runs when a generator is finalised at shutdown
-            pool.release()
+            self._registry.release_pool(pool)
 
     def get_nested_backend(self) -> tuple[str, int | None]:
         return "threading", None

@@ -1,0 +1,88 @@
+"""The shared pool: one reusable ``WorkerPool`` for every call and ``Parallel`` instance.
+
+A call acquires it (resizing it to its ``n_jobs``) and releases it when done; a call
+whose options differ while the shared pool is busy gets a private pool of its own, shut
+down with the call. The shared pool closes itself after ``idle_timeout`` without calls,
+and at interpreter exit.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from time import monotonic
+
+from ._pool import PoolOptions, WorkerPool
+
+__all__ = ["acquire_pool", "release_pool", "shutdown_all"]
+
+_registry_lock = threading.Lock()
+_shared: list[WorkerPool] = []  # the reusable pool (at most one), shared by every call
+
+
+def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
+    """The shared pool, resized or replaced to fit; a private one if it is busy elsewhere."""
+    with _registry_lock:
+        pool = _shared[0] if _shared else None
+        if pool is not None and (pool.closed or pool.options != options):
+            if pool.active_calls and not pool.closed:
+                private = WorkerPool(size, options, private=True)
+                private.active_calls += 1
+                return private
+            _shared.clear()
+            pool.shutdown()
+            pool = None
+        if pool is not None:
+            with pool._lock:  # the manager idles a pool out under this lock
+                if not pool.closed:
+                    pool.active_calls += 1
+                    reused = True
+                else:
+                    reused = False
+            if reused:
+                if size > pool.size or (size < pool.size and pool.active_calls == 1):
+                    pool.resize(size)
+                return pool
+            _shared.clear()
+        pool = WorkerPool(size, options)
+        pool.on_close = _forget
+        pool.active_calls += 1
+        _shared.append(pool)
+        return pool
+
+
+def release_pool(pool: WorkerPool) -> None:
+    """A call (or a ``with Parallel`` block) is done with ``pool``."""
+    with pool._lock:
+        pool.active_calls -= 1
+        pool._last_active = monotonic()
+    if pool.private and pool.active_calls <= 0:
+        pool.shutdown()
+    else:
+        pool._wake()  # the idle timer starts now
+
+
+def _forget(pool: WorkerPool) -> None:
+    # The pool's on_close hook: called by its manager with the pool lock held. Taking
+    # _registry_lock here could deadlock with acquire_pool, which re-checks ``closed``.
+    if _shared and _shared[0] is pool:
+        _shared.clear()
+
+
+def shutdown_all() -> None:
+    """Stop the shared pool (tests, interpreter exit)."""
+    with _registry_lock:
+        pools = list(_shared)
+        _shared.clear()
+    for pool in pools:
+        pool.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    # A process forked by the user must not drive the parent's workers.
+    _shared.clear()
+
+
+atexit.register(shutdown_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

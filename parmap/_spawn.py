@@ -1,0 +1,134 @@
+"""Starting worker processes: the start method, thread caps, and the process itself.
+
+Start method: ``fork`` when the caller is the main thread and no other Python thread
+exists (no lock can be held by a thread that does not exist, so fork is safe and costs
+~10 ms); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
+``parmap._worker``, so its children start in milliseconds once it runs. Threads that C
+libraries start (OpenBLAS) are not visible to Python; they manage fork themselves with
+``pthread_atfork``. ``start_method=`` or ``PARMAP_START_METHOD`` override the choice.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import threading
+import warnings
+from typing import Any
+
+from . import _worker
+
+__all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description"]
+
+THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
+                   "NUMBA_NUM_THREADS")
+
+
+def choose_start_method(requested: str | None = None) -> str:
+    method = requested or os.environ.get("PARMAP_START_METHOD") or "auto"
+    available = mp.get_all_start_methods()
+    if method != "auto":
+        if method not in available:
+            raise ValueError(f"start_method must be 'auto' or one of {available}, got "
+                             f"{method!r}")
+        return method
+    if (sys.platform.startswith("linux") and threading.active_count() == 1
+            and threading.current_thread() is threading.main_thread()):
+        return "fork"
+    if "forkserver" in available and sys.platform != "darwin":
+        return "forkserver"
+    return "spawn"
+
+
+_spawning = threading.local()
+
+
+def _skip_main_in_workers() -> None:
+    """Make spawn/forkserver workers started by parmap skip re-running ``__main__``.
+
+    multiprocessing re-imports the main script in every spawned child, which breaks
+    scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
+    functions and classes from ``__main__`` travel by value (cloudpickle). The wrapper
+    changes nothing for processes other code starts (the flag is per thread, and set only
+    around our own ``Process.start()``).
+    """
+    from multiprocessing import spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "_parmap", False):
+        return
+
+    def get_preparation_data(name: str, *args: Any, **kwargs: Any) -> dict:
+        data = original(name, *args, **kwargs)
+        if getattr(_spawning, "active", False):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data._parmap = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
+
+
+_skip_main_in_workers()
+
+
+def exit_description(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name} (exit code {exitcode})"
+        except ValueError:
+            return f"signal {-exitcode} (exit code {exitcode})"
+    return f"exit code {exitcode}"
+
+
+def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
+                 initializer: bytes | None, inherited: list) -> tuple:
+    """Start one worker process; return (process, task pipe end, result pipe end, status).
+
+    ``inherited`` are the caller's pipe ends a forked child must close at once (its
+    siblings' and the pool's): a worker holds only its own.
+    """
+    method = choose_start_method(start_method)
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["parmap._worker"])
+    elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
+        # workers must share our resource tracker to send arrays through /dev/shm
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    task_r, task_w = ctx.Pipe(duplex=False)
+    result_r, result_w = ctx.Pipe(duplex=False)
+    status = ctx.RawArray("d", 2)  # (task index, start time), for timeouts
+    caps = inner_max_num_threads or max(_cpu_count() // pool_size, 1)
+    setup = pickle.dumps(({var: str(caps) for var in THREAD_CAP_VARS}, initializer))
+    process = ctx.Process(
+        target=_worker.worker_main, name="parmap-worker", daemon=False,
+        args=(task_r, result_w, status, os.getpid(), setup,
+              inherited if method == "fork" else []))
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    _spawning.active = True
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork with C-level threads; see the module doc
+            warnings.simplefilter("ignore", DeprecationWarning)
+            process.start()
+    finally:
+        _spawning.active = False
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+        task_r.close()
+        result_w.close()
+    return process, task_w, result_r, status
+
+
+def _cpu_count() -> int:
+    from ._config import cpu_count
+
+    return cpu_count()
