@@ -1,9 +1,9 @@
 """The default backend: batches run in parmap's reusable pool of worker processes.
 
 A ``ProcessBackend`` is a thin per-``Parallel`` handle on the shared pool (see
-``parmap._pool``, shared through ``parmap._registry``): it serialises batches, tags them with the current call so that a
-cancelled call only cancels its own work, and holds the pool while a call (or a
-``with Parallel(...)`` block) runs. It answers to ``"processes"`` and to joblib's
+``parmap._pool``, shared through ``parmap._registry``): it serialises batches, tags them
+with the current call so that a cancelled call only cancels its own work, and holds the
+pool while a call (or a ``with Parallel(...)`` block) runs. It answers to ``"processes"`` and to joblib's
 ``"loky"`` and ``"multiprocessing"``.
 """
 from __future__ import annotations
