@@ -61,7 +61,7 @@ class Batch:
     ``tracker.mark(index, started)`` before each task so a timeout can be enforced.
     """
 
-    __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed")
+    __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected")
 
     def __init__(self, start: int, tasks: list, func: Callable | None = None):
         self.start = start
@@ -72,6 +72,7 @@ class Batch:
         self.tracker: Any = None
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
+        self.expected: float | None = None  # seconds the dispatcher expects it to run
 
     def __len__(self) -> int:
         return len(self.tasks)

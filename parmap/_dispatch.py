@@ -108,6 +108,11 @@ class AutoBatchSizer:
             return self.size  # what is left is quick: balance no longer matters
         return max(1, min(self.size, math.ceil(left / (2 * self.n_jobs))))
 
+    @property
+    def per_task(self) -> float | None:
+        """Seconds per task, as measured so far (None before any measurement)."""
+        return self._per_task
+
     def _resize(self) -> None:
         ideal = int(self.target / self._per_task)
         self.size = max(1, min(ideal, self.size * MAX_GROWTH, self._cap))
@@ -120,9 +125,10 @@ _LEARNT_MAX = 256
 
 def _func_key(func: Any) -> tuple | None:
     qualname = getattr(func, "__qualname__", None)
-    if not isinstance(qualname, str):
+    module = getattr(func, "__module__", None)
+    if not isinstance(qualname, str) or not isinstance(module, (str, type(None))):
         return None
-    return getattr(func, "__module__", None), qualname
+    return module, qualname
 
 
 def _remember(func: Any, per_task: float) -> None:
@@ -215,7 +221,8 @@ class Dispatcher:
         start = self.n_dispatched
         size = self._fixed_size or self.sizer.next_size(start)
         tasks = list(islice(self._it, size))  # the locked read, at C speed
-        if start == 0 and tasks and self._fixed_size is None and type(tasks[0]) is tuple:
+        if start == 0 and tasks and self._fixed_size is None and \
+                type(tasks[0]) is tuple and len(tasks[0]) == 3:
             tasks, size = self._first_batch(tasks, size)
         if len(tasks) < size:
             self.exhausted = True
@@ -226,6 +233,8 @@ class Dispatcher:
             for offset, task in enumerate(tasks):
                 check_task(task, start + offset)
         batch = Batch(start, tasks)
+        if self.sizer.per_task is not None:
+            batch.expected = self.sizer.per_task * len(tasks)
         job = _Job(batch)
         if self._track:
             batch.tracker = job

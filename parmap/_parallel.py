@@ -146,9 +146,11 @@ class Parallel:
         try:
             yield None  # primed by __call__
             for task in iterable:
+                if type(task) is not tuple:  # a str or list of 3 would unpack
+                    check_task(task, index)
                 try:
                     func, args, kwargs = task
-                except (TypeError, ValueError):
+                except ValueError:
                     check_task(task, index)
                     raise
                 yield func(*args, **kwargs)
@@ -202,9 +204,11 @@ def _run_inline_list(iterable: Iterable) -> list:
     out: list = []
     append = out.append
     for task in iterable:
+        if type(task) is not tuple:  # a str or list of 3 would unpack
+            check_task(task, len(out))
         try:
             func, args, kwargs = task
-        except (TypeError, ValueError):
+        except ValueError:
             check_task(task, len(out))
             raise
         append(func(*args, **kwargs))

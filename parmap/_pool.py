@@ -17,7 +17,7 @@ Data flow::
 
 1. A worker holds at most ``PREFETCH`` batches: the one it runs and the next, queued in
    its pipe, so it starts the next batch without waiting for the round trip through the
-   manager. The worker drains its task pipe in a reader thread, so the parent's writes
+   manager (only short batches are queued so; see ``PREFETCH_MAX``). The worker drains its task pipe in a reader thread, so the parent's writes
    never wait on the worker's (no deadlock on full pipes), and a queued batch always
    belongs to the same call as the running one, so cancelling a call never kills
    another call's work.
@@ -55,6 +55,10 @@ STOP_GRACE = 1.0
 DEADLINE_POLL = 0.05
 #: batches a worker may hold: the running one and the next (see the module doc)
 PREFETCH = 2
+#: only a batch expected to run shorter than this is queued behind another: a queued
+#: batch cannot move to a worker that falls idle, so at the end of a call a long one
+#: would keep the others waiting, while its round trip (~0.3 ms) would not matter
+PREFETCH_MAX = 0.01
 
 
 #: the outcome of a batch whose worker asks for it again with its arrays placed
@@ -73,7 +77,7 @@ class PoolOptions(NamedTuple):
 class PoolJob:
     """One batch travelling through the pool."""
 
-    __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled")
+    __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short")
 
     def __init__(self, owner: object, batch: Any, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
@@ -83,6 +87,10 @@ class PoolJob:
         self.callback = callback
         self.timeout = timeout
         self.cancelled = False
+        #: may wait in a busy worker's pipe (see PREFETCH_MAX): the round trip it saves
+        #: matters, and it cannot hold the call's end back for long
+        expected = getattr(batch, "expected", None)
+        self.short = expected is None or expected < PREFETCH_MAX
 
     def describe(self) -> str:
         start, n = self.batch.start, len(self.batch)
@@ -121,6 +129,8 @@ class WorkerPool:
         self._wake_r, self._wake_w = mp.Pipe(duplex=False)
         self._last_active = monotonic()
         self._manager: threading.Thread | None = None  # started with the workers
+        self._rounds = 0  # manager loop iterations completed, callbacks included
+        self._round_done = threading.Condition(self._lock)
         #: called (pool lock held) when the pool closes itself: failure or idle timeout
         self.on_close: Callable[[WorkerPool], None] | None = None
 
@@ -211,7 +221,7 @@ class WorkerPool:
                     if candidate.dead or len(candidate.jobs) >= PREFETCH:
                         continue
                     owner = candidate.jobs[0].owner
-                    job = next((j for j in pending if j.owner is owner), None)
+                    job = next((j for j in pending if j.owner is owner and j.short), None)
                     if job is not None:
                         pending.remove(job)
                         worker = candidate
@@ -244,14 +254,24 @@ class WorkerPool:
                         job.cancelled = True
                     self._kill(worker)
                     killed.append(worker.process)
+            rounds = self._rounds
         self._wake()
-        if killed and "parmap._shm" in sys.modules:
-            # result files those workers wrote must be gone when the call returns, not
-            # whenever the manager reaps them: wait for the deaths (SIGKILL: milliseconds)
-            deadline = monotonic() + STOP_GRACE
-            for process in killed:
-                wait([process.sentinel], timeout=max(deadline - monotonic(), 0))
-                sys.modules["parmap._shm"].sweep_worker_results(os.getpid(), process.pid)
+        if "parmap._shm" not in sys.modules:
+            return
+        # Result files of the call must be gone when it returns, not whenever the
+        # manager gets to them: wait for the killed workers' deaths (SIGKILL takes
+        # milliseconds) and sweep their files; then for the manager to finish the round
+        # it may be in, which unlinks the files of replies it has already read.
+        deadline = monotonic() + STOP_GRACE
+        for process in killed:
+            wait([process.sentinel], timeout=max(deadline - monotonic(), 0))
+            sys.modules["parmap._shm"].sweep_worker_results(os.getpid(), process.pid)
+        manager = self._manager
+        if manager is not None and threading.current_thread() is not manager:
+            with self._lock:
+                self._round_done.wait_for(
+                    lambda: self._rounds > rounds or self.closed or not manager.is_alive(),
+                    timeout=max(deadline - monotonic(), 0))
 
     # ------------------------------------------------------------------ manager
     def _wake(self) -> None:
@@ -316,6 +336,9 @@ class WorkerPool:
                     _discard_reply(outcome)
                 else:
                     job.callback(self._decode(job, outcome))
+            with self._lock:
+                self._rounds += 1
+                self._round_done.notify_all()
 
     def _wait_timeout(self) -> float | None:
         if any(j.timeout is not None for w in self._workers for j in w.jobs):

@@ -112,10 +112,15 @@ def test_delayed_rejects_non_callables():
         delayed(3)
 
 
+@pytest.mark.parametrize("backend", ["threading", "processes"])
 @pytest.mark.parametrize("n_jobs", [1, 2])
-def test_items_that_are_not_tasks(n_jobs):
+def test_items_that_are_not_tasks(n_jobs, backend):
     with pytest.raises(TypeError, match="item 1 of the iterable.*delayed"):
-        Parallel(n_jobs=n_jobs, backend="threading")([delayed(abs)(1), abs, delayed(abs)(2)])
+        Parallel(n_jobs=n_jobs, backend=backend)([delayed(abs)(1), abs, delayed(abs)(2)])
+    Parallel(n_jobs=n_jobs, backend=backend)(delayed(abs)(-i) for i in range(100))
+    for first in [(), (abs,), "abc"]:  # the first item, whatever earlier calls learnt
+        with pytest.raises(TypeError, match="item 0 of the iterable.*delayed"):
+            Parallel(n_jobs=n_jobs, backend=backend)([first, delayed(abs)(1)])
 
 
 def test_require_sharedmem_with_process_like_backend_is_rejected():
