@@ -104,7 +104,7 @@ class Batch:
                     index += 1
             elif tracker is None:
                 for func, args, kwargs in self.tasks:
-                    append(func(*args, **kwargs))
+                    append(func(*args, **kwargs) if kwargs else func(*args))
             else:
                 index = self.start
                 for func, args, kwargs in self.tasks:
