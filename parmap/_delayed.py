@@ -61,7 +61,8 @@ class Batch:
     ``tracker.mark(index, started)`` before each task so a timeout can be enforced.
     """
 
-    __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected")
+    __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected",
+                 "transform")
 
     def __init__(self, start: int, tasks: list, func: Callable | None = None):
         self.start = start
@@ -73,6 +74,7 @@ class Batch:
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
         self.expected: float | None = None  # seconds the dispatcher expects it to run
+        self.transform: Callable[[Any], Any] | None = None  # applied to each result
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -93,7 +95,9 @@ class Batch:
         tracker = self.tracker
         func = self.func
         try:
-            if func is not None and tracker is None:
+            if self.transform is not None:
+                self._run_transformed(append)
+            elif func is not None and tracker is None:
                 for args in self.tasks:
                     append(func(*args))
             elif func is not None:
@@ -118,6 +122,17 @@ class Batch:
         finally:
             self.duration = monotonic() - t0
         return out
+
+
+    def _run_transformed(self, append: Callable[[Any], None]) -> None:
+        transform, tracker, func = self.transform, self.tracker, self.func
+        index = self.start
+        for task in self.tasks:
+            f, args, kwargs = (func, task, {}) if func is not None else task
+            if tracker is not None:
+                tracker.mark(index, monotonic())
+            append(transform(f(*args, **kwargs)))
+            index += 1
 
 
 def compact(tasks: list) -> tuple[Callable | None, list]:

@@ -367,6 +367,36 @@ class ResultPlacer:
         return rebuild_result, (path, data.dtype.str, data.shape)
 
 
+class _Placed:
+    """A result array already written to its file: pickles as the file's reference."""
+
+    __slots__ = ("reduced",)
+
+    def __init__(self, reduced: tuple):
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple:
+        return self.reduced
+
+
+def early_placement(placer: ResultPlacer, limit: int) -> Any:
+    """A ``Batch.transform`` that writes each large result array to its file as soon as
+    its task returns, so that a worker never holds a batch of them twice (the array and
+    its copy in /dev/shm) while the batch runs."""
+    import numpy as np
+
+    ndarray = np.ndarray
+
+    def place(result: Any) -> Any:
+        if type(result) is ndarray and result.nbytes > limit:
+            reduced = placer.reduce(result)
+            if reduced is not None:
+                return _Placed(reduced)
+        return result
+
+    return place
+
+
 def rebuild_result(path: str, dtype: str, shape: tuple) -> Any:
     """In the caller: map a worker's result file, unlink it, return a plain ndarray."""
     import numpy as np

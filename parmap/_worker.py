@@ -93,6 +93,7 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
 
     tracker = _SharedTracker(status)
     recv, send = _start_reader(task_conn), result_conn.send_bytes
+    sends_arrays = False  # have results of this worker gone through /dev/shm yet?
     while True:
         message = recv()
         if not message:
@@ -114,16 +115,27 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
         batch = Batch(start, tasks, func)
         if track:
             batch.tracker = tracker
+        placer = None
+        if sends_arrays and result_nbytes is not None:
+            from ._shm import ResultPlacer, early_placement
+
+            placer = ResultPlacer(result_nbytes, parent_pid)
+            batch.transform = early_placement(placer, result_nbytes)
         try:
             reply = (OK, batch(), batch.duration)
         except BaseException as exc:
             reply = (ERR, CapturedError.capture(exc, start + batch.failed, _dumps),
                      batch.duration)
+            if placer is not None:
+                _discard(placer.created)  # results of a failed batch never travel
         finally:
             tracker.mark(-1, 0.0)
         batch = tasks = func = None
-        send(_reply_bytes(reply, start, t0, result_nbytes, parent_pid))
-        reply = None
+        data, placer = _reply_bytes(reply, start, t0, result_nbytes, parent_pid, placer)
+        # once results went through /dev/shm, place them as each task returns
+        sends_arrays = sends_arrays or bool(placer is not None and placer.created)
+        placer = reply = None
+        send(data)
 
 
 def _start_reader(task_conn: Any) -> Any:
@@ -173,23 +185,41 @@ def _dumps(obj: Any) -> bytes:
         return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _discard(paths: list) -> None:
+    from ._shm import discard_results
+
+    discard_results(paths)
+
+
 def _reply_bytes(reply: tuple, start: int, t0: float, result_nbytes: int | None,
-                 parent_pid: int) -> bytes:
+                 parent_pid: int, placer: Any = None) -> tuple[bytes, Any]:
+    """The reply's bytes, and the ResultPlacer that wrote its arrays (or None)."""
     if reply[0] == OK and result_nbytes is not None and SHM_RESULTS \
             and "numpy" in sys.modules:
-        from ._shm import ResultPlacer, discard_results, dumps_with
+        from ._shm import ResultPlacer, dumps_with
 
-        placer = ResultPlacer(result_nbytes, parent_pid)
+        if placer is None:
+            placer = ResultPlacer(result_nbytes, parent_pid)
+        early = len(placer.created)  # files written as tasks returned: still referenced
         try:
             inner = dumps_with(pickle.Pickler, reply[1], placer)
-            return _dumps((OK, inner, reply[2], placer.created))
+            return _dumps((OK, inner, reply[2], placer.created)), placer
         except Exception:
-            discard_results(placer.created)  # pickled the ordinary way below
+            _discard(placer.created[early:])  # pickled the ordinary way below
+            del placer.created[early:]
+    return _plain_reply_bytes(reply, start, t0, placer.created if placer else []), placer
+
+
+def _plain_reply_bytes(reply: tuple, start: int, t0: float, placed: list) -> bytes:
+    """Pickle the reply as is (arrays placed early travel as their files' references);
+    if it cannot be, reply with a SerializationError naming the culprit."""
     try:
         return _dumps((*reply, None))
     except Exception as exc:
         from ._errors import CapturedError, SerializationError
 
+        if placed:
+            _discard(placed)  # nobody will map them now
         status, payload, duration = reply
         index, culprit = start, "result"
         if status == OK:

@@ -11,7 +11,7 @@ import pytest
 
 import parmap._shm as shm
 from parmap._pool import WorkerPool
-from parmap import Parallel, WorkerCrashedError, delayed, parallel_config
+from parmap import Parallel, SerializationError, WorkerCrashedError, delayed, parallel_config
 
 from .conftest import shm_entries
 
@@ -556,3 +556,31 @@ def test_writable_modes_are_never_inherited(inheritance, count_placements, mode)
     arr = big(1.0)
     Parallel(n_jobs=2, mmap_mode=mode)(delayed(describe)(arr) for _ in range(2))
     assert count_placements == [arr.nbytes]
+
+
+# ------------------------------------------- results placed as each task returns
+
+def big_or_fail(i, bad=-1, unpicklable=-1):
+    if i == bad:
+        raise ValueError(f"task {i} fails")
+    if i == unpicklable:
+        import threading
+
+        return threading.Lock()  # cannot be pickled at all
+    return big(float(i))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_results_placed_early_are_correct_and_cleaned_up_when_a_batch_fails():
+    before = shm_entries()
+    # results through /dev/shm: from now on the workers place them as tasks return
+    out = Parallel(n_jobs=2, batch_size=3)(delayed(big_or_fail)(i) for i in range(12))
+    assert [float(a[0]) for a in out] == [float(i) for i in range(12)]
+    out = Parallel(n_jobs=2, batch_size=3)(delayed(big_or_fail)(i) for i in range(12))
+    assert all(a.flags.writeable and float(a.sum()) == i * BIG for i, a in enumerate(out))
+    with pytest.raises(ValueError, match="task 5 fails"):
+        Parallel(n_jobs=2, batch_size=3)(delayed(big_or_fail)(i, bad=5) for i in range(12))
+    with pytest.raises(SerializationError, match="task 4"):
+        Parallel(n_jobs=2, batch_size=3)(delayed(big_or_fail)(i, unpicklable=4)
+                                         for i in range(12))
+    assert shm_entries() == before
