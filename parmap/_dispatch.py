@@ -25,6 +25,7 @@ queue.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from functools import lru_cache
 from itertools import chain, islice
@@ -404,7 +405,8 @@ def parse_pre_dispatch(value: Any, n_jobs: int) -> int | None:
     if isinstance(value, str):
         if value.strip() == "all":
             return None
-        number = _eval_expression(value, n_jobs)
+        match = _K_TIMES_N_JOBS.fullmatch(value)  # the usual "2 * n_jobs": no ast import
+        number = int(match.group(1)) * n_jobs if match else _eval_expression(value, n_jobs)
     elif isinstance(value, (int, float)):
         number = value
     else:
@@ -414,6 +416,9 @@ def parse_pre_dispatch(value: Any, n_jobs: int) -> int | None:
         raise ValueError(f"pre_dispatch={value!r} gives {number!r} batches for n_jobs={n_jobs}; "
                          f"it must be at least 1")
     return int(number)
+
+
+_K_TIMES_N_JOBS = re.compile(r"\s*([0-9]+)\s*\*\s*n_jobs\s*")
 
 
 @lru_cache(maxsize=64)

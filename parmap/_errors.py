@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import pickle
 import reprlib
-import traceback
 from typing import Any
 
 __all__ = [
@@ -178,6 +177,8 @@ class CapturedError:
     @classmethod
     def capture(cls, exc: BaseException, index: int, dumps) -> CapturedError:
         """Capture ``exc`` raised by task ``index``; ``dumps`` is the pickler to check with."""
+        import traceback  # only when a task fails: ~4 ms of imports spared at start-up
+
         tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
             from tblib import pickling_support
