@@ -123,7 +123,6 @@ class Batch:
             self.duration = monotonic() - t0
         return out
 
-
     def _run_transformed(self, append: Callable[[Any], None]) -> None:
         transform, tracker, func = self.transform, self.tracker, self.func
         index = self.start

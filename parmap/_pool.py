@@ -17,10 +17,10 @@ Data flow::
 
 1. A worker holds at most ``PREFETCH`` batches: the one it runs and the next, queued in
    its pipe, so it starts the next batch without waiting for the round trip through the
-   manager (only short batches are queued so; see ``PREFETCH_MAX``). The worker drains its task pipe in a reader thread, so the parent's writes
-   never wait on the worker's (no deadlock on full pipes), and a queued batch always
-   belongs to the same call as the running one, so cancelling a call never kills
-   another call's work.
+   manager (only short batches are queued so; see ``PREFETCH_MAX``). The worker drains
+   its task pipe in a reader thread, so the parent's writes never wait on the worker's
+   (no deadlock on full pipes), and a queued batch always belongs to the same call as
+   the running one, so cancelling a call never kills another call's work.
 2. The manager waits on results and on process sentinels *together*, so a worker that
    dies (segfault, os._exit, SIGKILL, OOM killer) is noticed as fast as a result.
 3. Callbacks run outside the pool lock: the dispatcher may submit from inside them.

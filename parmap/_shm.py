@@ -147,7 +147,8 @@ class ArgumentPlacer:
                 arr = root = np.ascontiguousarray(arr)  # foreign buffer: place the view
             pinned = self._pin(root)
             if pinned is not None:
-                offset = arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+                offset = (arr.__array_interface__["data"][0]
+                          - root.__array_interface__["data"][0])
                 return rebuild_inherited, (pinned, offset, arr.dtype.str, arr.shape,
                                            arr.strides)
             with self._lock:
@@ -160,8 +161,10 @@ class ArgumentPlacer:
 
     def _pin(self, root: Any) -> str | None:
         with self._lock:
+            if self.can_inherit is None:
+                return None
             key = self._pins.get(id(root))
-            if key is None and self.can_inherit is not None and self.can_inherit():
+            if key is None and self.can_inherit():
                 key = self._pins[id(root)] = f"{self.token}_{next(_counter)}"
                 _PINNED[key] = root
             return key
@@ -170,7 +173,6 @@ class ArgumentPlacer:
         """From now on place every array: some worker did not inherit the pinned ones."""
         with self._lock:
             self.can_inherit = None
-            self._pins.clear()
 
     def _place(self, root: Any) -> tuple:
         address = root.__array_interface__["data"][0]
@@ -202,8 +204,8 @@ class ArgumentPlacer:
             files, self._files = self._files, []
             self._placed.clear()
             self.can_inherit = None
-            for key in [k for k in _PINNED if k.startswith(self.token)]:
-                del _PINNED[key]  # the caller's array is the caller's again
+            for key in self._pins.values():
+                _PINNED.pop(key, None)  # the caller's array is the caller's again
             self._pins.clear()
             folder, self._folder = self._folder, None
         for path in files:

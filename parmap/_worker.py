@@ -102,7 +102,8 @@ def _serve(task_conn: Any, result_conn: Any, status: Any, init_error: Any,
         try:
             start, func, tasks, track, result_nbytes = pickle.loads(message)
         except BaseException as exc:
-            if type(exc).__name__ == "NotInherited":  # see _shm.ArgumentPlacer
+            shm = sys.modules.get("parmap._shm")  # loaded if the batch pinned arrays
+            if shm is not None and isinstance(exc, shm.NotInherited):
                 send(_dumps((RETRY, None, 0.0, None)))
             else:
                 send(_unloadable_batch(exc, message))

@@ -3,8 +3,8 @@
 A ``ProcessBackend`` is a thin per-``Parallel`` handle on the shared pool (see
 ``parmap._pool``, shared through ``parmap._registry``): it serialises batches, tags them
 with the current call so that a cancelled call only cancels its own work, and holds the
-pool while a call (or a ``with Parallel(...)`` block) runs. It answers to ``"processes"`` and to joblib's
-``"loky"`` and ``"multiprocessing"``.
+pool while a call (or a ``with Parallel(...)`` block) runs. It answers to
+``"processes"`` and to joblib's ``"loky"`` and ``"multiprocessing"``.
 """
 from __future__ import annotations
 
@@ -112,6 +112,9 @@ class ProcessBackend(ParallelBackendBase):
             raise RuntimeError("ProcessBackend.submit called before configure")
         payload = dumps_batch(batch, self.timeout is not None, self._placer, self._max_nbytes)
         pool, owner, placer = self._pool, self._owner, self._placer
+        if placer is None:  # no arrays pinned, so no worker can ask for the batch again
+            pool.submit(PoolJob(owner, batch, payload, callback, self.timeout))
+            return
 
         def done(outcome: Any) -> None:
             if outcome is not RETRY:
