@@ -4,14 +4,14 @@
 >>> Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4))
 [0, 1, 2, 3]
 """
-from ._config import (cpu_count, effective_n_jobs, parallel_backend, parallel_config,
-                      register_parallel_backend)
+from ._cpu import cpu_count
 from ._delayed import delayed
 from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
                       SerializationError, TaskTimeoutError, TerminatedWorkerError,
                       WorkerCrashedError)
 from ._parallel import Parallel
-from .backends._base import ParallelBackendBase
+from ._settings import effective_n_jobs, parallel_backend, parallel_config
+from .backends import ParallelBackendBase, register_parallel_backend
 
 __version__ = "0.1.0"
 
@@ -47,8 +47,8 @@ del _name, _obj
 
 def _shutdown_pools() -> None:
     """Stop parmap's reusable worker processes now (tests use this; atexit does too)."""
-    import sys
+    import sys  # stdlib: nothing of parmap's is hidden here
 
-    registry = sys.modules.get("parmap._registry")
+    registry = sys.modules.get("parmap.process.registry")
     if registry is not None:
         registry.shutdown_all()

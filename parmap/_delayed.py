@@ -1,27 +1,40 @@
-"""``delayed`` and the batch object that carries tasks to a backend.
+"""``delayed``, and the batch: the safe-call wrapper every backend runs tasks through.
 
 A task is the plain tuple ``(function, args, kwargs)``, as in joblib, so code that builds
 those tuples by hand keeps working. ``delayed(f)`` is called once per task in the usual
 idiom ``delayed(f)(x) for x in xs``, so it is kept cheap: one closure, no
 ``functools.wraps`` (about a microsecond per task), and the wrapper of the last function
 is reused, which halves the cost of the idiom.
+
+A :class:`Batch` is the *safe-call wrapper*: calling it runs its tasks in order and
+returns their results; when a task raises, the exception propagates unchanged, with a
+note naming the task (index and call), and the batch records which task it was. The
+same object runs in the caller (sequential), in a thread, or in a worker process.
 """
 from __future__ import annotations
 
 from time import monotonic
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol
 
+from . import _context
 from ._errors import add_task_note
 
-__all__ = ["delayed", "Batch", "check_task", "compact"]
+__all__ = ["delayed", "Batch", "Task", "check_task", "compact"]
 
-Task = tuple  # (function, args, kwargs)
-
-
-_last: tuple = (None, None)  # (function, its wrapper): the idiom calls delayed(f) per task
+#: ``(function, args, kwargs)``
+Task = tuple
 
 
-def delayed(function: Callable) -> Callable[..., Task]:
+class Tracker(Protocol):
+    """Told which task starts when, so that a timeout can be enforced from outside."""
+
+    def mark(self, index: int, started: float) -> None: ...
+
+
+_last: tuple[Any, Any] = (None, None)  # (function, its wrapper): delayed(f) is called per task
+
+
+def delayed(function: Callable[..., Any]) -> Callable[..., Task]:
     """Capture a call: ``delayed(f)(*args, **kwargs)`` returns ``(f, args, kwargs)``.
 
     Also usable as a decorator: ``@delayed`` makes every call of the function return the
@@ -30,7 +43,7 @@ def delayed(function: Callable) -> Callable[..., Task]:
     global _last
     last = _last  # one read: another thread may replace it, never tear it
     if last[0] is function:
-        return last[1]
+        return last[1]  # type: ignore[no-any-return]
     if not callable(function):
         raise TypeError(f"delayed(function): expected a callable, got "
                         f"{type(function).__name__} {function!r:.60}")
@@ -43,7 +56,7 @@ def delayed(function: Callable) -> Callable[..., Task]:
     return delayed_function
 
 
-def check_task(task: Any, index: int) -> None:
+def check_task(task: object, index: int) -> None:
     """Raise a TypeError naming the task when ``task`` is not a ``delayed`` call."""
     if not (isinstance(task, tuple) and len(task) == 3 and callable(task[0])
             and isinstance(task[1], tuple) and isinstance(task[2], dict)):
@@ -56,25 +69,29 @@ def check_task(task: Any, index: int) -> None:
 class Batch:
     """Consecutive tasks ``start, start+1, ...`` run together in one worker call.
 
-    ``Batch()`` returns the list of results. When a task raises, its exception propagates
-    with a note naming the task index and call. ``tracker`` (optional) receives
-    ``tracker.mark(index, started)`` before each task so a timeout can be enforced.
+    ``Batch()`` returns the list of results. Optional parts, set by whoever runs it:
+    ``tracker`` receives ``tracker.mark(index, started)`` before each task (timeouts);
+    ``transform`` is applied to each result as its task returns; ``nested`` holds the
+    settings that ``Parallel`` calls made *by the tasks* see (their backend, n_jobs and
+    nesting level: see ``ParallelBackendBase.get_nested_backend``).
     """
 
     __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected",
-                 "transform")
+                 "transform", "nested")
 
-    def __init__(self, start: int, tasks: list, func: Callable | None = None):
+    def __init__(self, start: int, tasks: list, func: Callable[..., Any] | None = None,
+                 nested: Mapping[str, Any] | None = None):
         self.start = start
         self.tasks = tasks
         #: the compact form: every task calls ``func`` with no keywords, and ``tasks``
         #: holds only the argument tuples (see :func:`compact`)
         self.func = func
-        self.tracker: Any = None
+        self.nested = nested
+        self.tracker: Tracker | None = None
+        self.transform: Callable[[Any], Any] | None = None
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
         self.expected: float | None = None  # seconds the dispatcher expects it to run
-        self.transform: Callable[[Any], Any] | None = None  # applied to each result
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -86,60 +103,50 @@ class Batch:
         """The ``(function, args, kwargs)`` of the task at ``position`` in the batch."""
         if self.func is not None:
             return self.func, self.tasks[position], {}
-        return self.tasks[position]
+        return self.tasks[position]  # type: ignore[no-any-return]
 
     def __call__(self) -> list:
         t0 = monotonic()
         out: list = []
-        append = out.append
-        tracker = self.tracker
-        func = self.func
+        token = _context.push(self.nested) if self.nested is not None else None
         try:
-            if self.transform is not None:
-                self._run_transformed(append)
-            elif func is not None and tracker is None:
-                for args in self.tasks:
+            func = self.func
+            if func is not None and self.tracker is None and self.transform is None:
+                append = out.append
+                for args in self.tasks:  # the fast loop: delayed(f)(x) for x in xs
                     append(func(*args))
-            elif func is not None:
-                index = self.start
-                for args in self.tasks:
-                    tracker.mark(index, monotonic())
-                    append(func(*args))
-                    index += 1
-            elif tracker is None:
-                for func, args, kwargs in self.tasks:
-                    append(func(*args, **kwargs) if kwargs else func(*args))
             else:
-                index = self.start
-                for func, args, kwargs in self.tasks:
-                    tracker.mark(index, monotonic())
-                    append(func(*args, **kwargs))
-                    index += 1
+                self._run_general(out)
         except BaseException as exc:
             position = self.failed = len(out)
             add_task_note(exc, self.start + position, self.task(position))
             raise
         finally:
+            if token is not None:
+                _context.pop(token)
             self.duration = monotonic() - t0
         return out
 
-    def _run_transformed(self, append: Callable[[Any], None]) -> None:
-        transform, tracker, func = self.transform, self.tracker, self.func
+    def _run_general(self, out: list) -> None:
+        """Any function per task, keywords, a tracker and a transform."""
+        append, tracker, transform = out.append, self.tracker, self.transform
         index = self.start
-        for task in self.tasks:
-            f, args, kwargs = (func, task, {}) if func is not None else task
+        for position in range(len(self.tasks)):
+            func, args, kwargs = self.task(position)
             if tracker is not None:
                 tracker.mark(index, monotonic())
-            append(transform(f(*args, **kwargs)))
+            result = func(*args, **kwargs) if kwargs else func(*args)
+            append(result if transform is None else transform(result))
             index += 1
 
 
-def compact(tasks: list) -> tuple[Callable | None, list]:
+def compact(tasks: list) -> tuple[Callable[..., Any] | None, list]:
     """``(func, [args, ...])`` when every task calls the same ``func`` without keywords
     (the usual ``delayed(f)(x) for x in xs``), else ``(None, tasks)``.
 
     The compact form pickles the function once per batch instead of once per task and
-    drops the empty keyword dicts: about 5x less work to serialise tiny tasks.
+    drops the empty keyword dicts: about 5x less work to serialise tiny tasks, and the
+    fast loop of :meth:`Batch.__call__` runs it.
     """
     func = tasks[0][0]
     args = [a for f, a, k in tasks if f is func and not k]

@@ -16,28 +16,31 @@ released when its results are no longer the dispatcher's to hold: on completion 
 generator modes. So an infinite generator is read at most ``pre_dispatch`` batches ahead
 of what the caller consumed, and a slow consumer bounds memory.
 
-The input iterator is only ever read under ``_lock`` (a locked iterator), whichever thread
+The input is a :class:`LockedIterator`: read only under its lock, whichever thread
 dispatches. Completion callbacks must not block, so they only *try* the lock; whoever holds
 it re-checks the room after each batch, so no dispatch opportunity is lost. All
 bookkeeping that decides what to yield happens in the consumer's thread, from the events
 queue.
+
+Each batch carries the settings that ``Parallel`` calls made by its tasks see: the
+backend's :meth:`~parmap.backends._base.ParallelBackendBase.get_nested_backend`, one
+nesting level deeper (applied by the batch wherever it runs, worker processes included).
 """
 from __future__ import annotations
 
 import math
-import re
 import threading
-from functools import lru_cache
 from itertools import chain, islice
 from operator import length_hint
 from queue import Empty, SimpleQueue
 from time import monotonic
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ._delayed import Batch, check_task
-from ._errors import TaskTimeoutError, call_repr
+from ._errors import timeout_error
+from .backends._base import ParallelBackendBase
 
-__all__ = ["Dispatcher", "AutoBatchSizer", "parse_pre_dispatch"]
+__all__ = ["Dispatcher", "AutoBatchSizer", "LockedIterator"]
 
 #: how often the consumer wakes to check timeouts (and, on Windows, to see Ctrl-C)
 POLL_INTERVAL = 0.1
@@ -140,6 +143,27 @@ def _remember(func: Any, per_task: float) -> None:
         _learnt[key] = per_task
 
 
+class LockedIterator:
+    """The user's iterable, read by whichever thread dispatches, one at a time.
+
+    Holders of ``lock`` may ``take`` tasks; the first batch may ``push_back`` what it
+    read ahead. The lock is re-entrant: a synchronous backend's callback dispatches from
+    inside ``submit``, in the thread that holds it.
+    """
+
+    def __init__(self, iterable: Iterable):
+        self.lock = threading.RLock()
+        self._it: Iterator = iter(iterable)
+
+    def take(self, n: int) -> list:
+        """Up to ``n`` tasks (fewer: the input is exhausted). Lock held."""
+        return list(islice(self._it, n))  # at C speed
+
+    def push_back(self, tasks: list) -> None:
+        """Make ``tasks`` the next ones read. Lock held."""
+        self._it = chain(tasks, self._it)
+
+
 class _Job:
     """One submitted batch, as the dispatcher tracks it."""
 
@@ -166,12 +190,26 @@ class _InputError:
         self.exc = exc
 
 
+def nested_settings(backend: ParallelBackendBase) -> Mapping[str, object] | None:
+    """What ``Parallel`` calls made by the backend's tasks see (see the module doc)."""
+    spec = backend.get_nested_backend()
+    if spec is None:
+        return None
+    nested_backend, n_jobs = spec
+    settings: dict[str, object] = {"backend": nested_backend, "backend_params": {},
+                                   "nesting_level": backend.nesting_level + 1}
+    if n_jobs is not None:
+        settings["n_jobs"] = n_jobs
+    return settings
+
+
 class Dispatcher:
     """Runs one ``Parallel`` call on a configured backend."""
 
-    def __init__(self, iterable: Iterable, backend: Any, n_jobs: int, pre_dispatch: int | None,
-                 batch_size: int | str, retain: bool, timeout: float | None = None,
-                 on_progress: Any = None):
+    def __init__(self, iterable: Iterable, backend: ParallelBackendBase, n_jobs: int,
+                 pre_dispatch: int | None, batch_size: int | str, retain: bool,
+                 timeout: float | None = None,
+                 on_progress: Callable[[Dispatcher], None] | None = None):
         self.backend = backend
         self.n_jobs = n_jobs
         self.retain = retain
@@ -179,16 +217,16 @@ class Dispatcher:
         self.on_progress = on_progress
         hint = length_hint(iterable, 0) if hasattr(iterable, "__len__") else 0
         self.n_tasks: int | None = hint or None
-        self._it: Iterator = iter(iterable)
+        self._input = LockedIterator(iterable)
         self._limit = pre_dispatch if pre_dispatch is not None else math.inf
         self._fixed_size = batch_size if isinstance(batch_size, int) else None
         self.sizer = AutoBatchSizer(backend.target_batch_duration, n_jobs, self.n_tasks)
+        self._nested = nested_settings(backend)
         self._track = timeout is not None and not backend.enforces_timeout
-        self._lock = threading.RLock()  # the locked iterator: held while reading tasks
         self._count_lock = threading.Lock()  # guards _unreleased; never held across calls
         self._dispatching = False
         self._abort_done = False
-        self._events: SimpleQueue = SimpleQueue()
+        self._events: SimpleQueue[Any] = SimpleQueue()
         self._jobs: dict[int, _Job] = {}  # batch start index -> job, in dispatch order
         self.exhausted = False
         self.aborted = False
@@ -200,7 +238,8 @@ class Dispatcher:
     # ------------------------------------------------------------------ dispatching
     def dispatch(self, blocking: bool = True) -> None:
         """Submit batches while there is room. Safe from any thread, never re-entrant."""
-        if not self._lock.acquire(blocking):
+        lock = self._input.lock
+        if not lock.acquire(blocking):
             return
         try:
             if self._dispatching:  # a synchronous backend called back into us
@@ -216,12 +255,12 @@ class Dispatcher:
             finally:
                 self._dispatching = False
         finally:
-            self._lock.release()
+            lock.release()
 
     def _dispatch_one(self) -> None:
         start = self.n_dispatched
         size = self._fixed_size or self.sizer.next_size(start)
-        tasks = list(islice(self._it, size))  # the locked read, at C speed
+        tasks = self._input.take(size)
         if start == 0 and tasks and self._fixed_size is None and \
                 type(tasks[0]) is tuple and len(tasks[0]) == 3:
             tasks, size = self._first_batch(tasks, size)
@@ -233,7 +272,7 @@ class Dispatcher:
         if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
             for offset, task in enumerate(tasks):
                 check_task(task, start + offset)
-        batch = Batch(start, tasks)
+        batch = Batch(start, tasks, nested=self._nested)
         if self.sizer.per_task is not None:
             batch.expected = self.sizer.per_task * len(tasks)
         job = _Job(batch)
@@ -252,14 +291,14 @@ class Dispatcher:
         want = self.sizer.size
         if want <= size:
             return tasks, size
-        tasks += islice(self._it, want + 1 - len(tasks))  # one more tells if that was all
+        tasks += self._input.take(want + 1 - len(tasks))  # one more tells if that was all
         if len(tasks) > want:
-            self._it = chain(tasks[want:], self._it)
+            self._input.push_back(tasks[want:])
             tasks = tasks[:want]
         elif self.n_tasks is None and len(tasks) > 1:
             # that was every task: share them out so that every worker gets some
             share = math.ceil(len(tasks) / self.n_jobs)
-            self._it = chain(tasks[share:], self._it)
+            self._input.push_back(tasks[share:])
             tasks = tasks[:share]
         return tasks, len(tasks)  # the end, if this was it, shows on the next read
 
@@ -289,10 +328,6 @@ class Dispatcher:
     def start(self) -> None:
         self.backend.start_call()
         self.dispatch()
-
-    def results(self, ordered: bool) -> Iterator[Any]:
-        """Yield every result, in submission or completion order; raise the first failure."""
-        return chain.from_iterable(self.batches(ordered))
 
     def batches(self, ordered: bool) -> Iterator[list]:
         """Yield the result list of each batch, in submission or completion order."""
@@ -362,14 +397,11 @@ class Dispatcher:
         now = monotonic()
         for job in list(self._jobs.values()):
             if job.outcome is None and job.task_started and \
-                    now - job.task_started > self.timeout:
+                    now - job.task_started > self.timeout:  # type: ignore[operator]
                 index = job.task_index
-                func, args, kwargs = job.batch.task(index - job.batch.start)
+                task = job.batch.task(index - job.batch.start)
                 self.abort()
-                raise TaskTimeoutError(
-                    f"task {index} ({call_repr(func, args, kwargs)}) has run for more than "
-                    f"timeout={self.timeout}s; the call was cancelled. Raise the timeout, or "
-                    f"split the task into smaller ones.")
+                raise timeout_error(index, task, self.timeout, "the call was cancelled")
 
     def abort(self, ensure_ready: bool = True) -> None:
         """Stop dispatching and cancel what the backend has not finished."""
@@ -389,72 +421,3 @@ class Dispatcher:
             "exhausted": self.exhausted,
             "n_tasks": self.n_tasks if self.exhausted or self.n_tasks else None,
         }
-
-
-# ---------------------------------------------------------------------- pre_dispatch
-
-def parse_pre_dispatch(value: Any, n_jobs: int) -> int | None:
-    """``"all"`` -> None; an int or an arithmetic expression of ``n_jobs`` -> a positive int.
-
-    Expressions are parsed with :mod:`ast` and evaluated over a whitelist (numbers,
-    ``n_jobs``, + - * / // and parentheses); nothing is ever ``eval``'d.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"pre_dispatch must be 'all', a positive int or an expression of "
-                         f"n_jobs such as '2*n_jobs', got {value!r}")
-    if isinstance(value, str):
-        if value.strip() == "all":
-            return None
-        match = _K_TIMES_N_JOBS.fullmatch(value)  # the usual "2 * n_jobs": no ast import
-        number = int(match.group(1)) * n_jobs if match else _eval_expression(value, n_jobs)
-    elif isinstance(value, (int, float)):
-        number = value
-    else:
-        raise TypeError(f"pre_dispatch must be 'all', a positive int or an expression of "
-                        f"n_jobs such as '2*n_jobs', got {type(value).__name__} {value!r:.40}")
-    if not math.isfinite(number) or int(number) < 1:
-        raise ValueError(f"pre_dispatch={value!r} gives {number!r} batches for n_jobs={n_jobs}; "
-                         f"it must be at least 1")
-    return int(number)
-
-
-_K_TIMES_N_JOBS = re.compile(r"\s*([0-9]+)\s*\*\s*n_jobs\s*")
-
-
-@lru_cache(maxsize=64)
-def _eval_expression(text: str, n_jobs: int) -> float:
-    """Cached: the same one or two expressions come back on every call."""
-    import ast
-
-    def bad() -> ValueError:
-        return ValueError(f"pre_dispatch={text!r} is not 'all', an int, or an arithmetic "
-                          f"expression of n_jobs such as '2*n_jobs' (allowed: numbers, n_jobs, "
-                          f"+ - * / // and parentheses)")
-
-    operators = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__,
-                 ast.Div: float.__truediv__, ast.FloorDiv: float.__floordiv__}
-
-    def walk(node: ast.AST) -> float:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return float(node.value)
-        if isinstance(node, ast.Name) and node.id == "n_jobs":
-            return float(n_jobs)
-        if isinstance(node, ast.BinOp) and type(node.op) in operators:
-            try:
-                return operators[type(node.op)](walk(node.left), walk(node.right))
-            except ZeroDivisionError:
-                raise bad() from None
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            operand = walk(node.operand)
-            return -operand if isinstance(node.op, ast.USub) else operand
-        raise bad()
-
-    if len(text) > 100:
-        raise bad()
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError:
-        raise bad() from None
-    return walk(tree)

@@ -32,6 +32,7 @@ import reprlib
 from typing import Any
 
 __all__ = [
+    "timeout_error", "call_repr", "func_name", "add_task_note", "CapturedError",
     "ParmapError",
     "PoolError",
     "WorkerCrashedError",
@@ -141,6 +142,14 @@ def _safe_repr(value: Any) -> str:
         return _short_repr.repr(value)
     except Exception:  # a broken __repr__ must not hide the real error
         return f"<{type(value).__name__} object>"
+
+
+def timeout_error(index: int, task: tuple, timeout: float | None,
+                  what_happened: str) -> TaskTimeoutError:
+    """The error for task ``index`` running past ``timeout``, in one wording everywhere."""
+    return TaskTimeoutError(
+        f"task {index} ({call_repr(*task)}) has run for more than timeout={timeout}s; "
+        f"{what_happened}. Raise the timeout, or split the task into smaller ones.")
 
 
 def add_task_note(exc: BaseException, index: int, task: tuple) -> None:

@@ -110,6 +110,22 @@ def nothing_left_at_session_end():
     assert not problems, "the test session leaked: " + "; ".join(problems)
 
 
+def recording(backend_class):
+    """A subclass of ``backend_class`` that records the size of every batch submitted
+    (``.sizes``): what tests check batching with, through the backend contract."""
+
+    class Recording(backend_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.sizes = []
+
+        def submit(self, batch, callback):
+            self.sizes.append(len(batch))
+            super().submit(batch, callback)
+
+    return Recording
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param

@@ -5,9 +5,7 @@ import pytest
 
 import parmap
 from parmap import Parallel, delayed, effective_n_jobs, parallel_config
-from parmap._config import check_n_jobs, resolve_n_jobs
-from parmap._dispatch import parse_pre_dispatch
-from parmap._parallel import _check_max_nbytes
+from parmap._settings import check_n_jobs, parse_pre_dispatch, parse_size, resolve_n_jobs
 
 
 @pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5])
@@ -86,7 +84,7 @@ def test_bad_timeout(value):
 
 
 def test_bad_backend_name_lists_choices():
-    with pytest.raises(ValueError, match="backend 'nope' is not registered.*threading"):
+    with pytest.raises(ValueError, match="Invalid backend: 'nope' is not registered.*threading"):
         Parallel(backend="nope")
     with pytest.raises(TypeError, match="backend"):
         Parallel(backend=3)
@@ -104,7 +102,7 @@ def test_bad_other_arguments(key, value):
                                              ("500K", 500 * 1024), ("2G", 2 * 2**30),
                                              ("1.5k", 1536), ("10", 10)])
 def test_max_nbytes_sizes(value, expected):
-    assert _check_max_nbytes(value) == expected
+    assert parse_size(value) == expected
 
 
 def test_delayed_rejects_non_callables():

@@ -9,7 +9,9 @@ import pytest
 import parmap
 from parmap import (Parallel, ParallelBackendBase, delayed, parallel_backend, parallel_config,
                     register_parallel_backend)
-from parmap._config import _BACKENDS, cgroup_cpu_limit, get_config, physical_core_count
+from parmap._cpu import cgroup_cpu_limit, physical_core_count
+from parmap._settings import get_config
+from parmap.backends import _factories
 
 DOCUMENTED_API = {
     "Parallel", "delayed", "parallel_config", "parallel_backend", "register_parallel_backend",
@@ -78,7 +80,7 @@ def test_register_custom_backend():
             assert Parallel()(delayed(abs)(-i) for i in range(5)) == [0, 1, 2, 3, 4]
         assert sum(calls) == 5
     finally:
-        del _BACKENDS["custom-test"]
+        del _factories["custom-test"]
 
 
 def test_register_rejects_bad_arguments():

@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from parmap import Parallel, ParallelBackendBase, delayed
 from parmap._dispatch import MAX_AUTO_BATCH, AutoBatchSizer
+from parmap.backends.threading import ThreadingBackend
+
+from .conftest import recording
 
 
 def double(x):
@@ -105,11 +108,10 @@ def test_input_read_under_a_lock():
 
 
 def test_auto_batch_size_ramps_up_for_tiny_tasks():
-    parallel = Parallel(n_jobs=2, backend="threading")
-    parallel(delayed(double)(i) for i in range(50_000))
-    stats = parallel._last_dispatcher.statistics()
-    assert stats["batch_size"] > 100
-    assert stats["dispatched_batches"] < 1000
+    backend = recording(ThreadingBackend)()
+    Parallel(n_jobs=2, backend=backend)(delayed(double)(i) for i in range(50_000))
+    assert max(backend.sizes) > 100
+    assert len(backend.sizes) < 1000
 
 
 def test_auto_batch_size_stays_small_for_slow_tasks():
@@ -149,11 +151,11 @@ def triple(x):
 @pytest.mark.parametrize("sized", [True, False], ids=["list", "generator"])
 def test_small_call_of_a_known_tiny_function_is_split_in_n_jobs_batches(sized):
     Parallel(n_jobs=2, backend="threading")(delayed(triple)(i) for i in range(5000))
-    parallel = Parallel(n_jobs=2, backend="threading")
+    backend = recording(ThreadingBackend)()
     tasks = [delayed(triple)(i) for i in range(6)]
-    out = parallel(tasks if sized else iter(tasks))
+    out = Parallel(n_jobs=2, backend=backend)(tasks if sized else iter(tasks))
     assert out == [3 * i for i in range(6)]
-    assert parallel._last_dispatcher.statistics()["dispatched_batches"] == 2
+    assert backend.sizes == [3, 3]
 
 
 def test_learnt_size_of_the_first_batch_is_bounded():

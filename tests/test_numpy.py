@@ -1,4 +1,4 @@
-"""Large numpy arrays to and from process workers through shared memory (parmap._shm)."""
+"""Large numpy arrays to and from process workers through shared memory (parmap.process.shm)."""
 from __future__ import annotations
 
 import mmap
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-import parmap._shm as shm
-from parmap._pool import WorkerPool
+import parmap.process.shm as shm
+from parmap.process.pool import WorkerPool
 from parmap import Parallel, SerializationError, WorkerCrashedError, delayed, parallel_config
 
 from .conftest import shm_entries
@@ -490,7 +490,7 @@ def test_cold_pool_workers_do_not_inherit_a_private_copy_of_a_large_argument():
     """The pool starts after the first batch placed its arrays: forked workers then map
     the shared file where the caller's array was, instead of keeping its original
     private pages alive (a second copy of the data)."""
-    from parmap._registry import shutdown_all
+    from parmap.process.registry import shutdown_all
 
     from .conftest import child_pids
 
@@ -519,8 +519,8 @@ def test_cold_pool_workers_do_not_inherit_a_private_copy_of_a_large_argument():
 @pytest.fixture
 def inheritance(monkeypatch):
     """A cold pool whose workers fork for this call: the case where arrays are inherited."""
-    from parmap._registry import shutdown_all
-    from parmap._spawn import choose_start_method
+    from parmap.process.registry import shutdown_all
+    from parmap.process.spawn import choose_start_method
 
     if choose_start_method() != "fork":
         pytest.skip("the caller would not fork here")

@@ -96,7 +96,7 @@ def test_call_while_generator_running_is_an_error(backend):
     parallel = Parallel(n_jobs=2, backend=backend, return_as="generator")
     gen = parallel(delayed(square)(i) for i in range(10))
     next(gen)
-    with pytest.raises(RuntimeError, match="still running"):
+    with pytest.raises(RuntimeError, match="already running"):
         parallel([delayed(square)(1)])
     gen.close()
     assert list(parallel([delayed(square)(5)])) == [25]
@@ -174,9 +174,15 @@ def test_nested_parallel_calls(backend):
 
 
 def test_statistics_snapshot():
-    parallel = Parallel(n_jobs=2, backend="threading", batch_size=3)
-    parallel(delayed(square)(i) for i in range(10))
-    stats = parallel._last_dispatcher.statistics()
+    from parmap._dispatch import Dispatcher
+    from parmap.backends.sequential import SequentialBackend
+
+    dispatcher = Dispatcher((delayed(square)(i) for i in range(10)), SequentialBackend(), 2,
+                            pre_dispatch=4, batch_size=3, retain=True)
+    dispatcher.start()
+    assert [r for batch in dispatcher.batches(ordered=True) for r in batch] == \
+        [square(i) for i in range(10)]
+    stats = dispatcher.statistics()
     assert stats["dispatched_tasks"] == stats["completed_tasks"] == 10
     assert stats["dispatched_batches"] == 4
     assert stats["exhausted"] and stats["n_tasks"] == 10

@@ -14,9 +14,10 @@ import pytest
 import parmap
 from parmap import (Parallel, RemoteTaskError, SerializationError, TaskTimeoutError,
                     WorkerCrashedError, delayed)
-from parmap._spawn import THREAD_CAP_VARS
+from parmap.backends.process import ProcessBackend
+from parmap.process.spawn import THREAD_CAP_VARS
 
-from .conftest import child_pids
+from .conftest import child_pids, recording
 
 
 def identity(x):
@@ -180,12 +181,12 @@ def test_timeout_fires_when_one_batch_goes_to_a_warm_pool():
 def test_a_first_batch_sized_from_history_still_shares_the_tasks():
     from parmap import _dispatch
 
-    backend = parmap.backends.process.ProcessBackend
-    per_task = backend.target_batch_duration / 4  # history says: 4 tasks fill a batch
+    per_task = ProcessBackend.target_batch_duration / 4  # history says: 4 tasks fill a batch
     _dispatch._remember(sleep_for, per_task)
-    parallel = Parallel(n_jobs=2)
-    assert parallel(delayed(sleep_for)(0) for _ in range(4)) == [0] * 4
-    assert parallel._last_dispatcher.statistics()["dispatched_batches"] == 2
+    backend = recording(ProcessBackend)()
+    assert Parallel(n_jobs=2, backend=backend)(delayed(sleep_for)(0) for _ in range(4)) == \
+        [0] * 4
+    assert backend.sizes == [2, 2]
 
 
 def test_timeout_allows_tasks_within_it():
@@ -370,19 +371,19 @@ def test_functions_of_main_travel_by_value(tmp_path):
     import sys
 
     from parmap._delayed import Batch
-    from parmap.backends.process import dumps_batch
+    from parmap.process.protocol import encode_request
 
     namespace = {"__name__": "__main__"}
     exec("def scaled(x):\n    return 10 * x\n", namespace)
-    payload = dumps_batch(Batch(0, [(namespace["scaled"], (4,), {})]), False)
+    payload = encode_request(Batch(0, [(namespace["scaled"], (4,), {})]), False)
     assert b"scaled" in payload
     reader = ("import pickle, sys\n"
-              "start, func, tasks, track, nbytes = pickle.loads(sys.stdin.buffer.read())\n"
+              "start, func, tasks, track, nbytes, nested = pickle.loads(sys.stdin.buffer.read())\n"
               "print(func(*tasks[0]))")
     out = subprocess.run([sys.executable, "-c", reader], input=payload, capture_output=True,
                          timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.stdout.strip() == b"40", out.stderr
-    importable = dumps_batch(Batch(0, [(identity, (4,), {})]), False)
+    importable = encode_request(Batch(0, [(identity, (4,), {})]), False)
     assert b"cloudpickle" not in importable  # by reference, with plain pickle
     assert pickle.loads(importable)[1] is identity
 

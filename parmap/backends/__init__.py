@@ -1,1 +1,126 @@
-"""Pluggable execution backends. Each module holds one; ``_base`` holds the contract."""
+"""The backend registry: from a name (or an instance) to a configured-ready backend.
+
+A *backend spec* is a registered name, a :class:`ParallelBackendBase` instance, or None
+for the default. Built in: ``"sequential"``, ``"threading"`` and ``"processes"`` (the
+default; joblib's ``"loky"`` and ``"multiprocessing"`` name it too).
+
+The process backend is named by module path and imported on first use: its module
+brings in :mod:`multiprocessing`, which would double the time of ``import parmap``. The
+import checker (``tests/import_graph.py``) counts these paths as imports, so the module
+graph stays honest.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Mapping, Union
+
+from ._base import CallOptions, ParallelBackendBase
+from .sequential import SequentialBackend
+from .threading import ThreadingBackend
+
+__all__ = ["ParallelBackendBase", "CallOptions", "BackendSpec", "register_parallel_backend",
+           "check_backend", "check_backend_kwargs", "make_backend", "backend_names"]
+
+BackendSpec = Union[str, ParallelBackendBase, None]
+Factory = Callable[..., ParallelBackendBase]
+
+#: name -> "module:attribute" of a factory imported on first use (see the module doc)
+LAZY: dict[str, str] = {
+    "processes": "parmap.backends.process:make_process_backend",
+    "loky": "parmap.backends.process:make_process_backend",
+    "multiprocessing": "parmap.backends.process:make_process_backend",
+}
+_factories: dict[str, Factory] = {"sequential": SequentialBackend,
+                                  "threading": ThreadingBackend}
+_default = ["processes"]  # a list so register_parallel_backend can swap it
+
+
+def backend_names() -> list[str]:
+    return sorted({*_factories, *LAZY})
+
+
+def _factory(name: str) -> Factory:
+    factory = _factories.get(name)
+    if factory is None:
+        module, _, attribute = LAZY[name].partition(":")
+        factory = _factories[name] = getattr(importlib.import_module(module), attribute)
+    return factory
+
+
+def register_parallel_backend(name: str, factory: Factory, make_default: bool = False) -> None:
+    """Register ``factory`` (a backend class or a callable returning a backend) as ``name``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_parallel_backend: name must be a non-empty str, got "
+                        f"{name!r}")
+    if not callable(factory):
+        raise TypeError(f"register_parallel_backend: factory must be callable, got "
+                        f"{factory!r}")
+    LAZY.pop(name, None)
+    _factories[name] = factory
+    if make_default:
+        _default[0] = name
+
+
+def check_backend(backend: object) -> BackendSpec:
+    """``backend`` itself when it is a registered name, an instance or None."""
+    if backend is None or isinstance(backend, ParallelBackendBase):
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"Invalid backend: expected a registered name or a "
+                        f"ParallelBackendBase instance, got {type(backend).__name__} "
+                        f"{backend!r:.60}")
+    if backend not in _factories and backend not in LAZY:
+        raise ValueError(f"Invalid backend: {backend!r} is not registered; choose one of "
+                         f"{backend_names()} or register it with register_parallel_backend")
+    return backend
+
+
+def _parameters(factory: Factory) -> tuple[set[str], bool] | None:
+    """(keyword parameters, takes **kwargs) of ``factory``; None where it cannot be
+    told (not a plain Python function or class)."""
+    target: Any = factory.__init__ if isinstance(factory, type) else factory
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return None
+    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    if isinstance(factory, type) or hasattr(target, "__self__"):
+        names = names[1:]  # self
+    return set(names), bool(code.co_flags & 0x08)
+
+
+def check_backend_kwargs(backend: BackendSpec, kwargs: Mapping[str, object],
+                         where: str = "Parallel()") -> None:
+    """TypeError naming any keyword the backend ``backend`` would not accept."""
+    if not kwargs:
+        return
+    if isinstance(backend, ParallelBackendBase):
+        raise TypeError(f"{where} got keyword arguments {sorted(kwargs)} for a backend "
+                        f"instance ({type(backend).__name__}); pass them to its constructor")
+    name = _default[0] if backend is None else backend
+    params = _parameters(_factory(name))
+    if params is None or params[1]:
+        return  # takes anything: the backend checks for itself
+    accepted = params[0] - {"nesting_level"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        takes = ", ".join(sorted(accepted)) or "none"
+        raise TypeError(f"{where} got unexpected keyword argument(s) "
+                        f"{', '.join(map(repr, unknown))}: not a setting, and backend "
+                        f"{name!r} accepts these keywords: {takes}. Check the spelling.")
+
+
+def make_backend(backend: BackendSpec, nesting_level: int = 0,
+                 **kwargs: object) -> ParallelBackendBase:
+    """A backend instance from a spec (an instance is returned as it is)."""
+    if isinstance(backend, ParallelBackendBase):
+        return backend
+    name = _default[0] if backend is None else backend
+    check_backend(name)
+    check_backend_kwargs(name, kwargs)
+    factory = _factory(name)
+    params = _parameters(factory)
+    if params is not None and ("nesting_level" in params[0] or params[1]):
+        return factory(nesting_level=nesting_level, **kwargs)
+    instance = factory(**kwargs)
+    instance.nesting_level = nesting_level
+    return instance

@@ -1,13 +1,13 @@
 """The one contract every backend implements.
 
-A backend runs *batches*: zero-argument callables that return a list of results (see
-:class:`parmap._delayed.Batch`). The front end calls, for each ``Parallel`` call::
+A backend runs *batches* (:class:`parmap._delayed.Batch`): zero-argument callables that
+return a list of results. For each ``Parallel`` call the front end does::
 
-    n = backend.configure(n_jobs, parallel)     # start or reuse workers, return the count
+    n = backend.configure(n_jobs, options)      # start or reuse workers, return the count
     backend.start_call()
     backend.submit(batch, callback)             # many times, from any thread
         ... later, from any thread: callback(list_of_results | exception)
-    backend.abort_everything()                  # only when the call is cancelled or fails
+    backend.abort_everything(ensure_ready)      # only when the call is cancelled or fails
     backend.stop_call()
     backend.terminate()                         # unless a `with Parallel(...)` keeps it
 
@@ -15,13 +15,41 @@ Only :meth:`submit` is required; the rest have defaults suitable for an in-proce
 ``callback`` must be called exactly once per submitted batch that was not cancelled, with
 the batch's result list or the exception it raised (the original exception, with its
 traceback). A backend may set ``batch.duration`` (seconds the tasks ran) for auto batching.
+
+Keyword arguments a backend accepts (``Parallel(..., initializer=f)``, or
+``parallel_config(backend=..., **params)``) are the parameters of its ``__init__``; any
+other keyword is a ``TypeError`` that names it. ``configure`` receives the call's other
+settings as one :class:`CallOptions`.
+
+Nesting: the settings a ``Parallel`` call *made by a task* sees come from
+:meth:`ParallelBackendBase.get_nested_backend` of the backend running the task, one
+level deeper (see ``_dispatch``). By default, the first nested level uses threads and
+deeper levels run sequentially, so recursive parallel calls cannot multiply workers.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-__all__ = ["ParallelBackendBase"]
+from .._delayed import Batch
+
+__all__ = ["ParallelBackendBase", "CallOptions", "Callback", "NestedSpec"]
+
+#: called once per batch with its result list or the exception it raised
+Callback = Callable[[Any], None]
+#: (backend name or instance, n_jobs or None to keep the caller's) for nested calls
+NestedSpec = tuple["str | ParallelBackendBase", "int | None"]
+
+
+class CallOptions(NamedTuple):
+    """The settings of one ``Parallel`` call that a backend may act on."""
+
+    timeout: float | None = None
+    max_nbytes: int | None = 1024 ** 2
+    mmap_mode: str | None = "r"
+    temp_folder: str | None = None
+    inner_max_num_threads: int | None = None
+    verbose: float = 0
 
 
 class ParallelBackendBase(ABC):
@@ -38,24 +66,24 @@ class ParallelBackendBase(ABC):
     #: the backend cannot run two batches at once (the front end then runs inline)
     inline: bool = False
 
-    def __init__(self, nesting_level: int = 0, **backend_kwargs: Any):
+    def __init__(self, nesting_level: int = 0):
+        #: how many parallel calls enclose the one this backend runs (0: top level)
         self.nesting_level = nesting_level
-        self.backend_kwargs = backend_kwargs
         self.n_jobs = 1
-        self.timeout: float | None = None
+        self.options = CallOptions()
 
     def effective_n_jobs(self, n_jobs: int) -> int:
         """How many workers ``n_jobs`` (already resolved to >= 1) really gives."""
         return n_jobs
 
-    def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
+    def configure(self, n_jobs: int, options: CallOptions) -> int:
         """Get ready to run batches on ``n_jobs`` workers; return the effective count."""
         self.n_jobs = self.effective_n_jobs(n_jobs)
-        self.timeout = getattr(parallel, "timeout", None)
+        self.options = options
         return self.n_jobs
 
     @abstractmethod
-    def submit(self, batch: Callable[[], list], callback: Callable[[Any], None]) -> None:
+    def submit(self, batch: Batch, callback: Callback) -> None:
         """Schedule ``batch()``; call ``callback`` with its result list or exception."""
 
     def start_call(self) -> None:
@@ -74,9 +102,10 @@ class ParallelBackendBase(ABC):
     def terminate(self) -> None:
         """Release workers; the backend may be configured again later."""
 
-    def get_nested_backend(self) -> tuple[str, int | None]:
-        """(backend name, n_jobs) a ``Parallel`` inside one of our tasks uses by default."""
-        return "sequential", None
+    def get_nested_backend(self) -> NestedSpec | None:
+        """The backend (and n_jobs) of ``Parallel`` calls made by this backend's tasks,
+        one nesting level deeper; None leaves the tasks' settings as they are."""
+        return ("threading" if self.nesting_level == 0 else "sequential"), None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_jobs={self.n_jobs})"

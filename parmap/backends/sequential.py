@@ -7,9 +7,10 @@ synchronous test double of the dispatcher.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from ._base import ParallelBackendBase
+from .._delayed import Batch
+from ._base import Callback, NestedSpec, ParallelBackendBase
 
 __all__ = ["SequentialBackend"]
 
@@ -21,9 +22,13 @@ class SequentialBackend(ParallelBackendBase):
     def effective_n_jobs(self, n_jobs: int) -> int:
         return 1
 
-    def submit(self, batch: Callable[[], list], callback: Callable[[Any], None]) -> None:
+    def submit(self, batch: Batch, callback: Callback) -> None:
         try:
             outcome: Any = batch()
         except BaseException as exc:  # delivered to the caller through the dispatcher
             outcome = exc
         callback(outcome)
+
+    def get_nested_backend(self) -> NestedSpec | None:
+        """Tasks run in the caller: their nested calls see the caller's settings."""
+        return None

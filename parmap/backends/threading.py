@@ -3,16 +3,18 @@
 Worker threads take ``(generation, batch, callback, context)`` items from one queue. A
 cancelled call bumps ``generation``, so items queued before the abort are dropped without
 running. Each batch runs in a copy of the caller's :mod:`contextvars` context, so
-``parallel_config`` settings reach nested calls made by the tasks.
+``parallel_config`` settings reach nested calls made by the tasks (the batch then layers
+the nested backend's settings over them: see ``ParallelBackendBase.get_nested_backend``).
 """
 from __future__ import annotations
 
 import contextvars
 import threading
 from queue import SimpleQueue
-from typing import Any, Callable
+from typing import Any
 
-from ._base import ParallelBackendBase
+from .._delayed import Batch
+from ._base import Callback, CallOptions, ParallelBackendBase
 
 __all__ = ["ThreadingBackend"]
 
@@ -21,14 +23,13 @@ class _ThreadPool:
     def __init__(self, size: int):
         self.size = size
         self.generation = 0
-        self._queue: SimpleQueue = SimpleQueue()
+        self._queue: SimpleQueue[tuple | None] = SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"parmap-thread-{i}",
                                           daemon=True) for i in range(size)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, batch: Callable[[], list], callback: Callable[[Any], None],
-               context: contextvars.Context) -> None:
+    def submit(self, batch: Batch, callback: Callback, context: contextvars.Context) -> None:
         self._queue.put((self.generation, batch, callback, context))
 
     def cancel_pending(self) -> None:
@@ -68,13 +69,13 @@ class ThreadingBackend(ParallelBackendBase):
     supports_sharedmem = True
     target_batch_duration = 0.005
 
-    def __init__(self, nesting_level: int = 0, **backend_kwargs: Any):
-        super().__init__(nesting_level, **backend_kwargs)
+    def __init__(self, nesting_level: int = 0):
+        super().__init__(nesting_level)
         self._pool: _ThreadPool | None = None
         self._context = contextvars.copy_context()
 
-    def configure(self, n_jobs: int = 1, parallel: Any = None, **backend_kwargs: Any) -> int:
-        n_jobs = super().configure(n_jobs, parallel, **backend_kwargs)
+    def configure(self, n_jobs: int, options: CallOptions) -> int:
+        n_jobs = super().configure(n_jobs, options)
         if self._pool is not None and self._pool.size != n_jobs:
             self._pool.shutdown(wait=False)
             self._pool = None
@@ -85,7 +86,7 @@ class ThreadingBackend(ParallelBackendBase):
     def start_call(self) -> None:
         self._context = contextvars.copy_context()
 
-    def submit(self, batch: Callable[[], list], callback: Callable[[Any], None]) -> None:
+    def submit(self, batch: Batch, callback: Callback) -> None:
         if self._pool is None:
             raise RuntimeError("ThreadingBackend.submit called before configure")
         self._pool.submit(batch, callback, self._context)
@@ -102,6 +103,3 @@ class ThreadingBackend(ParallelBackendBase):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait)
-
-    def get_nested_backend(self) -> tuple[str, int | None]:
-        return "threading", None

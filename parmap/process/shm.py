@@ -14,7 +14,7 @@ contents and stays private to the caller (writes are copy-on-write), but its mem
 now the same physical pages the workers read: one copy of the data in the whole process
 tree instead of two.
 
-Results (workers -> caller)::
+Results (workers -> caller), in ``shm_results``::
 
     array > max_nbytes ──> the worker writes it to /dev/shm/parmap_<caller>_w<worker>_<n>
                            and sends the name; the caller maps the file, unlinks it at
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import io
 import itertools
 import mmap
 import os
@@ -39,13 +40,14 @@ import shutil
 import sys
 import tempfile
 import threading
-import uuid
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["ArgumentPlacer", "ResultPlacer", "rebuild_array", "rebuild_inherited",
-           "rebuild_result", "NotInherited",
-           "sweep_worker_results", "discard_results", "dumps_with", "SHM_DIR"]
+from .lifetime import pid_alive
+
+__all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
+           "choose_folder", "dumps_with", "track", "unlink", "write_all", "shm_has_room",
+           "SHM_DIR"]
 
 SHM_DIR = "/dev/shm"
 #: /dev/shm must keep this much room free after a placement, or the temp folder is used
@@ -54,12 +56,11 @@ SHM_MARGIN = 64 * 1024 ** 2
 #: mmap, so the pages around them belong to no other object)
 REMAP_MIN_BYTES = 32 * 1024 ** 2
 REMAP_CHUNK = 64 * 1024 ** 2
-ENV_TEMP_FOLDER = "PARMAP_TEMP_FOLDER"
 _counter = itertools.count()
 _open_placers: weakref.WeakSet = weakref.WeakSet()
 
 
-def _track(path: str, register: bool) -> None:
+def track(path: str, register: bool) -> None:
     """(Un)register a /dev/shm file with multiprocessing's resource tracker."""
     if os.path.dirname(path) != SHM_DIR:
         return
@@ -75,16 +76,16 @@ def _track(path: str, register: bool) -> None:
         pass
 
 
-def _unlink(path: str) -> None:
+def unlink(path: str) -> None:
     """Remove one of our files; only the call that removed it tells the tracker."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return  # already removed (and unregistered) by whoever removed it
-    _track(path, register=False)
+    track(path, register=False)
 
 
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
+def write_all(fd: int, data: memoryview, offset: int) -> None:
     view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
     done = 0
     while done < len(view):
@@ -120,7 +121,7 @@ class ArgumentPlacer:
         self.mmap_mode = "r+" if mmap_mode == "w+" else mmap_mode
         self.temp_folder = temp_folder
         self.can_inherit = can_inherit if self.mmap_mode == "r" else None
-        self.token = uuid.uuid4().hex[:12]
+        self.token = os.urandom(6).hex()
         self._placed: dict[int, tuple] = {}  # id(root) -> (root, path, base address)
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
@@ -185,7 +186,7 @@ class ArgumentPlacer:
             if _can_remap(root):
                 _copy_and_remap(fd, start, end)
             else:
-                _write_all(fd, memoryview(root), address - start)
+                write_all(fd, memoryview(root), address - start)
         finally:
             os.close(fd)
         return root, path, start
@@ -196,7 +197,7 @@ class ArgumentPlacer:
             self._folder = choose_folder(self.temp_folder, nbytes)
         path = os.path.join(self._folder, name)
         self._files.append(path)
-        _track(path, register=True)
+        track(path, register=True)
         return path
 
     def close(self) -> None:
@@ -209,18 +210,19 @@ class ArgumentPlacer:
             self._pins.clear()
             folder, self._folder = self._folder, None
         for path in files:
-            _unlink(path)
+            unlink(path)
         if folder is not None and folder != SHM_DIR:
             shutil.rmtree(folder, ignore_errors=True)
         _open_placers.discard(self)
 
 
 def choose_folder(temp_folder: str | None, nbytes: int) -> str:
-    """Where a call's files go: the argument, $PARMAP_TEMP_FOLDER, /dev/shm if it has
-    room, else the system temp dir. Returns /dev/shm itself, or a fresh 0700 folder."""
-    base = temp_folder or os.environ.get(ENV_TEMP_FOLDER)
+    """Where a call's files go: ``temp_folder`` (the setting, which $PARMAP_TEMP_FOLDER
+    sets too), /dev/shm if it has room, else the system temp dir. Returns /dev/shm
+    itself, or a fresh 0700 folder."""
+    base = temp_folder
     if base is None:
-        if _shm_has_room(nbytes):
+        if shm_has_room(nbytes):
             return SHM_DIR
         base = tempfile.gettempdir()
     os.makedirs(base, exist_ok=True)
@@ -228,7 +230,7 @@ def choose_folder(temp_folder: str | None, nbytes: int) -> str:
     return tempfile.mkdtemp(prefix=f"parmap_{os.getpid()}_", dir=base)
 
 
-def _shm_has_room(nbytes: int) -> bool:
+def shm_has_room(nbytes: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False  # elsewhere POSIX shared memory is not a folder of files
     try:
@@ -247,18 +249,8 @@ def _sweep_stale_folders(base: str) -> None:
     for entry in entries:
         parts = entry.split("_")
         if len(parts) >= 3 and parts[0] == "parmap" and parts[1].isdigit():
-            if not _pid_alive(int(parts[1])):
+            if not pid_alive(int(parts[1])):
                 shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _memmap_reference(arr: Any) -> tuple[str, int] | None:
@@ -333,102 +325,11 @@ def _copy_and_remap(fd: int, start: int, end: int) -> None:
     for offset in range(0, end - start, REMAP_CHUNK):
         length = min(REMAP_CHUNK, end - start - offset)
         chunk = (ctypes.c_char * length).from_address(start + offset)
-        _write_all(fd, memoryview(chunk), offset)
+        write_all(fd, memoryview(chunk), offset)
         got = mmap_fn(start + offset, length, mmap.PROT_READ | mmap.PROT_WRITE,
                       mmap.MAP_PRIVATE | map_fixed, fd, offset)
         if got != start + offset:  # cannot happen with MAP_FIXED; the data is intact
             raise OSError(ctypes.get_errno(), "parmap: mmap(MAP_FIXED) failed")
-
-
-# ---------------------------------------------------------------------- results
-
-class ResultPlacer:
-    """In a worker: puts large result arrays in /dev/shm files for the caller to map."""
-
-    def __init__(self, max_nbytes: int, parent_pid: int):
-        self.max_nbytes = max_nbytes
-        self.prefix = os.path.join(SHM_DIR, f"parmap_{parent_pid}_w{os.getpid()}_")
-        self.created: list[str] = []
-
-    def reduce(self, arr: Any) -> tuple | None:
-        import numpy as np
-
-        if (arr.dtype.hasobject or arr.nbytes <= self.max_nbytes
-                or not _shm_has_room(arr.nbytes)):
-            return None
-        data = np.ascontiguousarray(arr)
-        path = f"{self.prefix}{next(_counter)}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.created.append(path)
-        _track(path, register=True)
-        try:
-            os.ftruncate(fd, data.nbytes)
-            _write_all(fd, memoryview(data), 0)
-        finally:
-            os.close(fd)
-        return rebuild_result, (path, data.dtype.str, data.shape)
-
-
-class _Placed:
-    """A result array already written to its file: pickles as the file's reference."""
-
-    __slots__ = ("reduced",)
-
-    def __init__(self, reduced: tuple):
-        self.reduced = reduced
-
-    def __reduce__(self) -> tuple:
-        return self.reduced
-
-
-def early_placement(placer: ResultPlacer, limit: int) -> Any:
-    """A ``Batch.transform`` that writes each large result array to its file as soon as
-    its task returns, so that a worker never holds a batch of them twice (the array and
-    its copy in /dev/shm) while the batch runs."""
-    import numpy as np
-
-    ndarray = np.ndarray
-
-    def place(result: Any) -> Any:
-        if type(result) is ndarray and result.nbytes > limit:
-            reduced = placer.reduce(result)
-            if reduced is not None:
-                return _Placed(reduced)
-        return result
-
-    return place
-
-
-def rebuild_result(path: str, dtype: str, shape: tuple) -> Any:
-    """In the caller: map a worker's result file, unlink it, return a plain ndarray."""
-    import numpy as np
-
-    try:
-        with open(path, "r+b") as f:
-            size = os.fstat(f.fileno()).st_size
-            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE) if size else b""
-    finally:
-        _unlink(path)
-    if not size:
-        return np.empty(shape, dtype=np.dtype(dtype))
-    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=mm)
-
-
-def sweep_worker_results(parent_pid: int, worker_pid: int) -> None:
-    """Remove result files a dead worker had not handed over."""
-    prefix = f"parmap_{parent_pid}_w{worker_pid}_"
-    try:
-        entries = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for entry in entries:
-        if entry.startswith(prefix):
-            _unlink(os.path.join(SHM_DIR, entry))
-
-
-def discard_results(paths: list) -> None:
-    for path in paths:
-        _unlink(path)
 
 
 @atexit.register
@@ -440,10 +341,14 @@ def _close_open_placers() -> None:
 _pickler_classes: dict[type, type] = {}
 
 
-def dumps_with(base: type, obj: Any, placer: Any, protocol: int = 5) -> bytes:
-    """Pickle ``obj`` with the pickler class ``base``, letting ``placer`` reduce ndarrays."""
-    import io
+class Placer(Protocol):
+    """Reduces a numpy array to a file reference for pickling, or returns None."""
 
+    def reduce(self, arr: Any) -> tuple | None: ...
+
+
+def dumps_with(base: type, obj: Any, placer: Placer, protocol: int = 5) -> bytes:
+    """Pickle ``obj`` with the pickler class ``base``, letting ``placer`` reduce ndarrays."""
     cls = _pickler_classes.get(base)
     if cls is None:
         cls = _pickler_classes[base] = _ndarray_pickler(base)

@@ -12,7 +12,7 @@ import os
 import threading
 from time import monotonic
 
-from ._pool import PoolOptions, WorkerPool
+from .pool import PoolOptions, WorkerPool
 
 __all__ = ["acquire_pool", "release_pool", "shutdown_all"]
 
@@ -33,7 +33,7 @@ def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
             pool.shutdown()
             pool = None
         if pool is not None:
-            with pool._lock:  # the manager idles a pool out under this lock
+            with pool.lock:  # the manager idles a pool out under this lock
                 if not pool.closed:
                     pool.active_calls += 1
                     reused = True
@@ -53,13 +53,13 @@ def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
 
 def release_pool(pool: WorkerPool) -> None:
     """A call (or a ``with Parallel`` block) is done with ``pool``."""
-    with pool._lock:
+    with pool.lock:
         pool.active_calls -= 1
-        pool._last_active = monotonic()
+        pool.last_active = monotonic()
     if pool.private and pool.active_calls <= 0:
         pool.shutdown()
     else:
-        pool._wake()  # the idle timer starts now
+        pool.wake()  # the idle timer starts now
 
 
 def _forget(pool: WorkerPool) -> None:

@@ -3,7 +3,7 @@
 Start method: ``fork`` when the caller is the main thread and no other Python thread
 exists (no lock can be held by a thread that does not exist, so fork is safe and costs
 ~10 ms); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
-``parmap._worker``, so its children start in milliseconds once it runs. Threads that C
+``parmap.process.worker``, so its children start in milliseconds once it runs. Threads that C
 libraries start (OpenBLAS) are not visible to Python; they manage fork themselves with
 ``pthread_atfork``. ``start_method=`` or ``PARMAP_START_METHOD`` override the choice.
 """
@@ -16,9 +16,12 @@ import signal
 import sys
 import threading
 import warnings
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import _worker
+from .._cpu import cpu_count
+from . import worker
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description"]
 
@@ -87,7 +90,8 @@ def exit_description(exitcode: int | None) -> str:
 
 
 def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
-                 initializer: bytes | None, inherited: list) -> tuple:
+                 initializer: bytes | None, inherited: list[Connection]
+                 ) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
@@ -96,7 +100,7 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     method = choose_start_method(start_method)
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(["parmap._worker"])
+        ctx.set_forkserver_preload(["parmap.process.worker"])
     elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
         # workers must share our resource tracker to send arrays through /dev/shm
         from multiprocessing import resource_tracker
@@ -105,10 +109,10 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     status = ctx.RawArray("d", 2)  # (task index, start time), for timeouts
-    caps = inner_max_num_threads or max(_cpu_count() // pool_size, 1)
+    caps = inner_max_num_threads or max(cpu_count() // pool_size, 1)
     setup = pickle.dumps(({var: str(caps) for var in THREAD_CAP_VARS}, initializer))
     process = ctx.Process(
-        target=_worker.worker_main, name="parmap-worker", daemon=False,
+        target=worker.worker_main, name="parmap-worker", daemon=False,
         args=(task_r, result_w, status, os.getpid(), setup,
               inherited if method == "fork" else []))
     in_main = threading.current_thread() is threading.main_thread()
@@ -126,9 +130,3 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
         task_r.close()
         result_w.close()
     return process, task_w, result_r, status
-
-
-def _cpu_count() -> int:
-    from ._config import cpu_count
-
-    return cpu_count()

@@ -1,0 +1,187 @@
+"""The pool's manager thread: one wait on every result pipe, every worker's sentinel and
+a wake-up pipe, so a result and a dying worker are noticed equally fast.
+
+Each round::
+
+    wait(result pipes + sentinels + wake pipe, timeout)
+    result   -> decode it (outside the lock) and call the job's callback
+    sentinel -> the worker died: WorkerCrashedError for the job it ran; jobs queued
+                behind it that never started go back to the scheduler
+    deadline -> kill the worker, TaskTimeoutError for its job
+    then     -> send pending jobs to idle workers; shut an idle shared pool down after
+                idle_timeout
+
+Callbacks run outside the pool lock, since the dispatcher submits from inside them. A
+bug in this loop fails every job of the pool with a ``PoolError`` rather than hanging.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from multiprocessing.connection import wait
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from .._errors import PoolError, WorkerCrashedError, timeout_error
+from . import protocol, shm_results
+from .scheduler import PoolJob, Scheduler
+from .spawn import exit_description
+
+if TYPE_CHECKING:  # for annotations only: the pool imports this module
+    from .pool import WorkerPool, _Worker
+
+__all__ = ["Manager", "STOP_GRACE", "DEADLINE_POLL"]
+
+#: seconds a worker gets to exit after a polite stop before it is killed
+STOP_GRACE = 1.0
+#: how often the manager checks task deadlines while a timeout is in force
+DEADLINE_POLL = 0.05
+
+#: what a round hands to callbacks: (job, reply bytes or exception); job None for the
+#: reply of a cancelled batch, whose result files only need unlinking
+_Finished = list[tuple[PoolJob | None, Any]]
+
+
+class Manager(threading.Thread):
+    def __init__(self, pool: WorkerPool):
+        super().__init__(name="parmap-pool-manager", daemon=True)
+        self.pool = pool
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug here must fail the calls, never hang them
+            self._fail_everything(exc)
+            raise
+
+    def _loop(self) -> None:
+        pool = self.pool
+        while True:
+            with pool.lock:
+                if pool.closed and not pool.workers:
+                    pool.wake_r.close()
+                    pool.wake_w.close()
+                    return
+                workers = list(pool.workers)
+                timeout = self._wait_timeout()
+            waitables: list[Any] = [pool.wake_r]
+            waitables += [w.result_conn for w in workers if not w.result_conn.closed]
+            waitables += [w.process.sentinel for w in workers]
+            ready = set(wait(waitables, timeout))
+            finished: _Finished = []
+            with pool.lock:
+                if pool.wake_r in ready:
+                    while pool.wake_r.poll():
+                        pool.wake_r.recv_bytes()
+                for worker in workers:
+                    if worker.result_conn in ready:
+                        self._collect(worker, finished)
+                for worker in workers:
+                    if worker.process.sentinel in ready:
+                        self._reap(worker, finished)
+                self._check_deadlines(finished)
+                if not pool.closed:
+                    pool.assign_pending()
+                    self._maybe_idle_out()
+            for job, outcome in finished:
+                if job is None:
+                    protocol.discard_reply(outcome)
+                elif isinstance(outcome, BaseException):
+                    job.callback(outcome)
+                else:
+                    job.callback(protocol.decode_reply(outcome, job.batch, job.describe))
+            with pool.lock:
+                pool.rounds += 1
+                pool.round_done.notify_all()
+
+    def _wait_timeout(self) -> float | None:
+        pool = self.pool
+        if Scheduler.tracks_deadlines(pool.workers):
+            return DEADLINE_POLL
+        if pool.closed or pool.private:
+            return STOP_GRACE if pool.closed else None
+        if pool.active_calls == 0 and not pool.scheduler.pending:
+            return max(0.0, pool.last_active + pool.options.idle_timeout - monotonic())
+        return None
+
+    def _collect(self, worker: _Worker, finished: _Finished) -> None:
+        try:
+            data = worker.result_conn.recv_bytes()
+        except (EOFError, OSError):
+            worker.result_conn.close()  # the sentinel tells why
+            return
+        job = worker.jobs.popleft() if worker.jobs else None
+        if worker.jobs:
+            worker.jobs[0].payload = None  # running now: it will not be re-sent
+        self.pool.last_active = monotonic()
+        if job is not None and not job.cancelled:
+            finished.append((job, data))
+        else:  # a cancelled batch: only its shared-memory files need handling
+            finished.append((None, data))
+
+    def _reap(self, worker: _Worker, finished: _Finished) -> None:
+        pool = self.pool
+        if worker.jobs and not worker.result_conn.closed:
+            try:  # a result sent just before the worker died still counts
+                while worker.jobs and worker.result_conn.poll():
+                    self._collect(worker, finished)
+            except (EOFError, OSError):
+                pass
+        worker.process.join(timeout=STOP_GRACE)
+        shm_results.sweep_worker_results(os.getpid(), worker.process.pid)  # type: ignore[arg-type]
+        job = worker.running()
+        if job is not None and not job.cancelled and not pool.closed:
+            finished.append((job, _crash_error(worker, job)))
+        again = [j for j in worker.jobs
+                 if j is not job and not j.cancelled and j.payload is not None]
+        worker.jobs.clear()
+        if again and not pool.closed:  # queued behind the crash, never started
+            pool.scheduler.requeue(again)
+        for conn in (worker.task_conn, worker.result_conn):
+            conn.close()
+        pool.workers.remove(worker)
+
+    def _check_deadlines(self, finished: _Finished) -> None:
+        for worker, job, index in Scheduler.expired(self.pool.workers, monotonic()):
+            job.cancelled = True
+            self.pool.kill(worker)  # type: ignore[arg-type]
+            finished.append((job, timeout_error(
+                index, job.batch.task(index - job.batch.start), job.timeout,
+                "its worker was stopped and the call cancelled")))
+
+    def _maybe_idle_out(self) -> None:
+        pool = self.pool
+        if (pool.active_calls == 0 and not pool.scheduler.pending and not pool.private
+                and all(not w.jobs for w in pool.workers)
+                and monotonic() - pool.last_active >= pool.options.idle_timeout):
+            self._notify_closed()
+            pool.close_locked()
+
+    def _notify_closed(self) -> None:
+        if self.pool.on_close is not None:
+            self.pool.on_close(self.pool)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        pool = self.pool
+        with pool.lock:
+            jobs = pool.scheduler.clear() + [j for w in pool.workers for j in w.jobs]
+            pool.close_locked()
+            self._notify_closed()
+        error = PoolError(f"parmap's pool manager failed ({type(exc).__name__}: {exc}); "
+                          f"the pool was shut down and the next call starts a new one. "
+                          f"Please report this as a bug.")
+        for job in jobs:
+            try:
+                job.callback(error)
+            except Exception:
+                pass
+
+
+def _crash_error(worker: _Worker, job: PoolJob) -> WorkerCrashedError:
+    code = worker.process.exitcode
+    return WorkerCrashedError(
+        f"a worker process (pid {worker.process.pid}) died with {exit_description(code)} "
+        f"while running {job.describe()}. The call was cancelled. Common causes: a crash in "
+        f"C code (segfault), os._exit(), the out-of-memory killer (check `dmesg`), or a "
+        f"signal sent to the worker. Run with n_jobs=1 to reproduce it in the calling "
+        f"process.", code, tuple(range(job.batch.start, job.batch.start + len(job.batch))))

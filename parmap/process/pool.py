@@ -1,0 +1,258 @@
+"""A reusable pool of worker processes that notices every way a worker can fail.
+
+Data flow::
+
+    caller threads                    manager thread (one per pool)         workers
+    ──────────────                    ─────────────────────────────         ───────
+    submit(job) ──> idle worker? ──────── send_bytes(batch) ──────────────> run batch
+                    else: pending deque                                        │
+                                      wait() on: every result pipe  <──────────┘
+                                                 every worker's sentinel
+                                                 a wake-up pipe
+                                      result   -> callback(results | exception),
+                                                  next pending job -> that worker
+                                      sentinel -> WorkerCrashedError for its job
+                                      deadline -> kill worker, TaskTimeoutError
+                                      idle for idle_timeout -> shut the pool down
+
+1. Which job goes to which worker is the scheduler's decision (``scheduler.py``): an
+   idle worker, a new one, or (short jobs only) the pipe of a busy worker of the same
+   call, so that it starts the next batch without a round trip through the manager.
+   The worker drains its task pipe in a reader thread, so the pool's writes never wait
+   on the worker (no deadlock on full pipes).
+2. The manager thread (``manager.py``) waits on results and on process sentinels
+   *together*, so a worker that dies (segfault, os._exit, SIGKILL, OOM killer) is
+   noticed as fast as a result.
+3. Callbacks run outside the pool lock: the dispatcher may submit from inside them.
+4. Cancelling a call drops its pending jobs and kills the workers running its batches;
+   replacements are started when work needs them.
+
+Messages: ``protocol.py``. How workers are started: ``spawn.py``. The shared pool every
+call reuses: ``registry.py``.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import threading
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from time import monotonic
+from typing import Any, Callable, NamedTuple
+
+from . import protocol, shm_results
+from .manager import STOP_GRACE, Manager
+from .scheduler import PoolJob, Scheduler, WorkerSlot
+from .spawn import choose_start_method, start_worker
+
+__all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
+
+
+class PoolOptions(NamedTuple):
+    """What makes two pools interchangeable (n_jobs is not: a pool resizes)."""
+
+    start_method: str | None = None
+    initializer: bytes | None = None  # cloudpickle of (initializer, initargs)
+    inner_max_num_threads: int | None = None
+    idle_timeout: float = 300.0
+
+
+class _Worker(WorkerSlot):
+    """A worker process and its two pipe ends, as the pool holds it."""
+
+    __slots__ = ("process", "task_conn", "result_conn")
+
+    def __init__(self, process: BaseProcess, task_conn: Connection, result_conn: Connection,
+                 status: Any):
+        super().__init__(status)
+        self.process = process
+        self.task_conn = task_conn
+        self.result_conn = result_conn
+
+
+class WorkerPool:
+    """Workers, the jobs they hold, and the queue of jobs waiting for one."""
+
+    def __init__(self, size: int, options: PoolOptions, private: bool = False):
+        self.size = size
+        self.options = options
+        self.private = private
+        self.closed = False
+        self.active_calls = 0
+        self.lock = threading.Lock()
+        self.workers: list[_Worker] = []
+        self.scheduler = Scheduler()
+        self.wake_r, self.wake_w = mp.Pipe(duplex=False)
+        self.last_active = monotonic()
+        self.rounds = 0  # manager loop iterations completed, callbacks included
+        self.round_done = threading.Condition(self.lock)
+        self._manager: Manager | None = None  # started with the workers
+        #: called (pool lock held) when the pool closes itself: failure or idle timeout
+        self.on_close: Callable[[WorkerPool], None] | None = None
+
+    def _start(self) -> None:
+        """Start the workers, then the manager thread. Lock held.
+
+        Deferred to the first batch, which is serialised by then: large arrays of that
+        batch are already in shared memory and remapped, so forked workers inherit the
+        shared pages rather than a private copy of the caller's array. The manager
+        thread starts last, so that the caller is still single-threaded (fork-safe)
+        while the workers fork.
+        """
+        for _ in range(self.size):
+            self.spawn()
+        self._manager = Manager(self)
+        self._manager.start()
+
+    # ------------------------------------------------------------------ workers
+    def spawn(self) -> _Worker:
+        """Start one worker. Lock held."""
+        inherited = [self.wake_r, self.wake_w] + [
+            conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
+        process, task_w, result_r, status = start_worker(
+            self.options.start_method, self.size, self.options.inner_max_num_threads,
+            self.options.initializer, inherited)
+        worker = _Worker(process, task_w, result_r, status)
+        self.workers.append(worker)
+        return worker
+
+    def kill(self, worker: _Worker) -> None:
+        worker.dead = True
+        try:
+            worker.process.kill()
+        except Exception:  # already gone
+            pass
+
+    def stop(self, worker: _Worker) -> None:
+        """Ask an idle worker to exit; the manager reaps it. Lock held."""
+        worker.dead = True
+        try:
+            worker.task_conn.send_bytes(protocol.STOP)
+        except OSError:
+            pass
+
+    def resize(self, size: int) -> None:
+        """Grow at once, or stop idle workers beyond ``size``."""
+        with self.lock:
+            self.size = size
+            if self._manager is None:
+                return  # not started yet: it will start with the new size
+            alive = [w for w in self.workers if not w.dead]
+            for _ in range(size - len(alive)):
+                self.spawn()
+            idle = [w for w in alive if not w.jobs]
+            for worker in idle[:max(len(alive) - size, 0)]:
+                self.stop(worker)
+        self.wake()
+
+    def will_fork(self) -> bool:
+        """The workers are not started yet and will be forked from this thread."""
+        return self._manager is None and not self.closed and \
+            choose_start_method(self.options.start_method) == "fork"
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, job: PoolJob) -> None:
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("parmap: the worker pool was shut down")
+            self.scheduler.add(job)
+            self.last_active = monotonic()
+            if self._manager is None:
+                self._start()
+            self.assign_pending()
+
+    def assign_pending(self) -> None:
+        """Send what the scheduler places, starting workers it asks for. Lock held."""
+        wake = False
+        while (placed := self.scheduler.next_assignment(self.workers, self.size)) is not None:
+            slot, job = placed
+            if slot is None:
+                worker = self.spawn()
+                wake = True  # the manager must wait on the new worker too
+            else:
+                worker = slot  # type: ignore[assignment]
+            worker.jobs.append(job)
+            payload = job.payload
+            if len(worker.jobs) == 1:  # runs at once: never sent again, the bytes can go
+                job.payload = None
+            try:
+                worker.task_conn.send_bytes(payload)  # type: ignore[arg-type]
+            except OSError:
+                pass  # the worker died: the manager reports it through its sentinel
+            if job.timeout is not None:
+                wake = True  # the manager must start polling for the deadline
+        if wake:
+            self.wake()
+
+    def cancel(self, owner: object) -> None:
+        """Drop ``owner``'s pending jobs and kill the workers running its batches."""
+        killed = []
+        with self.lock:
+            self.scheduler.drop(owner)
+            for worker in self.workers:
+                if worker.jobs and worker.jobs[0].owner is owner:  # all its jobs are owner's
+                    for job in worker.jobs:
+                        job.cancelled = True
+                    self.kill(worker)
+                    killed.append(worker.process)
+            rounds = self.rounds
+        self.wake()
+        if "numpy" not in sys.modules:
+            return  # no result arrays can have been placed
+        # Result files of the call must be gone when it returns, not whenever the
+        # manager gets to them: wait for the killed workers' deaths (SIGKILL takes
+        # milliseconds) and sweep their files; then for the manager to finish the round
+        # it may be in, which unlinks the files of replies it has already read.
+        deadline = monotonic() + STOP_GRACE
+        for process in killed:
+            wait([process.sentinel], timeout=max(deadline - monotonic(), 0))
+            shm_results.sweep_worker_results(os.getpid(), process.pid)  # type: ignore[arg-type]
+        manager = self._manager
+        if manager is not None and threading.current_thread() is not manager:
+            with self.lock:
+                self.round_done.wait_for(
+                    lambda: self.rounds > rounds or self.closed or not manager.is_alive(),
+                    timeout=max(deadline - monotonic(), 0))
+
+    def wake(self) -> None:
+        """Make the manager look again (new workers, deadlines, closing)."""
+        if self._manager is None:
+            return  # nothing to wake (and nobody would drain the pipe)
+        try:
+            self.wake_w.send_bytes(b"!")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ shutdown
+    def close_locked(self) -> None:
+        """Stop idle workers, kill busy ones, forget pending jobs. Lock held."""
+        self.closed = True
+        self.scheduler.clear()
+        for worker in self.workers:
+            if not worker.jobs and not worker.dead:
+                self.stop(worker)
+            else:
+                for job in worker.jobs:
+                    job.cancelled = True
+                self.kill(worker)
+
+    def shutdown(self, wait_for_workers: bool = True) -> None:
+        """Stop every worker (killing busy ones) and the manager thread."""
+        with self.lock:
+            if not self.closed:
+                self.close_locked()
+            manager = self._manager
+            if manager is None:  # never started: no workers, no manager
+                if not self.wake_r.closed:
+                    self.wake_r.close()
+                    self.wake_w.close()
+                return
+        self.wake()
+        if wait_for_workers and threading.current_thread() is not manager:
+            manager.join(timeout=2 * STOP_GRACE)
+            with self.lock:
+                for worker in self.workers:
+                    self.kill(worker)
+                    worker.process.join(timeout=STOP_GRACE)
+            manager.join(timeout=STOP_GRACE)

@@ -1,0 +1,257 @@
+"""The wire format between the pool and its workers: every message is built and read here.
+
+One pipe each way per worker; a worker runs its batches in the order received and replies
+to each, so no message needs an id (the pool knows which batches each worker holds)::
+
+    pool -> worker   STOP (b"")            exit after the current batch
+                     Request, pickled:     start        index of the batch's first task
+                                           func         the compact form's one function,
+                                                        or None (tasks are full tuples)
+                                           tasks        argument tuples, or (f, args,
+                                                        kwargs) tuples
+                                           track        publish (task index, start time)
+                                                        for the pool's timeout check
+                                           result_nbytes  result arrays above this go
+                                                        through /dev/shm (None: never)
+                                           nested       settings that Parallel calls
+                                                        made by the tasks see
+    worker -> pool   Reply, pickled:       status       OK, ERR or RETRY (below)
+                                           payload      OK: the result list (or, with
+                                                        shm_files, its pickle bytes)
+                                                        ERR: a CapturedError
+                                           duration     seconds the tasks ran
+                                           shm_files    /dev/shm files holding result
+                                                        arrays, or None
+
+``RETRY``: the worker was not forked after an array of the batch was pinned (see
+``shm.ArgumentPlacer``); the pool answers the caller with :data:`RETRY` and the batch is
+sent again with its arrays placed in shared memory.
+
+Requests go through plain pickle first: it is faster, and the common case (functions
+from importable modules) then never imports cloudpickle (~25 ms of cold start). What
+plain pickle cannot send faithfully (lambdas, closures, anything from ``__main__``) goes
+through cloudpickle.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import time
+from types import FunctionType
+from typing import Any, Callable, Mapping, NamedTuple
+
+from .._delayed import Batch, compact
+from .._errors import CapturedError, SerializationError, func_name
+from . import shm, shm_results
+
+__all__ = ["OK", "ERR", "RETRY", "STOP", "Request", "Reply", "encode_request",
+           "decode_request", "encode_reply", "error_reply", "retry_reply",
+           "unloadable_request", "decode_reply", "discard_reply", "dumps"]
+
+OK, ERR, RETRY_STATUS = 0, 1, 2
+STOP = b""
+
+
+class _Retry:
+    """The outcome of a batch whose worker asks for it again with its arrays placed."""
+
+    def __repr__(self) -> str:
+        return "RETRY"
+
+
+RETRY = _Retry()
+
+
+class Request(NamedTuple):
+    start: int
+    func: Callable[..., Any] | None
+    tasks: list
+    track: bool
+    result_nbytes: int | None
+    nested: Mapping[str, Any] | None
+
+
+class Reply(NamedTuple):
+    status: int
+    payload: Any
+    duration: float
+    shm_files: list[str] | None
+
+
+# ---------------------------------------------------------------------- requests
+
+def encode_request(batch: Batch, track: bool, placer: shm.ArgumentPlacer | None = None,
+                   result_nbytes: int | None = None) -> bytes:
+    """Serialise ``batch`` for a worker (large arrays go through ``placer``). On failure,
+    a SerializationError names the task and the part that cannot be pickled."""
+    func, tasks = (batch.func, batch.tasks) if batch.func is not None else compact(batch.tasks)
+    if func is not None:
+        # keep the compact form in the caller too: the task tuples can go now, which
+        # spares the garbage collector tens of thousands of live tuples per batch
+        batch.func, batch.tasks = func, tasks
+    request = Request(batch.start, func, tasks, track, result_nbytes, batch.nested)
+    try:
+        return _dumps_request(_ImportablePickler, request, placer)
+    except Exception:
+        pass
+    import cloudpickle  # third party, and 25 ms: only for what plain pickle refuses
+
+    try:
+        return _dumps_request(cloudpickle.Pickler, request, placer)
+    except Exception as exc:
+        raise _find_unpicklable(batch, exc) from exc
+
+
+def decode_request(data: bytes) -> Request:
+    """In the worker. Raises ``shm.NotInherited`` when a pinned array is missing."""
+    return Request(*pickle.loads(data))
+
+
+def _dumps_request(pickler: type, request: Request, placer: shm.ArgumentPlacer | None) -> bytes:
+    message = tuple(request)  # a plain tuple: the worker need not import this class
+    if placer is None:
+        buf = io.BytesIO()
+        pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
+        return buf.getvalue()
+    return shm.dumps_with(pickler, message, placer)
+
+
+class _ByValue(Exception):
+    """Raised by _ImportablePickler for an object a worker might not be able to import."""
+
+
+class _ImportablePickler(pickle.Pickler):
+    """Plain pickle that refuses functions and classes of ``__main__``: a worker started
+    with spawn or forkserver does not run ``__main__``, and a forked one lacks whatever
+    was defined after it started. Lambdas and closures plain pickle refuses itself."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (FunctionType, type)) and \
+                getattr(obj, "__module__", None) == "__main__":
+            raise _ByValue(obj)
+        return NotImplemented
+
+
+def _find_unpicklable(batch: Batch, exc: Exception) -> SerializationError:
+    import cloudpickle
+
+    for offset in range(len(batch)):
+        func, args, kwargs = batch.task(offset)
+        parts: list[tuple[str, Any]] = [("the function", func)]
+        parts += [(f"argument {i}", arg) for i, arg in enumerate(args)]
+        parts += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+        for label, value in parts:
+            try:
+                cloudpickle.dumps(value)
+            except Exception as part_exc:
+                return SerializationError(
+                    f"Could not pickle the task to send it to the workers: {label} of task "
+                    f"{batch.start + offset} ({func_name(func)}) could not be pickled "
+                    f"({type(part_exc).__name__}: {part_exc}). Pass picklable data, create "
+                    f"the object inside the task, or use backend='threading'.")
+    return SerializationError(
+        f"Could not pickle the task to send it to the workers: tasks {batch.start}.."
+        f"{batch.start + len(batch) - 1}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------- replies (worker)
+
+def dumps(obj: Any) -> bytes:
+    """Pickle for a reply; cloudpickle for results holding lambdas or local classes."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def encode_reply(status: int, payload: Any, duration: float, start: int, t0: float,
+                 placer: shm_results.ResultPlacer | None = None) -> bytes:
+    """The reply's bytes. With ``placer``, result arrays above its limit go through
+    /dev/shm (those placed as their tasks returned travel as their files' references)."""
+    if status == OK and placer is not None:
+        early = len(placer.created)  # files written as tasks returned: still referenced
+        try:
+            inner = shm.dumps_with(pickle.Pickler, payload, placer)
+            return dumps((OK, inner, duration, placer.created))
+        except Exception:
+            shm_results.discard_results(placer.created[early:])  # pickled the ordinary way below
+            del placer.created[early:]
+    placed = placer.created if placer is not None else []
+    try:
+        return dumps((status, payload, duration, None))
+    except Exception as exc:
+        if placed:
+            shm_results.discard_results(placed)  # nobody will map them now
+        return _unpicklable_reply(status, payload, exc, start, t0)
+
+
+def error_reply(exc: BaseException, index: int, duration: float = 0.0) -> bytes:
+    """An ERR reply for ``exc`` raised by task ``index`` (-1: no task in particular)."""
+    return dumps((ERR, CapturedError.capture(exc, index, dumps), duration, None))
+
+
+def retry_reply() -> bytes:
+    return dumps((RETRY_STATUS, None, 0.0, None))
+
+
+def _unpicklable_reply(status: int, payload: Any, exc: Exception, start: int,
+                       t0: float) -> bytes:
+    """Reply with a SerializationError naming the result (or exception) that failed."""
+    index, culprit = start, "result"
+    if status == OK:
+        for offset, result in enumerate(payload):
+            try:
+                dumps(result)
+            except Exception:
+                index, culprit = start + offset, f"result ({type(result).__name__})"
+                break
+    else:
+        culprit = "exception"
+    error = SerializationError(
+        f"the {culprit} of task {index} could not be pickled to send it back from the "
+        f"worker: {type(exc).__name__}: {exc}. Return plain data (numbers, strings, "
+        f"lists, dicts, numpy arrays) or make the object picklable.")
+    return error_reply(error, index, time.monotonic() - t0)
+
+
+def unloadable_request(exc: BaseException) -> bytes:
+    """The reply to a request the worker could not unpickle."""
+    error = SerializationError(
+        f"a batch of tasks could not be unpickled in the worker: {type(exc).__name__}: "
+        f"{exc}. The function or an argument refers to something the worker cannot import "
+        f"(a module not on its sys.path, or an object defined after the pool started).")
+    return error_reply(error, -1)
+
+
+# ---------------------------------------------------------------------- replies (pool)
+
+def decode_reply(data: bytes, batch: Batch, describe: Callable[[], str]) -> Any:
+    """The outcome for the caller: the result list, the exception to raise, or RETRY.
+    Sets ``batch.duration`` from the worker's measurement."""
+    try:
+        status, payload, duration, shm_files = pickle.loads(data)
+        if shm_files is not None:
+            try:
+                payload = pickle.loads(payload)
+            finally:
+                shm_results.discard_results(shm_files)
+    except Exception as exc:
+        return SerializationError(
+            f"the results of {describe()} could not be unpickled in the caller: "
+            f"{type(exc).__name__}: {exc}")
+    batch.duration = duration
+    if status == RETRY_STATUS:
+        return RETRY
+    return payload if status == OK else payload.rebuild()
+
+
+def discard_reply(data: bytes) -> None:
+    """Unlink the shared-memory result files of a reply nobody will read."""
+    try:
+        shm_files = pickle.loads(data)[3]
+    except Exception:
+        return
+    if shm_files:
+        shm_results.discard_results(shm_files)

@@ -1,0 +1,144 @@
+"""Which job goes to which worker, and which task is past its deadline: pure decisions.
+
+The scheduler sees workers only as :class:`WorkerSlot` records (the jobs each holds, in
+the order it runs them; whether it is dead; the task index and start time it publishes)
+and never touches a process or a pipe, so every rule here is testable without processes
+(``tests/test_scheduler.py``). The pool (``pool.py``) carries its decisions out.
+
+Rules:
+
+1. A pending job goes to an idle live worker; if there is none and fewer live workers
+   than the pool's size exist, to a new worker (the pool starts it).
+2. If every worker is busy, a *short* job (expected to run under ``PREFETCH_MAX``) may
+   wait in the pipe of a worker that runs a job of the same call and holds fewer than
+   ``PREFETCH`` jobs: the worker starts it without a round trip through the manager.
+   A queued job cannot move to a worker that falls idle, so long jobs are never
+   queued (they would hold the end of a call back), and a worker never holds two
+   calls' jobs (cancelling one call never kills another call's work).
+3. A job with a timeout whose running task started more than ``timeout`` seconds ago
+   has expired; its worker is killed by the pool.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Iterable, Sequence
+
+from .._delayed import Batch
+from .._errors import call_repr
+
+__all__ = ["PoolJob", "WorkerSlot", "Scheduler", "PREFETCH", "PREFETCH_MAX"]
+
+#: jobs a worker may hold: the running one and the next, queued in its pipe
+PREFETCH = 2
+#: only a job expected to run shorter than this (seconds) is queued behind another: its
+#: round trip (~0.3 ms) matters, and it cannot hold the end of a call back for long
+PREFETCH_MAX = 0.01
+
+
+class PoolJob:
+    """One batch travelling through the pool."""
+
+    __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short")
+
+    def __init__(self, owner: object, batch: Batch, payload: bytes,
+                 callback: Callable[[Any], None], timeout: float | None):
+        self.owner = owner
+        self.batch = batch
+        #: the request's bytes, kept while the job may still be sent again (a worker
+        #: that dies before starting it); dropped once it runs
+        self.payload: bytes | None = payload
+        self.callback = callback
+        self.timeout = timeout
+        self.cancelled = False
+        expected = batch.expected
+        self.short = expected is None or expected < PREFETCH_MAX
+
+    def describe(self) -> str:
+        start, n = self.batch.start, len(self.batch)
+        first = call_repr(*self.batch.task(0))
+        if n == 1:
+            return f"task {start} ({first})"
+        return f"tasks {start}..{start + n - 1} (the first: {first})"
+
+
+class WorkerSlot:
+    """What the scheduler knows of a worker; the pool's worker record extends it."""
+
+    __slots__ = ("jobs", "dead", "status")
+
+    def __init__(self, status: Sequence[float]):
+        self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
+        self.dead = False
+        #: (index of the running task, its start time or 0.0), written by the worker
+        self.status = status
+
+    def running(self) -> PoolJob | None:
+        """The job the worker is running (or about to): the oldest it holds."""
+        return self.jobs[0] if self.jobs else None
+
+
+class Scheduler:
+    """The queue of jobs waiting for a worker, and the rules that place them."""
+
+    def __init__(self) -> None:
+        self.pending: deque[PoolJob] = deque()
+
+    def add(self, job: PoolJob) -> None:
+        self.pending.append(job)
+
+    def requeue(self, jobs: Iterable[PoolJob]) -> None:
+        """Jobs a dead worker held but never started go first."""
+        self.pending.extendleft(reversed(list(jobs)))
+
+    def drop(self, owner: object) -> None:
+        """Forget the pending jobs of a cancelled call."""
+        self.pending = deque(j for j in self.pending if j.owner is not owner)
+
+    def clear(self) -> list[PoolJob]:
+        jobs, self.pending = list(self.pending), deque()
+        return jobs
+
+    def next_assignment(self, workers: Sequence[WorkerSlot], size: int
+                        ) -> tuple[WorkerSlot | None, PoolJob] | None:
+        """The next ``(worker, job)`` to send, removed from the queue; ``worker`` is None
+        when a new worker must be started for it; None when nothing can go now."""
+        pending = self.pending
+        if not pending:
+            return None
+        idle = next((w for w in workers if not w.jobs and not w.dead), None)
+        if idle is not None:
+            return idle, pending.popleft()
+        if sum(not w.dead for w in workers) < size:
+            return None, pending.popleft()
+        for worker in workers:  # rule 2: queue a short job behind one of its own call
+            if worker.dead or len(worker.jobs) >= PREFETCH:
+                continue
+            owner = worker.jobs[0].owner
+            job = next((j for j in pending if j.owner is owner and j.short), None)
+            if job is not None:
+                pending.remove(job)
+                return worker, job
+        return None
+
+    @staticmethod
+    def tracks_deadlines(workers: Iterable[WorkerSlot]) -> bool:
+        """Whether any job held by a worker has a timeout (the manager must poll)."""
+        return any(j.timeout is not None for w in workers for j in w.jobs)
+
+    @staticmethod
+    def expired(workers: Iterable[WorkerSlot], now: float
+                ) -> list[tuple[WorkerSlot, PoolJob, int]]:
+        """``(worker, job, task index)`` for each running task past its job's timeout."""
+        found = []
+        for worker in workers:
+            started = worker.status[1]
+            if worker.dead or not worker.jobs or not started:
+                continue
+            index = int(worker.status[0])
+            job = next((j for j in worker.jobs
+                        if j.batch.start <= index < j.batch.start + len(j.batch)), None)
+            if job is None or job.timeout is None or job.cancelled:
+                continue
+            if now - started > job.timeout:
+                found.append((worker, job, index))
+        return found

@@ -1,0 +1,116 @@
+"""Large result arrays travel from workers to the caller through /dev/shm files.
+
+::
+
+    task returns an array > max_nbytes
+        └─> the worker writes it to /dev/shm/parmap_<caller>_w<worker>_<n> as the task
+            returns (``early_placement``), and the reply carries the file's name
+    caller: ``rebuild_result`` maps the file, unlinks it at once, and returns an ordinary
+            ndarray whose memory is released with it. Nothing is pickled, nothing copied.
+
+Files of a batch that failed, was cancelled, or whose worker crashed are unlinked by the
+worker (failure) or swept by the pool (``sweep_worker_results``). Only workers that share
+the caller's resource tracker place results, so a killed caller's files are cleaned too.
+"""
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+from typing import Any, Callable
+
+from .shm import SHM_DIR, shm_has_room, track, unlink, write_all
+
+__all__ = ["ResultPlacer", "early_placement", "rebuild_result", "sweep_worker_results",
+           "discard_results"]
+
+_counter = itertools.count()
+
+
+class ResultPlacer:
+    """In a worker: puts large result arrays in /dev/shm files for the caller to map."""
+
+    def __init__(self, max_nbytes: int, parent_pid: int):
+        self.max_nbytes = max_nbytes
+        self.prefix = os.path.join(SHM_DIR, f"parmap_{parent_pid}_w{os.getpid()}_")
+        self.created: list[str] = []
+
+    def reduce(self, arr: Any) -> tuple | None:
+        import numpy as np
+
+        if (arr.dtype.hasobject or arr.nbytes <= self.max_nbytes
+                or not shm_has_room(arr.nbytes)):
+            return None
+        data = np.ascontiguousarray(arr)
+        path = f"{self.prefix}{next(_counter)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.created.append(path)
+        track(path, register=True)
+        try:
+            os.ftruncate(fd, data.nbytes)
+            write_all(fd, memoryview(data), 0)
+        finally:
+            os.close(fd)
+        return rebuild_result, (path, data.dtype.str, data.shape)
+
+
+class _Placed:
+    """A result array already written to its file: pickles as the file's reference."""
+
+    __slots__ = ("reduced",)
+
+    def __init__(self, reduced: tuple):
+        self.reduced = reduced
+
+    def __reduce__(self) -> tuple:
+        return self.reduced
+
+
+def early_placement(placer: ResultPlacer, limit: int) -> Any:
+    """A ``Batch.transform`` that writes each large result array to its file as soon as
+    its task returns, so that a worker never holds a batch of them twice (the array and
+    its copy in /dev/shm) while the batch runs."""
+    import numpy as np
+
+    ndarray = np.ndarray
+
+    def place(result: Any) -> Any:
+        if type(result) is ndarray and result.nbytes > limit:
+            reduced = placer.reduce(result)
+            if reduced is not None:
+                return _Placed(reduced)
+        return result
+
+    return place
+
+
+def rebuild_result(path: str, dtype: str, shape: tuple) -> Any:
+    """In the caller: map a worker's result file, unlink it, return a plain ndarray."""
+    import numpy as np
+
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE) if size else b""
+    finally:
+        unlink(path)
+    if not size:
+        return np.empty(shape, dtype=np.dtype(dtype))
+    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=mm)
+
+
+def sweep_worker_results(parent_pid: int, worker_pid: int) -> None:
+    """Remove result files a dead worker had not handed over."""
+    prefix = f"parmap_{parent_pid}_w{worker_pid}_"
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix):
+            unlink(os.path.join(SHM_DIR, entry))
+
+
+def discard_results(paths: list) -> None:
+    for path in paths:
+        unlink(path)

@@ -1,0 +1,179 @@
+"""The worker process: receive a batch, run it through the safe-call wrapper, reply.
+
+::
+
+    start:  SIGINT ignored (Ctrl-C is the parent's) ─ die with the parent ─ faulthandler
+            ─ thread caps in the environment ─ the initializer, once
+    loop:   request = protocol.decode_request(pipe)        (a reader thread drains the
+            batch = Batch(start, tasks, func, nested)       pipe, so the pool's writes
+            reply = OK results | ERR CapturedError          never wait for us)
+            pipe <- protocol.encode_reply(...)
+
+Everything the worker needs arrives as data: its set-up (environment, initializer) at
+start, and with each request the settings that ``Parallel`` calls made by the tasks see
+(``Batch.nested``). It imports nothing from parmap's front end.
+
+This module is imported in every worker (and preloaded by the forkserver), so it keeps
+third-party imports lazy: no numpy, no cloudpickle until a message needs them.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from queue import SimpleQueue
+from typing import Any, Callable
+
+from .._delayed import Batch
+from . import protocol, shm, shm_results
+from .lifetime import die_with_parent
+
+__all__ = ["worker_main", "WorkerSetup"]
+
+#: results may travel through /dev/shm only when this worker shares the parent's resource
+#: tracker, which cleans up if the parent is killed (set at start)
+_shm_results = False
+
+WorkerSetup = tuple  # (environment: dict[str, str], initializer: cloudpickle bytes | None)
+
+
+def worker_main(task_conn: Connection, result_conn: Connection, status: Any, parent_pid: int,
+                setup: bytes, close_conns: list[Connection]) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for conn in close_conns:  # other workers' pipe ends inherited through fork
+        conn.close()
+    die_with_parent(parent_pid)
+    faulthandler.enable()  # a segfault leaves a Python traceback on stderr
+    env, init = pickle.loads(setup)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    init_error = _run_initializer(init)
+    global _shm_results
+    if sys.platform.startswith("linux"):
+        from multiprocessing import resource_tracker
+
+        _shm_results = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+    try:
+        _serve(task_conn, result_conn, status, init_error, parent_pid)
+    except (EOFError, OSError):
+        pass  # the parent closed our pipes: it is gone or shutting down
+
+
+def _run_initializer(init: bytes | None) -> BaseException | None:
+    if init is None:
+        return None
+    import cloudpickle
+
+    try:
+        initializer, initargs = cloudpickle.loads(init)
+        initializer(*initargs)
+        return None
+    except BaseException as exc:
+        return exc
+
+
+def _serve(task_conn: Connection, result_conn: Connection, status: Any,
+           init_error: BaseException | None, parent_pid: int) -> None:
+    tracker = _SharedTracker(status)
+    recv, send = _start_reader(task_conn), result_conn.send_bytes
+    sends_arrays = False  # have results of this worker gone through /dev/shm yet?
+    while True:
+        message = recv()
+        if message == protocol.STOP:
+            return
+        t0 = time.monotonic()
+        try:
+            request = protocol.decode_request(message)
+        except shm.NotInherited:
+            send(protocol.retry_reply())
+            continue
+        except BaseException as exc:
+            send(protocol.unloadable_request(exc))
+            continue
+        message = b""
+        if init_error is not None:
+            send(protocol.error_reply(_init_failed(init_error), request.start))
+            continue
+        reply, placed = _run(request, tracker, parent_pid, sends_arrays, t0)
+        request = None  # type: ignore[assignment]
+        sends_arrays = sends_arrays or placed
+        send(reply)
+
+
+def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
+         sends_arrays: bool, t0: float) -> tuple[bytes, bool]:
+    """Run one batch: the reply's bytes, and whether result arrays went through /dev/shm.
+
+    Once a worker's results went through /dev/shm, it places each large result as its
+    task returns, so it never holds a batch of them twice (array and file) at once."""
+    batch = Batch(request.start, request.tasks, request.func, request.nested)
+    if request.track:
+        batch.tracker = tracker
+    limit = request.result_nbytes
+    placer = None
+    if sends_arrays and limit is not None:
+        placer = shm_results.ResultPlacer(limit, parent_pid)
+        batch.transform = shm_results.early_placement(placer, limit)
+    try:
+        payload = batch()
+    except BaseException as exc:
+        if placer is not None:
+            shm_results.discard_results(placer.created)  # a failed batch's results stay
+        return protocol.error_reply(exc, request.start + batch.failed, batch.duration), False
+    finally:
+        tracker.mark(-1, 0.0)
+    if placer is None and limit is not None and _shm_results and "numpy" in sys.modules:
+        placer = shm_results.ResultPlacer(limit, parent_pid)  # numpy came with the tasks
+    reply = protocol.encode_reply(protocol.OK, payload, batch.duration, request.start, t0,
+                                  placer)
+    return reply, bool(placer is not None and placer.created)
+
+
+def _start_reader(task_conn: Connection) -> Callable[[], bytes]:
+    """Drain the task pipe in a thread; return the function that gets the next message.
+
+    The parent queues the next batch while this one runs; reading it at once means the
+    parent's write never waits for us, whatever the pipe's size (see ``pool``).
+    """
+    inbox: SimpleQueue[bytes] = SimpleQueue()
+
+    def read() -> None:
+        try:
+            while True:
+                message = task_conn.recv_bytes()
+                inbox.put(message)
+                if message == protocol.STOP:
+                    return
+        except (EOFError, OSError):  # the parent closed the pipe: it is gone or stopping
+            inbox.put(protocol.STOP)
+
+    threading.Thread(target=read, name="parmap-task-reader", daemon=True).start()
+    return inbox.get
+
+
+class _SharedTracker:
+    """Publishes (task index, start time) in shared memory for the pool's timeout check."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: Any):
+        self.status = status
+
+    def mark(self, index: int, started: float) -> None:
+        self.status[1] = 0.0  # never show a new index with an old start time
+        self.status[0] = index
+        self.status[1] = started
+
+
+def _init_failed(exc: BaseException) -> BaseException:
+    try:
+        exc.add_note("parmap: raised by the pool's initializer, before this task ran")
+    except AttributeError:  # Python 3.10
+        pass
+    return exc
