@@ -50,10 +50,10 @@ def cgroup_cpu_limit(root: str = "/sys/fs/cgroup",
             quota, _, period = text.partition(" ")
             return _ratio(quota, period)
     for sub in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):  # cgroup v1
-        quota = _read(os.path.join(root, sub, "cpu.cfs_quota_us"))
-        period = _read(os.path.join(root, sub, "cpu.cfs_period_us"))
-        if quota and period:
-            return _ratio(quota, period)
+        v1_quota = _read(os.path.join(root, sub, "cpu.cfs_quota_us"))
+        v1_period = _read(os.path.join(root, sub, "cpu.cfs_period_us"))
+        if v1_quota and v1_period:
+            return _ratio(v1_quota, v1_period)
     return None
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import pickle
 import reprlib
-from typing import Any
+from typing import Any, Callable
 
 __all__ = [
     "timeout_error", "call_repr", "func_name", "add_task_note", "CapturedError",
@@ -162,7 +162,7 @@ def add_task_note(exc: BaseException, index: int, task: tuple) -> None:
             notes.append(note)
     elif notes is None:
         try:
-            exc.__notes__ = [note]
+            exc.__notes__ = [note]  # type: ignore[attr-defined]  # 3.10 has no add_note
         except Exception:  # an exception class that forbids attributes
             pass
 
@@ -180,11 +180,12 @@ class CapturedError:
         self.tb_text = tb_text
         self.index = index
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[CapturedError], tuple[Any, bool, str, int]]:
         return CapturedError, (self.payload, self.is_text, self.tb_text, self.index)
 
     @classmethod
-    def capture(cls, exc: BaseException, index: int, dumps) -> CapturedError:
+    def capture(cls, exc: BaseException, index: int,
+                dumps: Callable[[object], bytes]) -> CapturedError:
         """Capture ``exc`` raised by task ``index``; ``dumps`` is the pickler to check with."""
         import traceback  # only when a task fails: ~4 ms of imports spared at start-up
 
@@ -211,7 +212,8 @@ class CapturedError:
             return exc
         # tblib rebuilt the worker frames into exc.__traceback__: raising it shows them
         # below the caller's frames, and pdb.post_mortem() can walk them.
-        return self.payload
+        exc_obj: BaseException = self.payload
+        return exc_obj
 
 
 def _safe_str(exc: BaseException) -> str:

@@ -109,6 +109,7 @@ class Parallel:
             self.inner_max_num_threads, self.verbose))
 
     def __call__(self, iterable: Iterable[Task]) -> Any:
+        """Run the tasks: a list of results, or a generator for the generator modes."""
         if self._running:
             raise RuntimeError(
                 "This Parallel instance is already running: its generator was neither "

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import sys
 from time import monotonic
-from typing import Any
+from typing import Protocol
 
 __all__ = ["Progress"]
+
+
+class _Counts(Protocol):
+    """What the dispatcher tells about a call in progress."""
+
+    n_completed: int
+    n_tasks: int | None
 
 
 def _fmt(seconds: float) -> str:
@@ -49,6 +56,6 @@ class Progress:
         self._write(f"Done {done} of {done} tasks | elapsed: {_fmt(monotonic() - self.start)} "
                     f"| finished")
 
-    def __call__(self, dispatcher: Any) -> None:
+    def __call__(self, dispatcher: _Counts) -> None:
         """Dispatcher hook: called in the consumer's thread after each completed batch."""
         self.update(dispatcher.n_completed, dispatcher.n_tasks)

@@ -65,9 +65,10 @@ def check_n_jobs(n_jobs: object, name: str = "n_jobs") -> int | None:
     if not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a non-zero int or None, got "
                         f"{type(n_jobs).__name__} {n_jobs!r:.60}")
-    if not math.isfinite(value):
+    number = float(value)
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite, non-zero number, got {n_jobs!r}")
-    result = int(value)
+    result = int(number)
     if result == 0:
         raise ValueError(f"{name}={n_jobs!r} is not allowed: use a positive number of workers, "
                          f"-1 for all CPUs, or -k for all but k-1 CPUs")
@@ -101,7 +102,7 @@ def _check_verbose(value: object) -> float:
 def _check_timeout(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
         raise ValueError(f"timeout must be None or a positive number of seconds, got "
                          f"{value!r}")
     return float(value)
@@ -110,7 +111,7 @@ def _check_timeout(value: object) -> float | None:
 def _check_batch_size(value: object) -> int | str:
     if isinstance(value, str) and value == "auto":
         return "auto"
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
         return int(value)
     raise ValueError(f"batch_size must be 'auto' or a positive int, got {value!r}")
 
@@ -131,7 +132,7 @@ def _check_temp_folder(value: object) -> str | None:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"temp_folder must be None or a path, got {type(value).__name__} "
                         f"{value!r:.60}")
-    return os.fspath(value)  # type: ignore[return-value]
+    return str(os.fspath(value))
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
@@ -142,7 +143,7 @@ def parse_size(value: object, name: str = "max_nbytes") -> int | None:
     """None, a byte count, or a size such as '1M', '500K', '2G' (binary units)."""
     if value is None:
         return None
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0:
         return int(value)
     if isinstance(value, str):
         match = _SIZE.fullmatch(value.upper())
@@ -198,7 +199,8 @@ def _eval_expression(text: str, n_jobs: int) -> float:
     def walk(node: ast.AST) -> float:
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+                and not isinstance(node.value, bool):
             return float(node.value)
         if isinstance(node, ast.Name) and node.id == "n_jobs":
             return float(n_jobs)
@@ -327,7 +329,7 @@ class parallel_config:
         if "backend" in new:
             new["backend_params"] = {}  # the params of an outer block were for its backend
         if backend_params:
-            spec = new.get("backend", _context.CONFIG.get().get("backend"))
+            spec = check_backend(new.get("backend", _context.CONFIG.get().get("backend")))
             check_backend_kwargs(spec, backend_params, "parallel_config")
             old = _context.CONFIG.get().get("backend_params", {}) if "backend" not in new else {}
             new["backend_params"] = {**old, **backend_params}
@@ -352,7 +354,7 @@ class parallel_backend(parallel_config):
     """joblib's older spelling: ``parallel_backend(backend, n_jobs=-1, ...)``."""
 
     def __init__(self, backend: BackendSpec, n_jobs: int | str | None = -1,
-                 inner_max_num_threads: int | None = None, **backend_params: object):
+                 inner_max_num_threads: int | None = None, **backend_params: Any):
         super().__init__(backend, n_jobs=n_jobs,
                          inner_max_num_threads=inner_max_num_threads, **backend_params)
 

@@ -134,3 +134,21 @@ def test_require_sharedmem_with_process_like_backend_is_rejected():
 
 def test_prefer_threads_picks_threading():
     assert type(Parallel(prefer="threads")._backend).__name__ == "ThreadingBackend"
+
+
+def test_unknown_keyword_is_a_type_error_naming_it_and_the_valid_ones():
+    with pytest.raises(TypeError, match=r"'bogus_option'.*'processes' accepts.*initializer"):
+        Parallel(n_jobs=2, bogus_option=3)
+    with pytest.raises(TypeError, match=r"'max_nbyte'"):
+        Parallel(max_nbyte="1M")  # a typo of max_nbytes
+    with pytest.raises(TypeError, match=r"'workers'.*'threading' accepts.*none"):
+        Parallel(backend="threading", workers=2)
+    with pytest.raises(TypeError, match=r"parallel_config.*'bogus'"):
+        parallel_config(backend="threading", bogus=1)
+    assert Parallel(n_jobs=2, idle_timeout=30)._backend.idle_timeout == 30
+
+
+def test_backend_params_of_a_config_block_reach_its_backend_only():
+    with parallel_config(backend="processes", idle_timeout=12):
+        assert Parallel()._backend.idle_timeout == 12
+        assert type(Parallel(backend="threading")._backend).__name__ == "ThreadingBackend"

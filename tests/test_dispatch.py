@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parmap import Parallel, ParallelBackendBase, delayed
-from parmap._dispatch import MAX_AUTO_BATCH, AutoBatchSizer
+from parmap._batching import MAX_AUTO_BATCH, AutoBatchSizer
 from parmap.backends.threading import ThreadingBackend
 
 from .conftest import recording

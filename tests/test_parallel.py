@@ -186,3 +186,33 @@ def test_statistics_snapshot():
     assert stats["dispatched_tasks"] == stats["completed_tasks"] == 10
     assert stats["dispatched_batches"] == 4
     assert stats["exhausted"] and stats["n_tasks"] == 10
+
+
+def backend_chain(depth):
+    """The backend class of each nested Parallel call, from this level down."""
+    from parmap._parallel import Parallel as P  # the same class; a plain name for pickling
+
+    inner = P(n_jobs=2)
+    name = type(inner._backend).__name__
+    if depth == 1:
+        return [name]
+    return [name] + inner(delayed(backend_chain)(depth - 1) for _ in range(2))[0]
+
+
+@pytest.mark.parametrize("outer", ["processes", "threading"])
+def test_nested_calls_use_threads_then_run_sequentially(outer):
+    out = Parallel(n_jobs=2, backend=outer)(delayed(backend_chain)(3) for _ in range(2))
+    assert out == [["ThreadingBackend", "SequentialBackend", "SequentialBackend"]] * 2
+
+
+def recursive_parallel(peak):
+    peak.append(threading.active_count())
+    return Parallel()(delayed(recursive_parallel)(peak) for _ in range(2))
+
+
+def test_recursive_parallel_calls_end_in_recursion_error_with_bounded_threads():
+    peak = []
+    with parallel_config(backend="threading", n_jobs=2):
+        with pytest.raises(RecursionError):
+            recursive_parallel(peak)
+    assert max(peak) - threading.active_count() <= 6  # 2 outer threads + 2 x 2 nested

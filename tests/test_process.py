@@ -179,10 +179,10 @@ def test_timeout_fires_when_one_batch_goes_to_a_warm_pool():
 
 
 def test_a_first_batch_sized_from_history_still_shares_the_tasks():
-    from parmap import _dispatch
+    from parmap import _batching
 
     per_task = ProcessBackend.target_batch_duration / 4  # history says: 4 tasks fill a batch
-    _dispatch._remember(sleep_for, per_task)
+    _batching.remember(sleep_for, per_task)
     backend = recording(ProcessBackend)()
     assert Parallel(n_jobs=2, backend=backend)(delayed(sleep_for)(0) for _ in range(4)) == \
         [0] * 4

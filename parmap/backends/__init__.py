@@ -78,7 +78,7 @@ def check_backend(backend: object) -> BackendSpec:
 def _parameters(factory: Factory) -> tuple[set[str], bool] | None:
     """(keyword parameters, takes **kwargs) of ``factory``; None where it cannot be
     told (not a plain Python function or class)."""
-    target: Any = factory.__init__ if isinstance(factory, type) else factory
+    target: Any = getattr(factory, "__init__") if isinstance(factory, type) else factory
     code = getattr(target, "__code__", None)
     if code is None:
         return None

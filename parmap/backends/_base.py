@@ -29,14 +29,16 @@ deeper levels run sequentially, so recursive parallel calls cannot multiply work
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple, Union
 
 from .._delayed import Batch
 
-__all__ = ["ParallelBackendBase", "CallOptions", "Callback", "NestedSpec"]
+__all__ = ["ParallelBackendBase", "CallOptions", "Callback", "NestedSpec", "Outcome"]
 
-#: called once per batch with its result list or the exception it raised
-Callback = Callable[[Any], None]
+#: what a batch ends with: its result list, or the exception it raised
+Outcome = Union[list, BaseException]
+#: called once per batch with its outcome
+Callback = Callable[[Outcome], None]
 #: (backend name or instance, n_jobs or None to keep the caller's) for nested calls
 NestedSpec = tuple["str | ParallelBackendBase", "int | None"]
 

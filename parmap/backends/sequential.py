@@ -7,10 +7,8 @@ synchronous test double of the dispatcher.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from .._delayed import Batch
-from ._base import Callback, NestedSpec, ParallelBackendBase
+from ._base import Callback, NestedSpec, Outcome, ParallelBackendBase
 
 __all__ = ["SequentialBackend"]
 
@@ -24,7 +22,7 @@ class SequentialBackend(ParallelBackendBase):
 
     def submit(self, batch: Batch, callback: Callback) -> None:
         try:
-            outcome: Any = batch()
+            outcome: Outcome = batch()
         except BaseException as exc:  # delivered to the caller through the dispatcher
             outcome = exc
         callback(outcome)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextvars
 import threading
 from queue import SimpleQueue
-from typing import Any
-
 from .._delayed import Batch
-from ._base import Callback, CallOptions, ParallelBackendBase
+from ._base import Callback, CallOptions, Outcome, ParallelBackendBase
 
 __all__ = ["ThreadingBackend"]
 
@@ -54,13 +52,17 @@ class _ThreadPool:
             item = None
             if generation != self.generation:
                 continue  # the call was cancelled before this batch started
-            try:
-                outcome: Any = context.copy().run(batch)
-            except BaseException as exc:
-                outcome = exc
-            if generation == self.generation:
-                callback(outcome)
-            outcome = batch = callback = None  # don't keep the last results alive
+            self._run(batch, callback, context, generation)
+            batch = callback = context = None  # don't keep the last batch alive
+
+    def _run(self, batch: Batch, callback: Callback, context: contextvars.Context,
+             generation: int) -> None:
+        try:
+            outcome: Outcome = context.copy().run(batch)
+        except BaseException as exc:
+            outcome = exc
+        if generation == self.generation:
+            callback(outcome)
 
 
 class ThreadingBackend(ParallelBackendBase):

@@ -163,7 +163,8 @@ def dumps(obj: Any) -> bytes:
     except Exception:
         import cloudpickle
 
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
 
 
 def encode_reply(status: int, payload: Any, duration: float, start: int, t0: float,

@@ -262,13 +262,13 @@ def _memmap_reference(arr: Any) -> tuple[str, int] | None:
     mm = getattr(arr, "_mmap", None)
     if mm is None:
         return None
-    base = arr
+    base: Any = arr
     while isinstance(base.base, np.ndarray):
         base = base.base
     # np.memmap maps from the allocation-granularity boundary below its offset
     map_start = base.offset - base.offset % mmap.ALLOCATIONGRANULARITY
     first = base.__array_interface__["data"][0] - (base.offset - map_start)
-    return arr.filename, map_start + arr.__array_interface__["data"][0] - first
+    return str(arr.filename), map_start + arr.__array_interface__["data"][0] - first
 
 
 def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: tuple) -> Any:
@@ -365,7 +365,7 @@ def _ndarray_pickler(base: type) -> type:
     ndarray = np.ndarray
     parent_override = getattr(base, "reducer_override", None)
 
-    class _Pickler(base):  # type: ignore[misc, valid-type]
+    class _Pickler(base):
         placer: Any = None
 
         def reducer_override(self, obj: Any) -> Any:

@@ -41,7 +41,7 @@ class ResultPlacer:
         if (arr.dtype.hasobject or arr.nbytes <= self.max_nbytes
                 or not shm_has_room(arr.nbytes)):
             return None
-        data = np.ascontiguousarray(arr)
+        data: Any = np.ascontiguousarray(arr)
         path = f"{self.prefix}{next(_counter)}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.created.append(path)

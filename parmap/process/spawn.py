@@ -98,7 +98,7 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     siblings' and the pool's): a worker holds only its own.
     """
     method = choose_start_method(start_method)
-    ctx = mp.get_context(method)
+    ctx: Any = mp.get_context(method)  # a context of any start method
     if method == "forkserver":
         ctx.set_forkserver_preload(["parmap.process.worker"])
     elif method == "fork" and "numpy" in sys.modules and os.name == "posix":

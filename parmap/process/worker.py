@@ -172,8 +172,7 @@ class _SharedTracker:
 
 
 def _init_failed(exc: BaseException) -> BaseException:
-    try:
-        exc.add_note("parmap: raised by the pool's initializer, before this task ran")
-    except AttributeError:  # Python 3.10
-        pass
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note("parmap: raised by the pool's initializer, before this task ran")
     return exc

@@ -1,0 +1,85 @@
+"""The scheduler's rules, without processes: fake worker slots and jobs."""
+from __future__ import annotations
+
+from parmap._delayed import Batch
+from parmap.process.scheduler import PREFETCH_MAX, PoolJob, Scheduler, WorkerSlot
+
+
+def job(owner, start=0, expected=None, timeout=None, n=1):
+    batch = Batch(start, [(abs, (i,), {}) for i in range(n)])
+    batch.expected = expected
+    return PoolJob(owner, batch, b"payload", lambda outcome: None, timeout)
+
+
+def slot(*jobs, dead=False, status=(-1.0, 0.0)):
+    worker = WorkerSlot(list(status))
+    worker.jobs.extend(jobs)
+    worker.dead = dead
+    return worker
+
+
+def drain(scheduler, workers, size):
+    placed = []
+    while (found := scheduler.next_assignment(workers, size)) is not None:
+        worker, queued = found
+        if worker is None:
+            worker = slot()
+            workers.append(worker)
+        worker.jobs.append(queued)
+        placed.append((workers.index(worker), queued))
+    return placed
+
+
+def test_idle_workers_first_then_new_ones_up_to_the_size():
+    scheduler, a, b, c = Scheduler(), job("A"), job("A", 1), job("A", 2)
+    for j in (a, b, c):
+        scheduler.add(j)
+    workers = [slot(), slot(dead=True)]
+    placed = drain(scheduler, workers, size=2)
+    assert placed[0] == (0, a)  # the idle live worker
+    assert placed[1] == (2, b)  # a new worker: only one live worker for a size of 2
+    assert placed[2][1] is c  # short (no estimate): queued behind a busy worker of its call
+    assert not scheduler.pending
+
+
+def test_long_jobs_wait_for_a_free_worker_and_calls_never_share_a_worker():
+    scheduler = Scheduler()
+    long_job = job("A", expected=10 * PREFETCH_MAX)
+    other_call = job("B")
+    scheduler.add(long_job)
+    scheduler.add(other_call)
+    workers = [slot(job("A"))]
+    assert drain(scheduler, workers, size=1) == []
+    assert list(scheduler.pending) == [long_job, other_call]
+
+
+def test_a_worker_holds_at_most_two_jobs():
+    scheduler = Scheduler()
+    for i in range(3):
+        scheduler.add(job("A", i))
+    workers = [slot(job("A", 9))]
+    assert len(drain(scheduler, workers, size=1)) == 1
+    assert len(scheduler.pending) == 2
+
+
+def test_drop_forgets_one_calls_jobs_and_requeue_puts_jobs_first():
+    scheduler = Scheduler()
+    a, b = job("A"), job("B")
+    scheduler.add(a)
+    scheduler.add(b)
+    scheduler.drop("A")
+    assert list(scheduler.pending) == [b]
+    again = [job("C", 0), job("C", 1)]
+    scheduler.requeue(again)
+    assert list(scheduler.pending) == again + [b]
+
+
+def test_expired_names_the_running_task_past_its_timeout():
+    late = job("A", start=10, n=3, timeout=1.0)
+    on_time = job("A", start=20, n=1, timeout=5.0)
+    untimed = job("A", start=30)
+    workers = [slot(late, status=(11.0, 100.0)), slot(on_time, status=(20.0, 100.0)),
+               slot(untimed, status=(30.0, 1.0)), slot(status=(0.0, 1.0))]
+    assert Scheduler.expired(workers, now=102.0) == [(workers[0], late, 11)]
+    assert Scheduler.tracks_deadlines(workers)
+    assert not Scheduler.tracks_deadlines(workers[2:])
