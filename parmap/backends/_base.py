@@ -29,7 +29,7 @@ deeper levels run sequentially, so recursive parallel calls cannot multiply work
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, NamedTuple, Union
+from typing import Callable, Union
 
 from .._delayed import Batch
 
@@ -43,15 +43,25 @@ Callback = Callable[[Outcome], None]
 NestedSpec = tuple["str | ParallelBackendBase", "int | None"]
 
 
-class CallOptions(NamedTuple):
+class CallOptions:
     """The settings of one ``Parallel`` call that a backend may act on."""
 
-    timeout: float | None = None
-    max_nbytes: int | None = 1024 ** 2
-    mmap_mode: str | None = "r"
-    temp_folder: str | None = None
-    inner_max_num_threads: int | None = None
-    verbose: float = 0
+    __slots__ = ("timeout", "max_nbytes", "mmap_mode", "temp_folder",
+                 "inner_max_num_threads", "verbose")
+
+    def __init__(self, timeout: float | None = None, max_nbytes: int | None = 1024 ** 2,
+                 mmap_mode: str | None = "r", temp_folder: str | None = None,
+                 inner_max_num_threads: int | None = None, verbose: float = 0):
+        self.timeout = timeout
+        self.max_nbytes = max_nbytes
+        self.mmap_mode = mmap_mode
+        self.temp_folder = temp_folder
+        self.inner_max_num_threads = inner_max_num_threads
+        self.verbose = verbose
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"CallOptions({fields})"
 
 
 class ParallelBackendBase(ABC):
