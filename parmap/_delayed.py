@@ -130,9 +130,10 @@ class Batch:
     def _run_general(self, out: list) -> None:
         """Any function per task, keywords, a tracker and a transform."""
         append, tracker, transform = out.append, self.tracker, self.transform
+        tasks = self.tasks if self.func is None else \
+            [(self.func, args, None) for args in self.tasks]
         index = self.start
-        for position in range(len(self.tasks)):
-            func, args, kwargs = self.task(position)
+        for func, args, kwargs in tasks:
             if tracker is not None:
                 tracker.mark(index, monotonic())
             result = func(*args, **kwargs) if kwargs else func(*args)

@@ -37,7 +37,7 @@ from time import monotonic
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ._batching import AutoBatchSizer
-from ._delayed import Batch, check_task
+from ._delayed import Batch, check_task, compact
 from ._errors import timeout_error
 from .backends._base import Outcome, ParallelBackendBase
 
@@ -176,7 +176,8 @@ class Dispatcher:
         if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
             for offset, task in enumerate(tasks):
                 check_task(task, start + offset)
-        batch = Batch(start, tasks, nested=self._nested)
+        func, tasks = compact(tasks)  # the usual delayed(f)(x): the batch's fast loop
+        batch = Batch(start, tasks, func, self._nested)
         if self.sizer.per_task is not None:
             batch.expected = self.sizer.per_task * len(tasks)
         job = _Job(batch)
