@@ -92,6 +92,18 @@ def test_readme_links_to_pages_that_exist():
     assert [t for t in targets if not (ROOT / t).is_file()] == []
 
 
+def test_docstring_examples_of_the_public_api_run():
+    """The package's docstring and those of the names in parmap.__all__ (the site runs
+    the ones the API reference shows; this also covers the module docstring)."""
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    out = io.StringIO()
+    attempted = 0
+    for test in finder.find(parmap):
+        attempted += runner.run(test, out=out.write).attempted
+    assert runner.failures == 0, out.getvalue()
+    assert attempted >= 1
+
+
 @pytest.mark.slow
 def test_demo_of_the_first_setup_command_runs():
     proc = subprocess.run([sys.executable, "-m", "parmap.demo"], cwd=ROOT,
