@@ -26,9 +26,8 @@ extensions = [
     "sphinx.ext.doctest",
     "parmap_docs",  # fails the build on a Python example that no test runs
 ]
-# parallel_config's docstring shows a `::` example that no test runs; set this to True
-# once it is a `>>>` doctest (parmap/ is being refactored on another branch).
-parmap_docs_check_docstrings = False
+# docstrings shown in the API reference are held to the same rule as the pages
+parmap_docs_check_docstrings = True
 
 # Pages are listed in the toctrees of index.rst; everything else here is not a page.
 exclude_patterns = ["_build", "_ext"]

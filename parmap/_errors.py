@@ -22,8 +22,9 @@ How an exception travels (process backend)::
                                  │               (falls back to text if it can't be
                                  │                pickled *and* unpickled)
     caller: rebuild() <──────────┘
-            original type, __traceback__ with the worker frames, __cause__ =
-            RemoteTraceback(formatted text) when it had no cause, note "task 17: f(3)"
+            the original exception: its type, __traceback__ with the worker frames
+            (tblib), the note "parmap: raised by task 17: f(3)"; only an exception sent
+            as text becomes a RemoteTaskError, whose __cause__ is a RemoteTraceback
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class RemoteTaskError(ParmapError):
 
 
 class RemoteTraceback(Exception):
-    """Carries the traceback text of a worker; set as ``__cause__`` of a task's exception."""
+    """Carries the traceback text of a worker; the ``__cause__`` of a RemoteTaskError."""
 
     def __init__(self, tb_text: str):
         super().__init__(tb_text)

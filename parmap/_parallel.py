@@ -32,8 +32,8 @@ __all__ = ["Parallel"]
 class Parallel:
     """Run ``delayed`` calls in parallel: ``Parallel(n_jobs=2)(delayed(f)(x) for x in xs)``.
 
-    The signature and semantics follow ``joblib.Parallel``; see the README for each
-    argument. Extra keyword arguments go to the backend (see its documentation); an
+    The signature and semantics follow ``joblib.Parallel``; each argument is described in
+    the documentation's "Parallel loops" page (``docs/loops.rst``). Extra keyword arguments go to the backend (see its documentation); an
     unknown one is a ``TypeError``. Use it as a context manager to keep the same workers
     for several calls.
     """

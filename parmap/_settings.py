@@ -307,10 +307,12 @@ def get_config() -> dict[str, Any]:
 class parallel_config:
     """Set defaults for every :class:`~parmap.Parallel` created in this context.
 
-    Use it as a context manager::
+    Use it as a context manager:
 
-        with parallel_config(backend="threading", n_jobs=4):
-            results = Parallel()(delayed(f)(x) for x in xs)
+    >>> from parmap import Parallel, delayed, parallel_config
+    >>> with parallel_config(backend="threading", n_jobs=4):
+    ...     Parallel()(delayed(abs)(x) for x in [-1, -2])
+    [1, 2]
 
     Settings apply to the current thread/context only and are undone on exit; explicit
     ``Parallel`` arguments win. ``backend`` is a registered name or a backend instance;
