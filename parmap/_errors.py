@@ -75,7 +75,9 @@ TerminatedWorkerError = WorkerCrashedError
 
 
 class TaskTimeoutError(PoolError, TimeoutError):
-    """A task ran for longer than the ``timeout`` given to :class:`~parmap.Parallel`."""
+    """A task ran for longer than the ``timeout`` given to :class:`~parmap.Parallel`.
+
+    The instances parmap raises are also ``multiprocessing.TimeoutError``, as joblib's."""
 
 
 class SerializationError(ParmapError, pickle.PicklingError):
@@ -147,10 +149,35 @@ def _safe_repr(value: Any) -> str:
 
 def timeout_error(index: int, task: tuple, timeout: float | None,
                   what_happened: str) -> TaskTimeoutError:
-    """The error for task ``index`` running past ``timeout``, in one wording everywhere."""
-    return TaskTimeoutError(
+    """The error for task ``index`` running past ``timeout``, in one wording everywhere.
+
+    It is a ``TaskTimeoutError`` (so a ``TimeoutError``) and a
+    ``multiprocessing.TimeoutError``, which joblib raises and its users catch. The class
+    with the second base is made on the first timeout: importing :mod:`multiprocessing`
+    up front would add ~5 ms to ``import parmap``.
+    """
+    return _timeout_class()(
         f"task {index} ({call_repr(*task)}) has run for more than timeout={timeout}s; "
         f"{what_happened}. Raise the timeout, or split the task into smaller ones.")
+
+
+_timeout_classes: list[type[TaskTimeoutError]] = []
+
+
+def _timeout_class() -> type[TaskTimeoutError]:
+    if not _timeout_classes:
+        import multiprocessing  # stdlib: see timeout_error
+
+        cls = type("TaskTimeoutError", (TaskTimeoutError, multiprocessing.TimeoutError),
+                   {"__module__": TaskTimeoutError.__module__, "__doc__": TaskTimeoutError.__doc__,
+                    "__reduce__": lambda self: (timeout_error_from_text, self.args)})
+        _timeout_classes.append(cls)
+    return _timeout_classes[0]
+
+
+def timeout_error_from_text(message: str) -> TaskTimeoutError:
+    """Rebuild a pickled timeout error (its class is made at run time)."""
+    return _timeout_class()(message)
 
 
 def add_task_note(exc: BaseException, index: int, task: tuple) -> None:

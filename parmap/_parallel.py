@@ -16,6 +16,7 @@ for every call in the block.
 from __future__ import annotations
 
 import os
+import warnings
 from itertools import chain
 from types import TracebackType
 from typing import Any, Iterable, Iterator
@@ -74,6 +75,7 @@ class Parallel:
                                              settings["nesting_level"])
         self._managed = False
         self._running = False
+        self._live: Dispatcher | None = None  # the call a generator is still running
 
     def _choose_backend(self, spec: BackendSpec, named: bool, params: dict[str, object],
                         nesting_level: int) -> ParallelBackendBase:
@@ -97,12 +99,20 @@ class Parallel:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._managed = False
+        live = self._live
+        if live is not None:  # a generator of this block is still referenced: its tasks
+            live.abort(ensure_ready=False)  # must not outlive the block
         self._backend.terminate()
 
     def _configure(self) -> int:
         backend = self._backend
         n_jobs = backend.effective_n_jobs(resolve_n_jobs(self.n_jobs))
         if n_jobs == 1 or backend.inline:
+            if self.timeout is not None:
+                warnings.warn(
+                    f"The backend class 'SequentialBackend' does not support timeout. You "
+                    f"have set 'timeout={self.timeout:g}' in Parallel but the 'timeout' "
+                    f"parameter will not be used.", stacklevel=3)
             return 1
         return backend.configure(n_jobs, CallOptions(
             self.timeout, self.max_nbytes, self.mmap_mode, self.temp_folder,
@@ -157,6 +167,7 @@ class Parallel:
                                 self.batch_size, retain=self.return_as == "list",
                                 timeout=self.timeout, on_progress=progress)
         finished = False
+        self._live = dispatcher
         try:
             dispatcher.start()
             yield []  # primed by __call__, once the first batches are out
@@ -166,6 +177,7 @@ class Parallel:
                 progress.finish(dispatcher.n_completed)
         finally:
             self._running = False
+            self._live = None
             dispatcher.close(finished, keep_backend=self._managed)
             if not self._managed:
                 backend.terminate()

@@ -152,3 +152,18 @@ def test_backend_params_of_a_config_block_reach_its_backend_only():
     with parallel_config(backend="processes", idle_timeout=12):
         assert Parallel()._backend.idle_timeout == 12
         assert type(Parallel(backend="threading")._backend).__name__ == "ThreadingBackend"
+
+
+def test_a_multiprocessing_context_as_backend_picks_its_start_method():
+    import multiprocessing
+
+    parallel = Parallel(n_jobs=2, backend=multiprocessing.get_context("spawn"))
+    assert parallel._backend.start_method == "spawn"
+    assert parallel(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+
+
+def test_timeout_on_an_inline_run_warns_in_joblibs_words():
+    with pytest.warns(UserWarning, match=r"^The backend class 'SequentialBackend' does not "
+                      r"support timeout. You have set 'timeout=1' in Parallel but the "
+                      r"'timeout' parameter will not be used.$"):
+        assert Parallel(n_jobs=1, timeout=1)(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]

@@ -584,3 +584,23 @@ def test_results_placed_early_are_correct_and_cleaned_up_when_a_batch_fails():
         Parallel(n_jobs=2, batch_size=3)(delayed(big_or_fail)(i, unpicklable=4)
                                          for i in range(12))
     assert shm_entries() == before
+
+
+def memmap_kinds(arr):
+    """What code written for joblib checks: the argument and its slices are np.memmap."""
+    return [isinstance(arr, np.memmap), isinstance(arr[1:], np.memmap),
+            float(arr[: 10].sum())]
+
+
+def test_large_arguments_arrive_as_memmaps_placed(count_placements):
+    arr = big(1.0, n=4 * BIG)  # its strided view is above max_nbytes too
+    out = Parallel(n_jobs=2)(delayed(memmap_kinds)(a) for a in (arr, arr[::2]))
+    assert out == [[True, True, 10.0]] * 2
+    assert Parallel(n_jobs=2)(delayed(memmap_kinds)(np.ones(10)) for _ in range(2)) == \
+        [[False, False, 10.0]] * 2  # small arrays travel pickled, as ndarrays
+
+
+def test_large_arguments_arrive_as_memmaps_inherited(inheritance, count_placements):
+    arr = big(1.0)
+    out = Parallel(n_jobs=2)(delayed(memmap_kinds)(arr) for _ in range(2))
+    assert out == [[True, True, 10.0]] * 2 and count_placements == []

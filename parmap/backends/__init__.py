@@ -1,7 +1,8 @@
 """The backend registry: from a name (or an instance) to a configured-ready backend.
 
-A *backend spec* is a registered name, a :class:`ParallelBackendBase` instance, or None
-for the default. Built in: ``"sequential"``, ``"threading"`` and ``"processes"`` (the
+A *backend spec* is a registered name, a :class:`ParallelBackendBase` instance, a
+:mod:`multiprocessing` context (the process backend with that start method, as joblib
+accepts it), or None for the default. Built in: ``"sequential"``, ``"threading"`` and ``"processes"`` (the
 default; joblib's ``"loky"`` and ``"multiprocessing"`` name it too).
 
 The process backend is named by module path and imported on first use: its module
@@ -12,16 +13,20 @@ graph stays honest.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from ._base import CallOptions, ParallelBackendBase
 from .sequential import SequentialBackend
 from .threading import ThreadingBackend
 
 __all__ = ["ParallelBackendBase", "CallOptions", "BackendSpec", "register_parallel_backend",
-           "check_backend", "check_backend_kwargs", "make_backend", "backend_names"]
+           "check_backend", "check_backend_kwargs", "make_backend", "backend_names",
+           "start_method_of"]
 
-BackendSpec = Union[str, ParallelBackendBase, None]
+if TYPE_CHECKING:  # annotations only: importing multiprocessing costs ~5 ms
+    from multiprocessing.context import BaseContext
+
+BackendSpec = Union[str, ParallelBackendBase, "BaseContext", None]
 Factory = Callable[..., ParallelBackendBase]
 
 #: name -> "module:attribute" of a factory imported on first use (see the module doc)
@@ -61,10 +66,20 @@ def register_parallel_backend(name: str, factory: Factory, make_default: bool = 
         _default[0] = name
 
 
+def start_method_of(backend: object) -> str | None:
+    """The start method of a :mod:`multiprocessing` context, or None for anything else."""
+    if type(backend).__module__ == "multiprocessing.context" and \
+            callable(getattr(backend, "get_start_method", None)):
+        return str(backend.get_start_method())  # type: ignore[attr-defined]
+    return None
+
+
 def check_backend(backend: object) -> BackendSpec:
-    """``backend`` itself when it is a registered name, an instance or None."""
-    if backend is None or isinstance(backend, ParallelBackendBase):
-        return backend
+    """``backend`` itself when it is a registered name, an instance, a multiprocessing
+    context or None."""
+    if backend is None or isinstance(backend, ParallelBackendBase) or \
+            start_method_of(backend) is not None:
+        return backend  # type: ignore[return-value]
     if not isinstance(backend, str):
         raise TypeError(f"Invalid backend: expected a registered name or a "
                         f"ParallelBackendBase instance, got {type(backend).__name__} "
@@ -96,6 +111,8 @@ def check_backend_kwargs(backend: BackendSpec, kwargs: Mapping[str, object],
     if isinstance(backend, ParallelBackendBase):
         raise TypeError(f"{where} got keyword arguments {sorted(kwargs)} for a backend "
                         f"instance ({type(backend).__name__}); pass them to its constructor")
+    if not isinstance(backend, (str, type(None))):
+        backend = "processes"  # a multiprocessing context
     name = _default[0] if backend is None else backend
     params = _parameters(_factory(name))
     if params is None or params[1]:
@@ -114,7 +131,12 @@ def make_backend(backend: BackendSpec, nesting_level: int = 0,
     """A backend instance from a spec (an instance is returned as it is)."""
     if isinstance(backend, ParallelBackendBase):
         return backend
+    start_method = start_method_of(backend)
+    if start_method is not None:
+        kwargs.setdefault("start_method", start_method)
+        backend = "processes"
     name = _default[0] if backend is None else backend
+    assert isinstance(name, str)
     check_backend(name)
     check_backend_kwargs(name, kwargs)
     factory = _factory(name)

@@ -271,29 +271,43 @@ def _memmap_reference(arr: Any) -> tuple[str, int] | None:
     return str(arr.filename), map_start + arr.__array_interface__["data"][0] - first
 
 
-def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: tuple) -> Any:
-    """In a worker: a read-only view of a pinned array inherited through fork."""
+class _InheritedPages:
+    """The ``_mmap`` of a memmap over pages inherited through fork: nothing to flush."""
+
+    def flush(self) -> None:
+        pass
+
+
+def _memmap_view(shape: tuple, dtype: str, buffer: Any, offset: int, strides: tuple,
+                 mapping: Any, filename: str | None, mode: str) -> Any:
+    """An ``np.memmap`` over ``buffer``: what joblib hands its workers, and what code
+    written for joblib (scikit-learn among it) checks for. ``mapping`` is the memmap's
+    ``_mmap``; numpy keeps the memmap type for slices only while it is set."""
     import numpy as np
 
+    view = np.ndarray.__new__(np.memmap, shape, dtype=np.dtype(dtype), buffer=buffer,
+                              offset=offset, strides=strides)
+    view._mmap, view.filename, view.offset, view.mode = mapping, filename, offset, mode
+    return view
+
+
+def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: tuple) -> Any:
+    """In a worker: a read-only memmap view of a pinned array inherited through fork."""
     root = _PINNED.get(key)
     if root is None:
         raise NotInherited(key)
-    view = np.ndarray(shape, dtype=np.dtype(dtype), buffer=root, offset=offset,
-                      strides=strides)
+    view = _memmap_view(shape, dtype, root, offset, strides, _InheritedPages(), None, "r")
     view.flags.writeable = False
     return view
 
 
 def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tuple,
                   mode: str) -> Any:
-    """In a worker: the array, as a view on the mapped file."""
-    import numpy as np
-
+    """In a worker: the array, as an ``np.memmap`` view on the mapped file."""
     access = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}[mode]
     with open(path, "r+b" if mode == "r+" else "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=access)
-    return np.ndarray(shape, dtype=np.dtype(dtype), buffer=mm, offset=offset,
-                      strides=strides)
+    return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
 
 
 # ---------------------------------------------------------------------- remapping
