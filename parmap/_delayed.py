@@ -77,7 +77,7 @@ class Batch:
     """
 
     __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected",
-                 "transform", "nested")
+                 "transform", "nested", "nbytes")
 
     def __init__(self, start: int, tasks: list, func: Callable[..., Any] | None = None,
                  nested: Mapping[str, Any] | None = None):
@@ -92,6 +92,8 @@ class Batch:
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
         self.expected: float | None = None  # seconds the dispatcher expects it to run
+        #: bytes its results took to reach the caller, where a backend serialised them
+        self.nbytes = -1
 
     def __len__(self) -> int:
         return len(self.tasks)

@@ -36,7 +36,7 @@ from queue import Empty, SimpleQueue
 from time import monotonic
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from ._batching import AutoBatchSizer
+from ._batching import AutoBatchSizer, estimate_nbytes
 from ._delayed import Batch, check_task, compact
 from ._errors import timeout_error
 from .backends._base import Outcome, ParallelBackendBase
@@ -212,7 +212,8 @@ class Dispatcher:
         job.outcome = outcome
         if isinstance(outcome, list):
             batch = job.batch
-            self.sizer.observe(len(batch), batch.duration, batch.task(0)[0])
+            nbytes = batch.nbytes if batch.nbytes >= 0 else estimate_nbytes(outcome)
+            self.sizer.observe(len(batch), batch.duration, batch.task(0)[0], nbytes)
         if self.retain:
             with self._count_lock:
                 self._unreleased -= 1

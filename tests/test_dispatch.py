@@ -177,3 +177,33 @@ def test_learnt_size_of_the_first_batch_is_bounded():
 
 def quadruple(x):
     return 4 * x
+
+
+def megabyte(i):
+    return bytes(1_000_000)
+
+
+@pytest.mark.parametrize("backend_class", ["threading", "processes"])
+def test_auto_batches_of_big_results_stay_under_the_byte_bound(backend_class):
+    """Cheap tasks with big results: batches are bounded by bytes, not only by time, so
+    the pre_dispatch bound (in batches) bounds memory on an endless stream."""
+    from parmap._batching import MAX_BATCH_BYTES
+    from parmap.backends.process import ProcessBackend
+
+    cls = ThreadingBackend if backend_class == "threading" else ProcessBackend
+    backend = recording(cls)()
+    gen = Parallel(n_jobs=2, backend=backend, return_as="generator")(
+        delayed(megabyte)(i) for i in itertools.count())
+    for _, result in zip(range(300), gen):
+        assert len(result) == 1_000_000
+    gen.close()
+    assert max(backend.sizes) * 1_000_000 <= MAX_BATCH_BYTES
+    assert max(backend.sizes) > 1  # still batched
+
+
+def test_the_sizer_caps_batches_by_result_bytes():
+    sizer = AutoBatchSizer(target=1.0, n_jobs=2)
+    sizer.observe(1, 1e-6, nbytes=2_000_000)  # fast, but 2 MB a result
+    for _ in range(5):
+        sizer.observe(sizer.size, 1e-6 * sizer.size, nbytes=2_000_000 * sizer.size)
+    assert sizer.size == 4  # 8 MiB / 2 MB

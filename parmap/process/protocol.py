@@ -231,6 +231,7 @@ def unloadable_request(exc: BaseException) -> bytes:
 def decode_reply(data: bytes, batch: Batch, describe: Callable[[], str]) -> Any:
     """The outcome for the caller: the result list, the exception to raise, or RETRY.
     Sets ``batch.duration`` from the worker's measurement."""
+    nbytes = len(data)
     try:
         status, payload, duration, shm_files = pickle.loads(data)
         if shm_files is not None:
@@ -238,11 +239,12 @@ def decode_reply(data: bytes, batch: Batch, describe: Callable[[], str]) -> Any:
                 payload = pickle.loads(payload)
             finally:
                 shm_results.discard_results(shm_files)
+            nbytes += sum(getattr(result, "nbytes", 0) for result in payload)
     except Exception as exc:
         return SerializationError(
             f"the results of {describe()} could not be unpickled in the caller: "
             f"{type(exc).__name__}: {exc}")
-    batch.duration = duration
+    batch.duration, batch.nbytes = duration, nbytes
     if status == RETRY_STATUS:
         return RETRY
     return payload if status == OK else payload.rebuild()
