@@ -242,6 +242,8 @@ class ParmapBackend(ParallelBackendBase):
             done(exc)
         return batch
 
+    apply_async = submit  # the name joblib < 1.5 calls
+
     def retrieve_result_callback(self, out: Any) -> list:
         if isinstance(out, BaseException):
             raise _for_joblib(out)

@@ -206,6 +206,25 @@ def test_nested_parallel_calls_stay_in_the_worker_within_its_cpu_share(start_met
         assert probe.thread_pools_ and all(n <= share for _, n in probe.thread_pools_)
 
 
+@linux_only
+@pytest.mark.parametrize("threads", [None, 2])
+def test_openmp_in_workers_after_the_caller_used_it(threads):
+    """GNU OpenMP hangs or crashes a forked child once the parent ran an OpenMP region,
+    unless the child keeps to one thread (threads=None here: one CPU per worker) or
+    the workers are not forked (threads=2: forkserver)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    X, y = digits(300)
+    model = HistGradientBoostingClassifier(max_iter=5, random_state=0)
+    model.fit(X, y)  # the caller's OpenMP threads now exist
+    scores = {}
+    for backend in ("sequential", "parmap"):
+        with joblib.parallel_config(backend=backend, n_jobs=2, inner_max_num_threads=threads
+                                    if backend == "parmap" else None):
+            scores[backend] = cross_val_score(model, X, y, cv=3)
+    assert np.array_equal(scores["parmap"], scores["sequential"])
+
+
 # --------------------------------------------------------------------------- failures
 
 def test_worker_crash_fails_the_call_fast_and_the_pool_carries_on():
