@@ -14,8 +14,10 @@ imports scikit-learn (not timed), then times
 
 Runs are interleaved (each repetition runs every backend, in a rotated order) so that
 the machine's background load hits all of them alike; the table shows medians and the
-ratio to loky (below 1: faster than loky). ``--profile B`` prints where the caller's
-time goes during a warm fit with backend B instead.
+ratio to loky (below 1: faster than loky), the best (least disturbed) run, and the CPU
+seconds the whole process tree used (psutil; less sensitive than wall time to other
+programs running meanwhile). ``--profile B`` prints where the caller's main thread
+spends a warm fit with backend B instead.
 """
 from __future__ import annotations
 
@@ -42,34 +44,54 @@ def child(backend: str, n_jobs: int, profile: bool = False) -> dict:
 
     X, y = load_digits(return_X_y=True)
 
-    def fit() -> tuple[float, list]:
-        t0 = time.perf_counter()
+    def fit() -> tuple[float, float, list]:
+        cpu0, t0 = tree_cpu(), time.perf_counter()
         if backend == "parmap":
             import parmap.joblib
 
             parmap.joblib.register_parmap()
         with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
             search = GridSearchCV(SVC(), GRID, cv=5).fit(X, y)
-        return time.perf_counter() - t0, list(search.cv_results_["mean_test_score"])
+        wall = time.perf_counter() - t0
+        return wall, tree_cpu() - cpu0, list(search.cv_results_["mean_test_score"])
 
-    cold, scores = fit()
+    cold, cold_cpu, scores = fit()
     if profile:
         import cProfile
         import pstats
 
         profiler = cProfile.Profile()
         profiler.enable()
-        warm, again = fit()
+        warm, warm_cpu, again = fit()
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
     else:
-        warm, again = fit()
+        warm, warm_cpu, again = fit()
     assert again == scores, "the two fits disagree"
     if backend == "loky":  # leave nothing behind
         from joblib.externals.loky import get_reusable_executor
 
         get_reusable_executor().shutdown(wait=True)
-    return {"cold": cold, "warm": warm, "scores": scores}
+    return {"cold": cold, "warm": warm, "cold_cpu": cold_cpu, "warm_cpu": warm_cpu,
+            "scores": scores}
+
+
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process, its live descendants (psutil) and the
+    children it has reaped. Less sensitive than wall time to other programs' load."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for proc in me.children(recursive=True):
+        try:
+            total += sum(proc.cpu_times()[:2])
+        except psutil.Error:  # exited meanwhile
+            pass
+    reaped = os.times()
+    return total + reaped.children_user + reaped.children_system
 
 
 def run_child(backend: str, n_jobs: int) -> dict:
@@ -102,22 +124,31 @@ def main(argv: list[str] | None = None) -> int:
         order = backends[rep % len(backends):] + backends[:rep % len(backends)]
         for backend in order:
             runs[backend].append(run_child(backend, args.n_jobs))
-            print(f"rep {rep + 1}/{args.reps} {backend:16s} cold {runs[backend][-1]['cold']:.3f}"
-                  f" s  warm {runs[backend][-1]['warm']:.3f} s", file=sys.stderr)
+            last = runs[backend][-1]
+            print(f"rep {rep + 1}/{args.reps} {backend:16s} cold {last['cold']:.3f} s "
+                  f"({last['cold_cpu']:.2f} CPU)  warm {last['warm']:.3f} s "
+                  f"({last['warm_cpu']:.2f} CPU)", file=sys.stderr)
     first = runs[backends[0]][0]["scores"]
     assert all(r["scores"] == first for rs in runs.values() for r in rs), \
         "backends disagree on the scores"
-    median = {b: {k: statistics.median(r[k] for r in rs) for k in ("cold", "warm")}
+    keys = ("cold", "warm", "cold_cpu", "warm_cpu")
+    median = {b: {k: statistics.median(r[k] for r in rs) for k in keys}
               for b, rs in runs.items()}
-    print(f"GridSearchCV(SVC(), 12-point grid, cv=5) on digits, n_jobs={args.n_jobs}, "
-          f"median of {args.reps} interleaved runs, each a fresh interpreter")
-    print(f"{'backend':16s} {'cold (s)':>9s} {'/ loky':>7s} {'warm (s)':>9s} {'/ loky':>7s}")
+    best = {b: {k: min(r[k] for r in rs) for k in keys} for b, rs in runs.items()}
+    print(f"GridSearchCV(SVC(), 12-point grid, cv=5) on digits, n_jobs={args.n_jobs}: "
+          f"{args.reps} interleaved runs, each a fresh interpreter; seconds, and the ratio "
+          f"to loky (below 1: faster)")
+    header = "".join(f" {h:>15s}" for h in ("cold median", "cold best", "warm median",
+                                             "warm best", "cold CPU", "warm CPU"))
+    print(f"{'backend':16s}{header}")
     for backend in backends:
-        row = median[backend]
-        ratio = {k: (row[k] / median["loky"][k] if "loky" in median else float("nan"))
-                 for k in row}
-        print(f"{backend:16s} {row['cold']:9.3f} {ratio['cold']:7.2f} "
-              f"{row['warm']:9.3f} {ratio['warm']:7.2f}")
+        cells = []
+        for stat, key in ((median, "cold"), (best, "cold"), (median, "warm"), (best, "warm"),
+                          (median, "cold_cpu"), (median, "warm_cpu")):
+            value = stat[backend][key]
+            ratio = value / stat["loky"][key] if "loky" in stat else float("nan")
+            cells.append(f" {value:7.2f} ({ratio:4.2f})")
+        print(f"{backend:16s}{''.join(cells)}")
     return 0
 
 

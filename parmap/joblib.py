@@ -215,8 +215,15 @@ class ParmapBackend(ParallelBackendBase):
             tasks = [(func, (), {})]
         else:
             backend, n_jobs = self.get_nested_backend()
-            tasks = [(_Nested(f, backend, n_jobs, self._threads), args, kwargs)
-                     for f, args, kwargs in items]
+            # one wrapper per function: joblib's delayed(f)(x) tasks all call the same f,
+            # and parmap then sends that function once per batch, not once per task
+            wrappers: dict[int, _Nested] = {}
+            tasks = []
+            for f, args, kwargs in items:
+                wrapper = wrappers.get(id(f))  # items hold every f: no id is reused here
+                if wrapper is None:
+                    wrapper = wrappers[id(f)] = _Nested(f, backend, n_jobs, self._threads)
+                tasks.append((wrapper, args, kwargs))
         with self._lock:
             call, start, per_task = self._call, self._next_index, self._per_task
             self._next_index += len(tasks)
@@ -320,9 +327,29 @@ class _Nested:
         return _Nested, (self.func, self.backend, self.n_jobs, self.threads)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        _cap_thread_pools(self.threads)
-        with joblib.parallel_config(backend=self.backend, n_jobs=self.n_jobs):
-            return self.func(*args, **kwargs)
+        if getattr(_applied, "backend", None) is not self.backend:
+            _apply(self.backend, self.n_jobs, self.threads)
+        return self.func(*args, **kwargs)
+
+
+#: what _apply set in this worker thread: checked per task, so it must be cheap
+_applied = threading.local()
+
+
+def _apply(backend: Any, n_jobs: int | None, threads: int) -> None:
+    """Make ``backend`` joblib's default in this worker thread, until the next batch's.
+
+    It stays set between tasks (as parmap's own workers keep ``threading`` as their
+    default): a ``parallel_config`` entered and left around each task would cost a few
+    microseconds per task. The previous one is undone first, so settings never pile up.
+    Once per batch: each batch brings its own copy of the backend.
+    """
+    previous = getattr(_applied, "config", None)
+    if previous is not None:
+        previous.unregister()
+    _cap_thread_pools(threads)
+    _applied.config = joblib.parallel_config(backend=backend, n_jobs=n_jobs)
+    _applied.backend = backend
 
 
 _capped: tuple[int, int] | None = None  # (pid, cap) of the last cap applied
