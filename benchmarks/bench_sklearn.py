@@ -11,6 +11,8 @@ imports scikit-learn (not timed), then times
          ``register_parmap()``; for every backend, starting its workers
 * warm   a second fit in the same process (parmap and loky reuse their workers; joblib's
          multiprocessing backend starts a new pool for every call)
+* tiny   then ``Parallel()(delayed(math.sqrt)(i) for i in range(200_000))``: the cost
+         per task of the backend (and of joblib's own machinery)
 
 Runs are interleaved (each repetition runs every backend, in a rotated order) so that
 the machine's background load hits all of them alike; the table shows medians and the
@@ -31,6 +33,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("parmap", "loky", "multiprocessing")
 GRID = {"C": [1, 10, 100, 1000], "gamma": [1e-2, 1e-3, 1e-4]}  # 12 points
+TINY = 200_000
 
 
 def child(backend: str, n_jobs: int, profile: bool = False) -> dict:
@@ -68,12 +71,19 @@ def child(backend: str, n_jobs: int, profile: bool = False) -> dict:
     else:
         warm, warm_cpu, again = fit()
     assert again == scores, "the two fits disagree"
+    import math
+
+    t0 = time.perf_counter()  # per-task overhead: many tiny tasks, on the warm workers
+    with joblib.parallel_config(backend=backend, n_jobs=n_jobs):
+        roots = joblib.Parallel()(joblib.delayed(math.sqrt)(i) for i in range(TINY))
+    tiny = time.perf_counter() - t0
+    assert roots[-1] == math.sqrt(TINY - 1)
     if backend == "loky":  # leave nothing behind
         from joblib.externals.loky import get_reusable_executor
 
         get_reusable_executor().shutdown(wait=True)
     return {"cold": cold, "warm": warm, "cold_cpu": cold_cpu, "warm_cpu": warm_cpu,
-            "scores": scores}
+            "tiny": tiny, "scores": scores}
 
 
 def tree_cpu() -> float:
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     first = runs[backends[0]][0]["scores"]
     assert all(r["scores"] == first for rs in runs.values() for r in rs), \
         "backends disagree on the scores"
-    keys = ("cold", "warm", "cold_cpu", "warm_cpu")
+    keys = ("cold", "warm", "cold_cpu", "warm_cpu", "tiny")
     median = {b: {k: statistics.median(r[k] for r in rs) for k in keys}
               for b, rs in runs.items()}
     best = {b: {k: min(r[k] for r in rs) for k in keys} for b, rs in runs.items()}
@@ -139,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.reps} interleaved runs, each a fresh interpreter; seconds, and the ratio "
           f"to loky (below 1: faster)")
     header = "".join(f" {h:>15s}" for h in ("cold median", "cold best", "warm median",
-                                             "warm best", "cold CPU", "warm CPU"))
+                                             "warm best", "cold CPU", "warm CPU",
+                                             "tiny tasks"))
     print(f"{'backend':16s}{header}")
     for backend in backends:
         cells = []
         for stat, key in ((median, "cold"), (best, "cold"), (median, "warm"), (best, "warm"),
-                          (median, "cold_cpu"), (median, "warm_cpu")):
+                          (median, "cold_cpu"), (median, "warm_cpu"), (median, "tiny")):
             value = stat[backend][key]
             ratio = value / stat["loky"][key] if "loky" in stat else float("nan")
             cells.append(f" {value:7.2f} ({ratio:4.2f})")

@@ -50,11 +50,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"parmap.joblib needs joblib ({exc}); install it with "
                       f"`pip install 'parmap[joblib]'`") from exc
 
-from . import RemoteTraceback, WorkerCrashedError, cpu_count
+from . import RemoteTraceback, TaskTimeoutError, WorkerCrashedError, cpu_count
 from ._delayed import Batch
 from .backends.process import ProcessBackend
 
-__all__ = ["register_parmap", "ParmapBackend", "JoblibWorkerCrashedError"]
+__all__ = ["register_parmap", "ParmapBackend", "JoblibWorkerCrashedError",
+           "JoblibTaskTimeoutError"]
 
 #: batches grow at most this many times at once while auto batching learns
 MAX_GROWTH = 8
@@ -70,6 +71,14 @@ class JoblibWorkerCrashedError(WorkerCrashedError, TerminatedWorkerError):
     It is both :class:`parmap.WorkerCrashedError` (``exitcode``, ``task_indices``) and
     joblib's ``TerminatedWorkerError``, so existing ``except`` clauses of either kind
     keep working.
+    """
+
+
+class JoblibTaskTimeoutError(TaskTimeoutError, multiprocessing.TimeoutError):
+    """A task ran past ``Parallel(timeout=...)``; its worker was stopped.
+
+    Both :class:`parmap.TaskTimeoutError` (a ``TimeoutError``) and the
+    ``multiprocessing.TimeoutError`` that joblib raises on a timeout.
     """
 
 
@@ -400,6 +409,8 @@ def _for_joblib(exc: BaseException) -> BaseException:
         crashed = JoblibWorkerCrashedError(exc.args[0] if exc.args else str(exc),
                                            exc.exitcode, exc.task_indices)
         return crashed.with_traceback(None)
+    if isinstance(exc, TaskTimeoutError) and not isinstance(exc, multiprocessing.TimeoutError):
+        return JoblibTaskTimeoutError(*exc.args)
     if exc.__traceback__ is not None and exc.__cause__ is None:
         import traceback
 

@@ -5,6 +5,7 @@ its own resource tracker process behind, which the leak check would rightly flag
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -259,9 +260,13 @@ def test_value_error_in_fit_reaches_the_caller_with_the_worker_traceback():
 
 
 def test_timeout_names_the_task_and_stops_its_worker():
-    with on("parmap"), pytest.raises(TimeoutError, match=r"task 2 \(sleep\(30\)\)"):
-        joblib.Parallel(timeout=0.5, batch_size=1)(
-            joblib.delayed(time.sleep)(s) for s in [0, 0, 30, 0])
+    # joblib times the wait for each result, in order: task 1 holds it back for 0.5 s
+    # after task 2 started, so parmap's own timer (per task, naming it) fires first
+    with on("parmap"), pytest.raises(multiprocessing.TimeoutError,
+                                     match=r"task 2 \(sleep\(30\)\)") as info:
+        joblib.Parallel(timeout=1.0, batch_size=1)(
+            joblib.delayed(time.sleep)(s) for s in [0, 0.5, 30, 0])
+    assert isinstance(info.value, parmap.TaskTimeoutError)
     with on("parmap"):
         assert joblib.Parallel()(joblib.delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
 
