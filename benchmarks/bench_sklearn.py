@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GridSearchCV(SVC(), 12-point grid, cv=5) on digits, n_jobs={args.n_jobs}: "
           f"{args.reps} interleaved runs, each a fresh interpreter; seconds, and the ratio "
           f"to loky (below 1: faster)")
-    header = "".join(f" {h:>15s}" for h in ("cold median", "cold best", "warm median",
-                                             "warm best", "cold CPU", "warm CPU",
-                                             "tiny tasks"))
+    columns = ("cold median", "cold best", "warm median", "warm best", "cold CPU",
+               "warm CPU", "tiny tasks")
+    header = "".join(f" {h:>15s}" for h in columns)
     print(f"{'backend':16s}{header}")
     for backend in backends:
         cells = []

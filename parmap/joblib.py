@@ -12,11 +12,11 @@ Three lines::
 Data flow of one ``joblib.Parallel`` call::
 
     joblib.Parallel ── BatchedCalls(items) ──> ParmapBackend.submit
-        the items become one parmap Batch: task indices run on across the call, and
-        each function is wrapped in _Nested (joblib's nested backend, thread caps)
+        its items become one parmap Batch (task indices run on across the call), each
+        function wrapped in _Nested (joblib's nested backend, thread caps)
         ──> ProcessBackend.submit ──> the shared WorkerPool ──> a worker runs the batch
-        (arrays over max_nbytes travel through /dev/shm, as for parmap's own calls)
-    result list | exception ──> the pool's manager thread ──> ParmapBackend._on_done
+        (arrays over max_nbytes travel through /dev/shm, as in parmap's own calls)
+    result list | exception ──> the pool's manager thread ──> submit's ``done``
         (records the in-worker duration for batch sizing) ──> joblib's callback
         ──> retrieve_result_callback: the results, or the error made joblib-friendly
 
@@ -27,9 +27,9 @@ workers start by fork when that is safe, so a cold pool costs milliseconds.
 
 Fork and OpenMP: GNU libgomp breaks in a forked child once the parent has run an OpenMP
 region (the child hangs or segfaults at its first parallel region) unless the child
-keeps OpenMP to one thread. So a worker caps its thread pools (threadpoolctl) before its
-first task, and when that cap is above one and libgomp is loaded here, the workers are
-started by forkserver instead of fork.
+keeps OpenMP to one thread. So a worker caps its thread pools (threadpoolctl) before it
+runs our first task, and when that cap is above one and libgomp is loaded here, the
+workers are started by forkserver instead of fork.
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 try:
-    import joblib
-    from joblib._parallel_backends import (FallbackToBackend, ParallelBackendBase,
-                                           SequentialBackend, ThreadingBackend)
-    from joblib.externals.loky.process_executor import TerminatedWorkerError
+    import joblib  # type: ignore[import-untyped]
+    from joblib._parallel_backends import (  # type: ignore[import-untyped]
+        FallbackToBackend, ParallelBackendBase, SequentialBackend, ThreadingBackend)
+    from joblib.externals.loky.process_executor import (  # type: ignore[import-untyped]
+        TerminatedWorkerError)
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"parmap.joblib needs joblib ({exc}); install it with "
                       f"`pip install 'parmap[joblib]'`") from exc
@@ -135,8 +136,8 @@ class ParmapBackend(ParallelBackendBase):
         # validates the arguments now, where the user passed them
         ProcessBackend(idle_timeout=idle_timeout, start_method=start_method,
                        initializer=initializer, initargs=initargs)
-        self._pool_args = {"idle_timeout": idle_timeout, "initializer": initializer,
-                           "initargs": initargs}
+        self._pool_args: dict[str, Any] = {"idle_timeout": idle_timeout,
+                                           "initializer": initializer, "initargs": initargs}
         self.start_method = start_method
         self.parallel: Any = None
         self._inner: ProcessBackend | None = None
@@ -173,7 +174,7 @@ class ParmapBackend(ParallelBackendBase):
                             f"parallel_config(backend='parmap', ...)")
         max_nbytes = kwargs.get("max_nbytes")
         if isinstance(max_nbytes, str):
-            from joblib.disk import memstr_to_bytes
+            from joblib.disk import memstr_to_bytes  # type: ignore[import-untyped]
 
             max_nbytes = memstr_to_bytes(max_nbytes)
         options = _CallOptions(getattr(parallel, "timeout", None), max_nbytes,
@@ -217,17 +218,17 @@ class ParmapBackend(ParallelBackendBase):
     def submit(self, func: Any, callback: Callable[[Any], None] | None = None) -> Batch:
         """Send joblib's batch to the pool; every outcome, even a failure to send it,
         comes back through ``callback``."""
-        items = getattr(func, "items", None)
+        items: Any = getattr(func, "items", None)
         opaque = not (isinstance(items, list) and items
                       and all(type(t) is tuple and len(t) == 3 for t in items))
+        tasks: list[tuple] = []
         if opaque:  # not joblib's BatchedCalls: one task that returns the result list
-            tasks = [(func, (), {})]
+            tasks.append((func, (), {}))
         else:
             backend, n_jobs = self.get_nested_backend()
             # one wrapper per function: joblib's delayed(f)(x) tasks all call the same f,
             # and parmap then sends that function once per batch, not once per task
             wrappers: dict[int, _Nested] = {}
-            tasks = []
             for f, args, kwargs in items:
                 wrapper = wrappers.get(id(f))  # items hold every f: no id is reused here
                 if wrapper is None:
@@ -269,8 +270,8 @@ class ParmapBackend(ParallelBackendBase):
         return self._batch_size
 
     def batch_completed(self, batch_size: int, duration: float) -> None:
-        """joblib's measure includes the time a batch waited; ours is taken in the
-        worker (see _observe), so this one is not used."""
+        """Unused: joblib's duration counts the wait in the queue; _observe has the
+        worker's own measure."""
 
     def _observe(self, call: object, n_tasks: int, duration: float) -> None:
         """Auto batching: batches of about ProcessBackend.target_batch_duration."""
@@ -346,13 +347,10 @@ _applied = threading.local()
 
 
 def _apply(backend: Any, n_jobs: int | None, threads: int) -> None:
-    """Make ``backend`` joblib's default in this worker thread, until the next batch's.
-
-    It stays set between tasks (as parmap's own workers keep ``threading`` as their
-    default): a ``parallel_config`` entered and left around each task would cost a few
-    microseconds per task. The previous one is undone first, so settings never pile up.
-    Once per batch: each batch brings its own copy of the backend.
-    """
+    """Make ``backend`` joblib's default in this worker thread until the next batch
+    brings its own copy (parmap's workers keep ``threading`` as their default the same
+    way): entering and leaving a ``parallel_config`` around each task costs microseconds
+    per task. The previous setting is undone first, so settings never pile up."""
     previous = getattr(_applied, "config", None)
     if previous is not None:
         previous.unregister()
@@ -365,17 +363,15 @@ _capped: tuple[int, int] | None = None  # (pid, cap) of the last cap applied
 
 
 def _cap_thread_pools(limit: int) -> None:
-    """Cap BLAS and OpenMP pools of this worker at ``limit`` threads, once per cap.
-
-    Environment variables cannot do it in a forked worker: the libraries read them
-    when loaded, in the parent. Best effort: threadpoolctl may be missing.
-    """
+    """Cap this worker's BLAS and OpenMP pools at ``limit`` threads, once per cap (best
+    effort). Environment variables cannot: a forked worker's libraries read them when
+    the parent loaded them."""
     global _capped
     if _capped == (os.getpid(), limit):
         return
     _capped = (os.getpid(), limit)
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -406,9 +402,8 @@ def _for_joblib(exc: BaseException) -> BaseException:
     (rebuilt by parmap) is kept as text in ``__cause__``, as loky does.
     """
     if isinstance(exc, WorkerCrashedError) and not isinstance(exc, TerminatedWorkerError):
-        crashed = JoblibWorkerCrashedError(exc.args[0] if exc.args else str(exc),
-                                           exc.exitcode, exc.task_indices)
-        return crashed.with_traceback(None)
+        return JoblibWorkerCrashedError(exc.args[0] if exc.args else str(exc),
+                                        exc.exitcode, exc.task_indices)
     if isinstance(exc, TaskTimeoutError) and not isinstance(exc, multiprocessing.TimeoutError):
         return JoblibTaskTimeoutError(*exc.args)
     if exc.__traceback__ is not None and exc.__cause__ is None:
