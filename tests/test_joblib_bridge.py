@@ -293,10 +293,12 @@ def writeable_and_sum(a):
 
 
 def test_large_arrays_travel_through_shared_memory_not_pickles():
+    from sklearn.utils.parallel import Parallel, delayed  # what scikit-learn calls with
+
     big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: above joblib's 1M max_nbytes
     with on("parmap"):
         for _ in range(2):  # a cold pool (forked workers inherit it), then a warm one
-            placed = joblib.Parallel()(joblib.delayed(writeable_and_sum)(big) for _ in range(4))
+            placed = Parallel()(delayed(writeable_and_sum)(big) for _ in range(4))
             assert placed == [(False, float(big.sum()))] * 4  # read-only views, not copies
         pickled = joblib.Parallel(max_nbytes=None)(
             joblib.delayed(writeable_and_sum)(big) for _ in range(4))
