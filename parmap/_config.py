@@ -180,6 +180,14 @@ def _ensure_builtin_backends() -> None:
     for name in ("processes", "loky", "multiprocessing"):  # joblib's names run ours
         _BACKENDS.setdefault(name, process_backend_factory)
 
+    def dask_backend_factory(**backend_kwargs: Any) -> Any:
+        # dask is imported only when this backend is used: `import parmap` stays light
+        from .backends.dask import DaskBackend
+
+        return DaskBackend(**backend_kwargs)
+
+    _BACKENDS.setdefault("dask", dask_backend_factory)
+
 
 def register_parallel_backend(name: str, factory: Callable[..., Any],
                               make_default: bool = False) -> None:
