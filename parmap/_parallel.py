@@ -116,7 +116,7 @@ class Parallel:
             return 1
         return backend.configure(n_jobs, CallOptions(
             self.timeout, self.max_nbytes, self.mmap_mode, self.temp_folder,
-            self.inner_max_num_threads, self.verbose))
+            self.inner_max_num_threads, self.verbose, self.n_jobs))
 
     def __call__(self, iterable: Iterable[Task]) -> Any:
         """Run the tasks: a list of results, or a generator for the generator modes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Callable
 
 import pytest
 
@@ -13,6 +14,23 @@ import parmap
 BACKENDS = ["sequential", "threading", "processes"]
 PARALLEL_BACKENDS = ["threading"]
 LEAK_GRACE = 5.0  # seconds a finishing thread/worker may take to go away
+
+#: Helpers that a module-scoped fixture keeps alive across its tests on purpose (the Dask
+#: cluster of test_dask.py). While it lives, such a fixture registers a callable returning
+#: the threads and child pids it owns *now* (a Dask worker killed by a test is restarted
+#: with a new pid); the per-test check ignores exactly those (and the children's own
+#: descendants), and the fixture checks at its teardown that they are gone.
+LONG_LIVED: list[Callable[[], tuple[set, set]]] = []
+
+
+def long_lived() -> tuple[set, set]:
+    threads: set = set()
+    pids: set = set()
+    for owned in LONG_LIVED:
+        more_threads, more_pids = owned()
+        threads |= more_threads
+        pids |= more_pids
+    return threads, pids
 
 
 def helper_pids() -> set[int]:
@@ -28,12 +46,13 @@ def helper_pids() -> set[int]:
     return {pid for pid in pids if pid}
 
 
-def child_pids() -> set[int]:
+def child_pids(skip: set[int] = frozenset()) -> set[int]:
     """Live (or zombie) descendants of this process, multiprocessing's helpers excepted
-    (workers started through the forkserver are its children, so count them too)."""
+    (workers started through the forkserver are its children, so count them too), and
+    the pids in ``skip`` with their descendants."""
     found, frontier = set(), {os.getpid()}
     while frontier:
-        frontier = set().union(*(_children(pid) for pid in frontier)) - found
+        frontier = set().union(*(_children(pid) for pid in frontier)) - found - skip
         found |= frontier
     return found - helper_pids()
 
@@ -75,10 +94,12 @@ def shutdown_pools() -> None:
 
 def leaks(threads_before: set, shm_before: set) -> list[str]:
     problems = []
-    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    known_threads, known_pids = long_lived()
+    threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()
+               and t not in known_threads]
     if threads:
         problems.append(f"threads left running: {[t.name for t in threads]}")
-    children = child_pids()
+    children = child_pids(known_pids)
     if children:
         problems.append(f"child processes left: {sorted(children)}")
     shm = shm_entries() - shm_before

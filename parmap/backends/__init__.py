@@ -34,6 +34,7 @@ LAZY: dict[str, str] = {
     "processes": "parmap.backends.process:make_process_backend",
     "loky": "parmap.backends.process:make_process_backend",
     "multiprocessing": "parmap.backends.process:make_process_backend",
+    "dask": "parmap.backends.dask:DaskBackend",  # the optional dask extra
 }
 _factories: dict[str, Factory] = {"sequential": SequentialBackend,
                                   "threading": ThreadingBackend}

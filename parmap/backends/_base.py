@@ -47,17 +47,21 @@ class CallOptions:
     """The settings of one ``Parallel`` call that a backend may act on."""
 
     __slots__ = ("timeout", "max_nbytes", "mmap_mode", "temp_folder",
-                 "inner_max_num_threads", "verbose")
+                 "inner_max_num_threads", "verbose", "requested_n_jobs")
 
     def __init__(self, timeout: float | None = None, max_nbytes: int | None = 1024 ** 2,
                  mmap_mode: str | None = "r", temp_folder: str | None = None,
-                 inner_max_num_threads: int | None = None, verbose: float = 0):
+                 inner_max_num_threads: int | None = None, verbose: float = 0,
+                 requested_n_jobs: int | None = None):
         self.timeout = timeout
         self.max_nbytes = max_nbytes
         self.mmap_mode = mmap_mode
         self.temp_folder = temp_folder
         self.inner_max_num_threads = inner_max_num_threads
         self.verbose = verbose
+        #: n_jobs as the caller gave it (None, k or -k), for backends whose workers are
+        #: not this machine's CPUs (a cluster counts its own for -1)
+        self.requested_n_jobs = requested_n_jobs
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
