@@ -115,10 +115,23 @@ def _default_tqdm() -> Any:
             from tqdm.notebook import tqdm as notebook_tqdm
 
             if type(get_ipython()).__name__ == "ZMQInteractiveShell":
-                return notebook_tqdm
+                return _quiet(notebook_tqdm)
         except Exception:
             pass
-    return tqdm
+    return _quiet(tqdm)
+
+
+_quiet_tqdm: dict[type, type] = {}
+
+
+def _quiet(cls: type) -> type:
+    """``cls`` without its monitor thread: a live thread would make the pool start its
+    workers by forkserver instead of fork (see ``process.spawn``), and we update the bar
+    ourselves anyway."""
+    quiet = _quiet_tqdm.get(cls)
+    if quiet is None:
+        quiet = _quiet_tqdm[cls] = type(cls.__name__, (cls,), {"monitor_interval": 0})
+    return quiet
 
 
 class TqdmBar:

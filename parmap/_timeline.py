@@ -73,7 +73,8 @@ def plot(insights: Any, path: str | os.PathLike | None = None, title: str | None
         f"{shares['transfer']:.0%}, idle {shares['idle']:.0%}"), fontsize=10, loc="left")
     handles = [_patch(COMPUTE, "running tasks"), _patch(TRANSFER, "pickling, sending"),
                _patch("white", "idle", edge="#999999")]
-    ax.legend(handles=handles, loc="upper right", fontsize=8, ncols=3, framealpha=0.9)
+    ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+              ncols=3, frameon=False, borderaxespad=0.2)
 
     for name in names:
         own = [r for r, _ in by_worker.get(name, [])]
