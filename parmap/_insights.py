@@ -130,6 +130,7 @@ class Insights:
                 "caller_unpickle_s": sum(r.unpickle_s for r in records),
                 "worker_unpickle_s": sum(r.worker_unpickle_s for r in records),
                 "worker_pickle_s": sum(r.worker_pickle_s for r in records),
+                "worker_send_s": sum(w["send_s"] for w in workers),
             },
             "queue_wait_s": {"total": sum(waits), "mean": sum(waits) / len(waits) if waits
                              else 0.0, "max": max(waits, default=0.0)},
@@ -176,8 +177,8 @@ def _workers(records: list[BatchRecord], started: float, end: float) -> list[dic
     for name, own in lanes(records).items():
         busy = sum(until - r.received for r, until in own)
         compute = sum(r.task_s for r, _ in own)
-        transfer = sum(r.worker_unpickle_s + r.worker_pickle_s + until - r.sent
-                       for r, until in own)
+        send = sum(until - r.sent for r, until in own)  # big replies: until read
+        transfer = sum(r.worker_unpickle_s + r.worker_pickle_s for r, _ in own) + send
         first = max(own[0][0].received - started, 0.0)
         last = max(end - max(until for _, until in own), 0.0)
         since = min((r.worker_since for r, _ in own if r.worker_since is not None),
@@ -185,7 +186,7 @@ def _workers(records: list[BatchRecord], started: float, end: float) -> list[dic
         peaks = [r.peak_rss for r, _ in own if r.peak_rss is not None]
         out.append({
             "worker": name, "batches": len(own), "tasks": sum(r.n_tasks for r, _ in own),
-            "busy_s": busy, "compute_s": compute, "transfer_s": transfer,
+            "busy_s": busy, "compute_s": compute, "transfer_s": transfer, "send_s": send,
             "utilisation": min(busy / wall, 1.0),
             "startup_idle_s": first, "end_idle_s": last,
             "between_idle_s": max(wall - busy - first - last, 0.0),

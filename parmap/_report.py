@@ -83,7 +83,9 @@ def report(data: dict[str, Any]) -> str:
                  f"{seconds(tr['caller_pickle_s'])} in the caller + "
                  f"{seconds(tr['worker_pickle_s'])} in workers, unpickling "
                  f"{seconds(tr['worker_unpickle_s'])} in workers + "
-                 f"{seconds(tr['caller_unpickle_s'])} in the caller")
+                 f"{seconds(tr['caller_unpickle_s'])} in the caller" + (
+                     f"; workers waited {seconds(tr['worker_send_s'])} for the caller to "
+                     f"read their replies" if tr["worker_send_s"] >= 1e-3 else ""))
     queue, caller, startup = data["queue_wait_s"], data["caller"], data["startup"]
     lines.append(f"Queues: batches waited {seconds(queue['mean'])} on average (max "
                  f"{seconds(queue['max'])}) from dispatch to start")
@@ -162,7 +164,9 @@ def _overhead(d: dict[str, Any]) -> tuple[float, str] | None:
     work = tasks["total_s"]
     share = lost / (lost + work) if lost + work > 0 else 0.0
     caller = d["caller"]
-    n, n_batches, mean = d["n_tasks"], d["n_batches"], tasks["mean_s"] or 0.0
+    n, n_batches = d["n_tasks"], d["n_batches"]
+    # the typical task (a slow outlier says nothing of what a batch of others costs)
+    mean = min(tasks["mean_s"] or 0.0, tasks["p50_s"] or math.inf)
     data = (tr["to_workers_bytes"] + tr["from_workers_bytes"]) / n
     if share < NOTABLE or data >= DATA_PER_TASK or \
             caller["input_s"] + caller["consumer_s"] >= 0.2 * wall:
@@ -177,7 +181,7 @@ def _overhead(d: dict[str, Any]) -> tuple[float, str] | None:
     while better < most and overhead_at(better) > TARGET_OVERHEAD:
         better *= 2
     better = min(better, most)
-    head = (f"Tasks take {seconds(mean)} each and each batch of ~{size:.0f} loses "
+    head = (f"Tasks take ~{seconds(mean)} each and each batch of ~{size:.0f} loses "
             f"{seconds(per_batch)} to dispatch and transfer: per-task overhead is "
             f"{percent(share)} of the run")
     if overhead_at(most) > 0.25:
@@ -225,11 +229,11 @@ def _caller(d: dict[str, Any]) -> tuple[float, str] | None:
 def _big_data(d: dict[str, Any]) -> tuple[float, str] | None:
     tr, n, wall = d["transfer"], d["n_tasks"], d["wall_s"]
     back, out = tr["from_workers_bytes"] / n, tr["to_workers_bytes"] / n
-    cost = (tr["worker_pickle_s"] + tr["caller_unpickle_s"]) / wall
+    back_s = tr["worker_pickle_s"] + tr["caller_unpickle_s"] + tr["worker_send_s"]
     if back >= BIG:
-        return max(cost, 0.01), (
+        return max(back_s / wall, 0.01), (
             f"Results of {nbytes(back)} each are pickled through a pipe ("
-            f"{seconds(tr['worker_pickle_s'] + tr['caller_unpickle_s'])} of pickling): return "
+            f"{seconds(back_s)} of pickling and sending): return "
             f"numpy arrays, which come back through shared memory above max_nbytes ('1M' by "
             f"default, unpickled), or write big results to files and return their paths.")
     if out >= BIG:

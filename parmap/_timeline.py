@@ -58,7 +58,9 @@ def plot(insights: Any, path: str | os.PathLike | None = None, title: str | None
                 transfer[lane].append((r.received - t0, r.began - r.received))
             if until > r.ended:
                 transfer[lane].append((r.ended - t0, until - r.ended))
-    edge = {"edgecolor": "white", "linewidth": 0.4} if len(records) <= 400 else {}
+    # white edges part adjacent batches, unless the bars are too thin to show colour
+    edge = {"edgecolor": "white", "linewidth": 0.4} if len(records) <= 40 * len(names) \
+        else {}
     for lane in range(len(names)):
         ax.broken_barh(compute[lane], (lane - 0.36, 0.72), facecolors=COMPUTE, **edge)
         ax.broken_barh(transfer[lane], (lane - 0.36, 0.72), facecolors=TRANSFER)
@@ -67,10 +69,11 @@ def plot(insights: Any, path: str | os.PathLike | None = None, title: str | None
     ax.set_xlim(0, max(end, 1e-6))
     ax.tick_params(labelbottom=False)
     shares = data["time"]
-    ax.set_title(title or (
+    fig.suptitle(title or (
         f"{data['n_tasks']} tasks, {data['n_batches']} batches on {data['n_workers']} "
         f"{data['backend']} workers: compute {shares['compute']:.0%}, transfer "
-        f"{shares['transfer']:.0%}, idle {shares['idle']:.0%}"), fontsize=10, loc="left")
+        f"{shares['transfer']:.0%}, idle {shares['idle']:.0%}"), fontsize=10, x=0.01,
+        ha="left")
     handles = [_patch(COMPUTE, "running tasks"), _patch(TRANSFER, "pickling, sending"),
                _patch("white", "idle", edge="#999999")]
     ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8,
@@ -78,17 +81,24 @@ def plot(insights: Any, path: str | os.PathLike | None = None, title: str | None
 
     for name in names:
         own = [r for r, _ in by_worker.get(name, [])]
-        rss = [r.rss / MiB for r in own if r.rss is not None]
-        if not rss or len(rss) != len(own):
+        if not own or any(r.rss is None for r in own):
             continue  # the memory of this worker is not known
-        line, = memory.step([0.0] + [r.sent - t0 for r in own], rss[:1] + rss,
-                            where="post", label=name, linewidth=1.2)
-        peak = max((r.peak_rss or 0) for r in own)
-        if peak:
-            memory.axhline(peak / MiB, color=line.get_color(), linestyle=":", linewidth=0.8)
+        times = [0.0] + [r.sent - t0 for r in own]
+        rss = [r.rss / MiB for r in own]  # type: ignore[operator]
+        line, = memory.step(times, rss[:1] + rss, where="post", label=name, linewidth=1.2)
+        if all(r.peak_rss is not None for r in own):
+            peak = [r.peak_rss / MiB for r in own]  # type: ignore[operator]
+            memory.step(times, peak[:1] + peak, where="post", color=line.get_color(),
+                        linestyle=":", linewidth=1.0)
+            for r, before, after in zip(own[1:], peak, peak[1:]):
+                if after > before * 1.02:  # the peak rose while this batch ran: show when
+                    memory.fill_between([r.began - t0, r.sent - t0], before, after,
+                                        color=line.get_color(), alpha=0.25, linewidth=0)
     memory.set_ylabel("resident memory (MiB)")
-    memory.set_xlabel("seconds since the call began (dotted: each worker's peak)")
-    memory.set_ylim(bottom=0)
+    memory.set_xlabel("seconds since the call began (dotted: each worker's peak so far; "
+                      "shaded: the batch during which it rose)")
+    peaks = [r.peak_rss or r.rss or 0 for r in records]
+    memory.set_ylim(0, max(peaks, default=0) / MiB * 1.15 or 1.0)
     if len(names) <= 8 and records:
         memory.legend(fontsize=8, loc="lower right")
     if path is not None:
