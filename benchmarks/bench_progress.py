@@ -97,6 +97,12 @@ def main() -> None:
                                            "all": times[backend, mode]}
             print(f"{backend:10} {mode:9} {med['cold_s']:8.3f} {ratio['cold_s']:6.2f} "
                   f"{med['warm_s']:8.3f} {ratio['warm_s']:6.2f}")
+    for backend in BACKENDS:
+        tqdm_ = {k: statistics.median(v) for k, v in times[backend, "tqdm"].items()}
+        imported = {k: statistics.median(v) for k, v in times[backend, "imported"].items()}
+        print(f"{backend}: the tqdm bar against tqdm imported without a bar: cold "
+              f"{tqdm_['cold_s'] / imported['cold_s']:.2f}, warm "
+              f"{tqdm_['warm_s'] / imported['warm_s']:.2f}")
     out_dir = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "progress.json"), "w") as f:

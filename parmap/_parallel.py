@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from itertools import chain
+from operator import length_hint
 from time import time
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator
@@ -155,7 +156,7 @@ class Parallel:
         """Verbose lines, a progress bar and insights for this call; None if all are off."""
         if not Monitor.wanted(self.verbose, self.progress, self._observe):
             return None
-        total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+        total = (length_hint(iterable, 0) or None) if hasattr(iterable, "__len__") else None
         monitor = Monitor(self.verbose, self.progress, self._observe, n_jobs, self._backend,
                           n_jobs == 1, total, started)
         if monitor.insights is not None:
