@@ -22,7 +22,6 @@ is a fraction of it.
 """
 from __future__ import annotations
 
-import heapq
 import threading
 from time import time
 from typing import Any
@@ -74,7 +73,7 @@ class Insights:
             hist, record.hist = record.hist or {}, None
             for key, count in hist.items():
                 self._hist[key] = self._hist.get(key, 0) + count
-            self._slowest = heapq.nlargest(SLOWEST_KEPT, self._slowest + record.slowest)
+            self._slowest = sorted(self._slowest + record.slowest, reverse=True)[:SLOWEST_KEPT]
             record.slowest = []
             self.records.append(record)
 

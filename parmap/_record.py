@@ -22,7 +22,6 @@ octave) and the few slowest tasks with their call repr, made where the task ran.
 """
 from __future__ import annotations
 
-import heapq
 import os
 import sys
 import threading
@@ -160,11 +159,13 @@ class BatchRecord:
             if hist is not None:
                 key = bin_of(seconds)
                 hist[key] = hist.get(key, 0) + 1
-            slowest = self.slowest
+            slowest = self.slowest  # unordered; no heapq: it would cost import parmap
             if len(slowest) < SLOWEST_KEPT:
-                heapq.heappush(slowest, (seconds, cpu, index, ""))
-            elif seconds > slowest[0][0]:
-                heapq.heapreplace(slowest, (seconds, cpu, index, ""))
+                slowest.append((seconds, cpu, index, ""))
+            else:
+                fastest = min(slowest)
+                if seconds > fastest[0]:
+                    slowest[slowest.index(fastest)] = (seconds, cpu, index, "")
 
     def finish(self, task: Callable[[int], tuple]) -> None:
         """After the last task: name the slowest tasks (``task(index)`` gives the
