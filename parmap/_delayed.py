@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from . import _context
 from ._errors import add_task_note
+from ._record import BatchRecord, run_observed
 
 __all__ = ["delayed", "Batch", "Task", "check_task", "compact"]
 
@@ -73,11 +74,12 @@ class Batch:
     ``tracker`` receives ``tracker.mark(index, started)`` before each task (timeouts);
     ``transform`` is applied to each result as its task returns; ``nested`` holds the
     settings that ``Parallel`` calls made *by the tasks* see (their backend, n_jobs and
-    nesting level: see ``ParallelBackendBase.get_nested_backend``).
+    nesting level: see ``ParallelBackendBase.get_nested_backend``); ``record``, when set
+    (a call with insights on), makes the batch time every task into it (see ``_record``).
     """
 
     __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected",
-                 "transform", "nested", "nbytes")
+                 "transform", "nested", "nbytes", "record")
 
     def __init__(self, start: int, tasks: list, func: Callable[..., Any] | None = None,
                  nested: Mapping[str, Any] | None = None):
@@ -94,6 +96,7 @@ class Batch:
         self.expected: float | None = None  # seconds the dispatcher expects it to run
         #: bytes its results took to reach the caller, where a backend serialised them
         self.nbytes = -1
+        self.record: BatchRecord | None = None
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -113,10 +116,13 @@ class Batch:
         token = _context.push(self.nested) if self.nested is not None else None
         try:
             func = self.func
-            if func is not None and self.tracker is None and self.transform is None:
+            if func is not None and self.tracker is None and self.transform is None \
+                    and self.record is None:
                 append = out.append
                 for args in self.tasks:  # the fast loop: delayed(f)(x) for x in xs
                     append(func(*args))
+            elif self.record is not None:
+                run_observed(self, out)  # insights: every task timed
             else:
                 self._run_general(out)
         except BaseException as exc:

@@ -25,6 +25,9 @@ queue.
 Each batch carries the settings that ``Parallel`` calls made by its tasks see: the
 backend's :meth:`~parmap.backends._base.ParallelBackendBase.get_nested_backend`, one
 nesting level deeper (applied by the batch wherever it runs, worker processes included).
+
+An optional :class:`Observer` (``Parallel(insights=True)``) sees each batch as it is
+submitted, with the time reading the input took, and each outcome as it arrives.
 """
 from __future__ import annotations
 
@@ -33,15 +36,15 @@ import threading
 from itertools import chain, islice
 from operator import length_hint
 from queue import Empty, SimpleQueue
-from time import monotonic
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from time import monotonic, perf_counter
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from ._batching import AutoBatchSizer, estimate_nbytes
 from ._delayed import Batch, check_task, compact
 from ._errors import timeout_error
 from .backends._base import Outcome, ParallelBackendBase
 
-__all__ = ["Dispatcher", "LockedIterator", "nested_settings"]
+__all__ = ["Dispatcher", "LockedIterator", "Observer", "nested_settings"]
 
 #: how often the consumer wakes to check timeouts (and, on Windows, to see Ctrl-C)
 POLL_INTERVAL = 0.1
@@ -66,6 +69,17 @@ class LockedIterator:
     def push_back(self, tasks: list) -> None:
         """Make ``tasks`` the next ones read. Lock held."""
         self._it = chain(tasks, self._it)
+
+
+class Observer(Protocol):
+    """Watches a call's batches (insights); both methods must be quick and never raise."""
+
+    def submitting(self, batch: Batch, read_s: float) -> None:
+        """``batch`` goes to the backend now; reading and batching its tasks took
+        ``read_s`` seconds. Called with the input's lock held."""
+
+    def completed(self, batch: Batch, outcome: Outcome) -> None:
+        """The backend called back with ``outcome``; from any thread."""
 
 
 class _Job:
@@ -113,12 +127,14 @@ class Dispatcher:
     def __init__(self, iterable: Iterable, backend: ParallelBackendBase, n_jobs: int,
                  pre_dispatch: int | None, batch_size: int | str, retain: bool,
                  timeout: float | None = None,
-                 on_progress: Callable[[Dispatcher], None] | None = None):
+                 on_progress: Callable[[Dispatcher], None] | None = None,
+                 observer: Observer | None = None):
         self.backend = backend
         self.n_jobs = n_jobs
         self.retain = retain
         self.timeout = timeout
         self.on_progress = on_progress
+        self.observer = observer
         hint = length_hint(iterable, 0) if hasattr(iterable, "__len__") else 0
         self.n_tasks: int | None = hint or None
         self._input = LockedIterator(iterable)
@@ -164,6 +180,8 @@ class Dispatcher:
     def _dispatch_one(self) -> None:
         start = self.n_dispatched
         size = self._fixed_size or self.sizer.next_size(start)
+        observer = self.observer
+        read_from = perf_counter() if observer is not None else 0.0
         tasks = self._input.take(size)
         if start == 0 and tasks and self._fixed_size is None and \
                 type(tasks[0]) is tuple and len(tasks[0]) == 3:
@@ -188,6 +206,8 @@ class Dispatcher:
         self.n_batches += 1
         with self._count_lock:
             self._unreleased += 1
+        if observer is not None:
+            observer.submitting(batch, perf_counter() - read_from)
         self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
 
     def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
@@ -210,6 +230,8 @@ class Dispatcher:
     def _on_done(self, job: _Job, outcome: Outcome) -> None:
         """Backend callback, from any thread."""
         job.outcome = outcome
+        if self.observer is not None:
+            self.observer.completed(job.batch, outcome)
         if isinstance(outcome, list):
             batch = job.batch
             nbytes = batch.nbytes if batch.nbytes >= 0 else estimate_nbytes(outcome)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 import warnings
 from itertools import chain
+from operator import length_hint
+from time import time
 from types import TracebackType
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ._delayed import Task, check_task
 from ._dispatch import Dispatcher
-from ._progress import Progress
+from ._insights import Insights
+from ._monitor import Monitor
 from ._settings import DEFAULT, Default, parse_pre_dispatch, resolve, resolve_n_jobs
 from .backends import BackendSpec, CallOptions, ParallelBackendBase, make_backend
 
@@ -51,12 +54,15 @@ class Parallel:
                  mmap_mode: str | None | Default = DEFAULT["mmap_mode"],
                  prefer: str | None | Default = DEFAULT["prefer"],
                  require: str | None | Default = DEFAULT["require"],
+                 progress: bool | Callable[..., Any] | Default = DEFAULT["progress"],
+                 insights: bool | Default = DEFAULT["insights"],
                  **backend_kwargs: object):
         settings = resolve({
             "n_jobs": n_jobs, "backend": backend, "return_as": return_as, "verbose": verbose,
             "timeout": timeout, "pre_dispatch": pre_dispatch, "batch_size": batch_size,
             "temp_folder": temp_folder, "max_nbytes": max_nbytes, "mmap_mode": mmap_mode,
-            "prefer": prefer, "require": require})
+            "prefer": prefer, "require": require, "progress": progress,
+            "insights": insights})
         self.n_jobs: int | None = settings["n_jobs"]
         self.return_as: str = settings["return_as"]
         self.verbose: float = settings["verbose"]
@@ -69,6 +75,11 @@ class Parallel:
         self.prefer: str | None = settings["prefer"]
         self.require: str | None = settings["require"]
         self.inner_max_num_threads: int | None = settings["inner_max_num_threads"]
+        # a bar per nested call would garble the caller's: only an explicit argument
+        nested = settings["nesting_level"] > 0 and isinstance(progress, Default)
+        self.progress: bool | Callable[..., Any] = False if nested else settings["progress"]
+        self._observe: bool = settings["insights"]
+        self._insights: Insights | None = None
         named = not isinstance(backend, Default) and backend is not None
         params = backend_kwargs if named else {**settings["backend_params"], **backend_kwargs}
         self._backend = self._choose_backend(settings["backend"], named, params,
@@ -125,14 +136,16 @@ class Parallel:
                 "This Parallel instance is already running: its generator was neither "
                 "exhausted nor closed. Finish or close() that generator first, or use a "
                 "separate Parallel instance for concurrent calls.")
+        started = time() if self._observe else 0.0
         n_jobs = self._configure()
         self._running = True
         try:
+            monitor = self._monitor(iterable, n_jobs, started)
             if n_jobs == 1:
-                results = self._inline(iterable)
+                results = self._inline(iterable, monitor)
                 next(results)
                 return list(results) if self.return_as == "list" else results
-            batches = self._dispatched(iterable, n_jobs)
+            batches = self._dispatched(iterable, n_jobs, monitor)
             next(batches)  # start dispatching now, as joblib does
             if self.return_as == "list":
                 return list(chain.from_iterable(batches))
@@ -141,46 +154,69 @@ class Parallel:
             self._running = False
             raise
 
-    def _inline(self, iterable: Iterable[Task]) -> Iterator[Any]:
-        progress = Progress(self.verbose, 1, "sequential") if self.verbose else None
+    @property
+    def insights(self) -> Insights | None:
+        """What the last call did, with ``insights=True`` (None otherwise, or before the
+        first call): ``print()`` it for a report with advice, ``.to_dict()`` for the
+        figures, ``.plot("run.png")`` for a timeline. Readable during the call too."""
+        return self._insights
+
+    def _monitor(self, iterable: Iterable[Task], n_jobs: int, started: float
+                 ) -> Monitor | None:
+        """Verbose lines, a progress bar and insights for this call; None if all are off."""
+        if not Monitor.wanted(self.verbose, self.progress, self._observe):
+            return None
+        total = (length_hint(iterable, 0) or None) if hasattr(iterable, "__len__") else None
+        monitor = Monitor(self.verbose, self.progress, self._observe, n_jobs, self._backend,
+                          n_jobs == 1, total, started)
+        if monitor.insights is not None:
+            self._insights = monitor.insights
+        return monitor
+
+    def _inline(self, iterable: Iterable[Task], monitor: Monitor | None) -> Iterator[Any]:
         try:
             yield None  # primed by __call__
-            index = -1
+            if monitor is not None:
+                yield from monitor.run_inline(iterable)
+                return
             for index, task in enumerate(iterable):
                 if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
                     check_task(task, index)
                 func, args, kwargs = task
                 yield func(*args, **kwargs) if kwargs else func(*args)
-                if progress is not None:
-                    progress.update(index + 1, None)
-            if progress is not None:
-                progress.finish(index + 1)
         finally:
             self._running = False
 
-    def _dispatched(self, iterable: Iterable[Task], n_jobs: int) -> Iterator[list]:
+    def _dispatched(self, iterable: Iterable[Task], n_jobs: int, monitor: Monitor | None
+                    ) -> Iterator[list]:
         backend = self._backend
-        progress = Progress(self.verbose, n_jobs, type(backend).__name__) \
-            if self.verbose else None
-        dispatcher = Dispatcher(iterable, backend, n_jobs,
-                                parse_pre_dispatch(self.pre_dispatch, n_jobs),
-                                self.batch_size, retain=self.return_as == "list",
-                                timeout=self.timeout, on_progress=progress)
         finished = False
+        try:
+            dispatcher = Dispatcher(
+                iterable, backend, n_jobs, parse_pre_dispatch(self.pre_dispatch, n_jobs),
+                self.batch_size, retain=self.return_as == "list", timeout=self.timeout,
+                on_progress=monitor, observer=monitor.insights if monitor else None)
+        except BaseException:
+            if monitor is not None:
+                monitor.close(None)
+            raise
         self._live = dispatcher
         try:
             dispatcher.start()
             yield []  # primed by __call__, once the first batches are out
-            yield from dispatcher.batches(ordered=self.return_as != "generator_unordered")
+            batches = dispatcher.batches(ordered=self.return_as != "generator_unordered")
+            yield from batches if monitor is None else monitor.consumed(batches)
             finished = True
-            if progress is not None:
-                progress.finish(dispatcher.n_completed)
         finally:
             self._running = False
             self._live = None
-            dispatcher.close(finished, keep_backend=self._managed)
-            if not self._managed:
-                backend.terminate()
+            try:
+                dispatcher.close(finished, keep_backend=self._managed)
+            finally:
+                if monitor is not None:
+                    monitor.close(dispatcher.n_completed if finished else None)
+                if not self._managed:
+                    backend.terminate()
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"

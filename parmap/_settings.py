@@ -223,6 +223,23 @@ def _eval_expression(text: str, n_jobs: int) -> float:
     return walk(tree)
 
 
+def _check_progress(value: object) -> object:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if callable(value):  # a tqdm-compatible class, or callable(done, total)
+        return value
+    raise TypeError(f"progress must be True, False, a tqdm-compatible class (such as "
+                    f"tqdm.notebook.tqdm) or a callable(done, total), got "
+                    f"{type(value).__name__} {value!r:.60}")
+
+
+def _check_insights(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"insights must be True or False, got {type(value).__name__} "
+                        f"{value!r:.60}")
+    return value
+
+
 def _check_pre_dispatch(value: object) -> object:
     parse_pre_dispatch(value, 1)  # fail early on a malformed value; parsed per call
     return value
@@ -256,6 +273,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("prefer", None, _one_of("prefer", (None, "processes", "threads"))),
     Setting("require", None, _one_of("require", (None, "sharedmem"))),
     Setting("inner_max_num_threads", None, _check_positive_int("inner_max_num_threads")),
+    Setting("progress", False, _check_progress),
+    Setting("insights", False, _check_insights),
     Setting("return_as", "list",
             _one_of("return_as", ("list", "generator", "generator_unordered")),
             configurable=False),
@@ -328,11 +347,14 @@ class parallel_config:
                  prefer: str | None | Default = DEFAULT["prefer"],
                  require: str | None | Default = DEFAULT["require"],
                  inner_max_num_threads: int | None | Default = DEFAULT["inner_max_num_threads"],
+                 progress: bool | Callable[..., Any] | Default = DEFAULT["progress"],
+                 insights: bool | Default = DEFAULT["insights"],
                  **backend_params: object):
         given = {"backend": backend, "n_jobs": n_jobs, "verbose": verbose,
                  "temp_folder": temp_folder, "max_nbytes": max_nbytes,
                  "mmap_mode": mmap_mode, "prefer": prefer, "require": require,
-                 "inner_max_num_threads": inner_max_num_threads}
+                 "inner_max_num_threads": inner_max_num_threads, "progress": progress,
+                 "insights": insights}
         new: dict[str, object] = {name: check(name, value) for name, value in given.items()
                                   if _given(value) and not (name == "backend" and value is None)}
         if "backend" in new:

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent / "parmap"
 MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 250
 #: what parmap.process may import from outside itself
-PROCESS_MAY_IMPORT = {"parmap._delayed", "parmap._errors", "parmap._cpu", "parmap._context"}
+PROCESS_MAY_IMPORT = {"parmap._delayed", "parmap._errors", "parmap._cpu", "parmap._context",
+                      "parmap._record"}
 
 
 def module_name(path: Path) -> str:

@@ -13,6 +13,7 @@ returns threads instead, so nested parallel calls cannot start processes from pr
 from __future__ import annotations
 
 import sys
+from time import perf_counter
 from typing import Any, Callable
 
 from .._delayed import Batch
@@ -102,7 +103,11 @@ class ProcessBackend(ParallelBackendBase):
             raise RuntimeError("ProcessBackend.submit called before configure")
         timeout, track = self.options.timeout, self.options.timeout is not None
         result_nbytes = self.options.max_nbytes
+        record = batch.record  # insights: pickling time and bytes are the caller's share
+        t0 = perf_counter() if record is not None else 0.0
         payload = protocol.encode_request(batch, track, placer, result_nbytes)
+        if record is not None:
+            record.pickle_s, record.request_bytes = perf_counter() - t0, len(payload)
         if placer is None:  # no arrays pinned, so no worker can ask for the batch again
             pool.submit(PoolJob(owner, batch, payload, callback, timeout))
             return

@@ -15,6 +15,7 @@ to each, so no message needs an id (the pool knows which batches each worker hol
                                                         through /dev/shm (None: never)
                                            nested       settings that Parallel calls
                                                         made by the tasks see
+                                           [insights]   only when true: measure the batch
     worker -> pool   Reply, pickled:       status       OK, ERR or RETRY (below)
                                            payload      OK: the result list (or, with
                                                         shm_files, its pickle bytes)
@@ -22,6 +23,8 @@ to each, so no message needs an id (the pool knows which batches each worker hol
                                            duration     seconds the tasks ran
                                            shm_files    /dev/shm files holding result
                                                         arrays, or None
+                                           [record]     only with insights: the batch's
+                                                        ``_record.BatchRecord``
 
 ``RETRY``: the worker was not forked after an array of the batch was pinned (see
 ``shm.ArgumentPlacer``); the pool answers the caller with :data:`RETRY` and the batch is
@@ -31,10 +34,17 @@ Requests go through plain pickle first: it is faster, and the common case (funct
 from importable modules) then never imports cloudpickle (~25 ms of cold start). What
 plain pickle cannot send faithfully (lambdas, closures, anything from ``__main__``) goes
 through cloudpickle.
+
+Insights (``Parallel(insights=True)``) change the messages in one place each, and only
+for the batches of such a call: the request's ``insights`` field (sent only when true),
+and an OK reply that carries the record as a fifth field, its results pickled apart (as
+with ``shm_files``) so that the worker can time that pickling (:func:`_observed_reply`).
+Without insights, requests and replies are what they were: not a byte more.
 """
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import time
 from types import FunctionType
@@ -42,6 +52,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from .._delayed import Batch, compact
 from .._errors import CapturedError, SerializationError, func_name
+from .._record import BatchRecord
 from . import shm, shm_results
 
 __all__ = ["OK", "ERR", "RETRY", "STOP", "Request", "Reply", "encode_request",
@@ -69,6 +80,7 @@ class Request(NamedTuple):
     track: bool
     result_nbytes: int | None
     nested: Mapping[str, Any] | None
+    insights: bool = False
 
 
 class Reply(NamedTuple):
@@ -89,7 +101,8 @@ def encode_request(batch: Batch, track: bool, placer: shm.ArgumentPlacer | None 
         # keep the compact form in the caller too: the task tuples can go now, which
         # spares the garbage collector tens of thousands of live tuples per batch
         batch.func, batch.tasks = func, tasks
-    request = Request(batch.start, func, tasks, track, result_nbytes, batch.nested)
+    request = Request(batch.start, func, tasks, track, result_nbytes, batch.nested,
+                      batch.record is not None)
     try:
         return _dumps_request(_ImportablePickler, request, placer)
     except Exception:
@@ -109,6 +122,8 @@ def decode_request(data: bytes) -> Request:
 
 def _dumps_request(pickler: type, request: Request, placer: shm.ArgumentPlacer | None) -> bytes:
     message = tuple(request)  # a plain tuple: the worker need not import this class
+    if not request.insights:
+        message = message[:-1]  # without insights, not a byte more (the field defaults)
     if placer is None:
         buf = io.BytesIO()
         pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
@@ -168,9 +183,19 @@ def dumps(obj: Any) -> bytes:
 
 
 def encode_reply(status: int, payload: Any, duration: float, start: int, t0: float,
-                 placer: shm_results.ResultPlacer | None = None) -> bytes:
+                 placer: shm_results.ResultPlacer | None = None,
+                 record: BatchRecord | None = None) -> bytes:
     """The reply's bytes. With ``placer``, result arrays above its limit go through
-    /dev/shm (those placed as their tasks returned travel as their files' references)."""
+    /dev/shm (those placed as their tasks returned travel as their files' references).
+    With ``record`` (insights), see :func:`_observed_reply`."""
+    if status == OK and record is not None:
+        early = len(placer.created) if placer is not None else 0
+        try:
+            return _observed_reply(payload, duration, placer, record)
+        except Exception:  # the ordinary way below names what cannot be pickled
+            if placer is not None:
+                shm_results.discard_results(placer.created[early:])
+                del placer.created[early:]
     if status == OK and placer is not None:
         early = len(placer.created)  # files written as tasks returned: still referenced
         try:
@@ -186,6 +211,21 @@ def encode_reply(status: int, payload: Any, duration: float, start: int, t0: flo
         if placed:
             shm_results.discard_results(placed)  # nobody will map them now
         return _unpicklable_reply(status, payload, exc, start, t0)
+
+
+def _observed_reply(payload: Any, duration: float, placer: shm_results.ResultPlacer | None,
+                    record: BatchRecord) -> bytes:
+    """An OK reply that carries the batch's record: the results are pickled first, timed,
+    then sent as bytes next to the record (``shm_files`` [] or the files: see
+    :func:`decode_reply`)."""
+    t0 = time.perf_counter()
+    inner = shm.dumps_with(pickle.Pickler, payload, placer) if placer is not None \
+        else dumps(payload)
+    files = placer.created if placer is not None else []
+    record.shm_bytes = sum(os.stat(path).st_size for path in files)
+    record.worker_pickle_s = time.perf_counter() - t0
+    record.sent = time.time()
+    return dumps((OK, inner, duration, files, record))
 
 
 def error_reply(exc: BaseException, index: int, duration: float = 0.0) -> bytes:
@@ -232,14 +272,21 @@ def decode_reply(data: bytes, batch: Batch, describe: Callable[[], str]) -> Any:
     """The outcome for the caller: the result list, the exception to raise, or RETRY.
     Sets ``batch.duration`` from the worker's measurement."""
     nbytes = len(data)
+    arrived = time.time() if batch.record is not None else 0.0
     try:
-        status, payload, duration, shm_files = pickle.loads(data)
+        status, payload, duration, shm_files, *observed = pickle.loads(data)
         if shm_files is not None:
+            t0 = time.perf_counter()
             try:
                 payload = pickle.loads(payload)
             finally:
                 shm_results.discard_results(shm_files)
             nbytes += sum(getattr(result, "nbytes", 0) for result in payload)
+            if observed and batch.record is not None:  # insights: see _observed_reply
+                batch.record.absorb(observed[0])
+                batch.record.arrived = arrived
+                batch.record.unpickle_s = time.perf_counter() - t0
+                batch.record.reply_bytes = len(data)
     except Exception as exc:
         return SerializationError(
             f"the results of {describe()} could not be unpickled in the caller: "

@@ -30,6 +30,7 @@ from queue import SimpleQueue
 from typing import Any, Callable
 
 from .._delayed import Batch
+from .._record import BatchRecord
 from . import protocol, shm, shm_results
 from .lifetime import die_with_parent
 
@@ -40,6 +41,9 @@ __all__ = ["worker_main", "WorkerSetup"]
 _shm_results = False
 
 WorkerSetup = tuple  # (environment: dict[str, str], initializer: cloudpickle bytes | None)
+
+#: when this worker was ready to run tasks (epoch seconds), for insights' start-up cost
+_ready_since: float | None = None
 
 
 def worker_main(task_conn: Connection, result_conn: Connection, status: Any, parent_pid: int,
@@ -54,7 +58,8 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     for key, value in env.items():
         os.environ.setdefault(key, value)
     init_error = _run_initializer(init)
-    global _shm_results
+    global _shm_results, _ready_since
+    _ready_since = time.time()
     if sys.platform.startswith("linux"):
         from multiprocessing import resource_tracker
 
@@ -113,6 +118,8 @@ def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
     Once a worker's results went through /dev/shm, it places each large result as its
     task returns, so it never holds a batch of them twice (array and file) at once."""
     batch = Batch(request.start, request.tasks, request.func, request.nested)
+    if request.insights:
+        batch.record = _observed(t0)
     if request.track:
         batch.tracker = tracker
     limit = request.result_nbytes
@@ -131,8 +138,19 @@ def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
     if placer is None and limit is not None and _shm_results and "numpy" in sys.modules:
         placer = shm_results.ResultPlacer(limit, parent_pid)  # numpy came with the tasks
     reply = protocol.encode_reply(protocol.OK, payload, batch.duration, request.start, t0,
-                                  placer)
+                                  placer, batch.record)
     return reply, bool(placer is not None and placer.created)
+
+
+def _observed(t0: float) -> BatchRecord:
+    """Insights (``Parallel(insights=True)``): the record the batch fills as it runs,
+    started with what the worker knows (the request arrived at ``t0``, monotonic, and
+    has been unpickled since)."""
+    record = BatchRecord(cpu_clock="process")
+    record.worker_unpickle_s = unpickled = time.monotonic() - t0
+    record.received = time.time() - unpickled
+    record.worker_since = _ready_since
+    return record
 
 
 def _start_reader(task_conn: Connection) -> Callable[[], bytes]:

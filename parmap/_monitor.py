@@ -1,0 +1,164 @@
+"""What watches one ``Parallel`` call: ``verbose`` lines, the ``progress`` bar, ``insights``.
+
+``Parallel`` makes a :class:`Monitor` only when one of them is on; otherwise a call runs
+exactly as before, with nothing in its loops. The monitor is, for the dispatcher::
+
+    on_progress(dispatcher)   after each completed batch, in the consumer's thread:
+                              verbose lines and the bar (done, total: None until the
+                              input is exhausted)
+    observer                  the Insights (or None): records each batch
+    consumed(batches)         wraps the result batches to time the caller's own loop
+
+and, for ``n_jobs=1``, :meth:`Monitor.run_inline`: the inline loop with the bar updated
+at most every ``INLINE_INTERVAL`` and, with insights, a record per ~20 ms of tasks.
+``close(done)`` ends it all: the final line and bar, the insights' end time.
+"""
+from __future__ import annotations
+
+from itertools import count
+from time import monotonic, perf_counter, time
+from typing import Any, Iterable, Iterator
+
+from ._delayed import check_task
+from ._insights import Insights
+from ._progress import INLINE_INTERVAL, Bar, Progress, make_bar
+from ._record import BatchRecord
+
+__all__ = ["Monitor", "backend_label"]
+
+#: while tasks run inline, one insights record covers about this many seconds of tasks
+INLINE_RECORD = 0.02
+
+
+def backend_label(backend: Any, inline: bool) -> str:
+    """``"process"``, ``"threading"``, ``"sequential"``: how reports name a backend."""
+    if inline:
+        return "sequential"
+    name = type(backend).__name__
+    return name[:-len("Backend")].lower() if name.endswith("Backend") else name
+
+
+class Monitor:
+    def __init__(self, verbose: float, progress: object, insights: bool, n_jobs: int,
+                 backend: Any, inline: bool, total: int | None, started: float):
+        label = backend_label(backend, inline)
+        self.lines = Progress(verbose, n_jobs, "sequential" if inline
+                              else type(backend).__name__) if verbose else None
+        self.bar: Bar | None = make_bar(progress, total)
+        self.insights = Insights(label, n_jobs, started) if insights else None
+        self.total = total
+
+    @staticmethod
+    def wanted(verbose: float, progress: object, insights: bool) -> bool:
+        return bool(verbose) or (progress is not False and progress is not None) or insights
+
+    # ------------------------------------------------------------------ dispatched calls
+    def __call__(self, dispatcher: Any) -> None:
+        """The dispatcher's ``on_progress`` hook."""
+        done, total = dispatcher.n_completed, dispatcher.n_tasks
+        if self.lines is not None:
+            self.lines.update(done, total)
+        if self.bar is not None:
+            self.bar.update(done, total)
+
+    def consumed(self, batches: Iterator[list]) -> Iterator[list]:
+        """``batches``, timing how long the caller keeps each (its own loop)."""
+        insights = self.insights
+        if insights is None:
+            yield from batches
+            return
+        for results in batches:
+            t0 = perf_counter()
+            yield results
+            insights.consumer_s += perf_counter() - t0
+
+    def close(self, done: int | None) -> None:
+        """The call ended: with ``done`` tasks, or (None) failed or was cancelled."""
+        if self.lines is not None and done is not None:
+            self.lines.finish(done)
+        if self.bar is not None:
+            self.bar.close(done)
+        if self.insights is not None:
+            self.insights.close(done is not None)
+
+    # ------------------------------------------------------------------ inline calls
+    def run_inline(self, iterable: Iterable) -> Iterator[Any]:
+        """Every task in the caller's thread, unwrapped, watched. Closes the monitor."""
+        done = 0
+        try:
+            if self.insights is None:
+                for done, result in zip(count(1), self._plain(iterable)):
+                    yield result
+                    self._update_inline(done)
+            else:
+                for done, result in zip(count(1), self._observed(iterable)):
+                    yield result
+                    self._update_inline(done)
+        except BaseException:
+            self.close(None)
+            raise
+        self.close(done)
+
+    _next_update = 0.0
+
+    def _update_inline(self, done: int) -> None:
+        if self.lines is not None:
+            self.lines.update(done, None)
+        if self.bar is not None:
+            now = monotonic()
+            if now >= self._next_update:
+                self._next_update = now + INLINE_INTERVAL
+                self.bar.update(done, self.total)
+
+    @staticmethod
+    def _plain(iterable: Iterable) -> Iterator[Any]:
+        for index, task in enumerate(iterable):
+            if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
+                check_task(task, index)
+            func, args, kwargs = task
+            yield func(*args, **kwargs) if kwargs else func(*args)
+
+    def _observed(self, iterable: Iterable) -> Iterator[Any]:
+        """Like :meth:`_plain`, each task timed; a record per ``INLINE_RECORD`` seconds."""
+        insights = self.insights
+        assert insights is not None
+        tasks: dict[int, tuple] = {}
+        record: BatchRecord | None = None
+        until = 0.0
+        iterator = iter(iterable)
+        index = 0
+        try:
+            while True:
+                t0 = perf_counter()
+                task: Any = next(iterator, _END)
+                insights.input_s += perf_counter() - t0
+                if task is _END:
+                    break
+                if type(task) is not tuple or len(task) != 3:
+                    check_task(task, index)
+                if record is None:
+                    record = BatchRecord(time())
+                    record.start()
+                    until = monotonic() + INLINE_RECORD
+                tasks[index] = task
+                func, args, kwargs = task
+                result = record.run(index, func, args, kwargs)
+                if monotonic() >= until:
+                    self._add(record, tasks)
+                    record, tasks = None, {}
+                t1 = perf_counter()
+                yield result
+                insights.consumer_s += perf_counter() - t1
+                index += 1
+        finally:
+            if record is not None:
+                self._add(record, tasks)
+
+    def _add(self, record: BatchRecord, tasks: dict[int, tuple]) -> None:
+        record.finish(tasks.__getitem__)
+        record.collected = record.ended
+        assert self.insights is not None
+        self.insights.add(record)
+
+
+_END = object()
