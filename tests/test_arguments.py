@@ -5,7 +5,7 @@ import pytest
 
 import parmap
 from parmap import Parallel, delayed, effective_n_jobs, parallel_config
-from parmap._settings import check_n_jobs, parse_pre_dispatch, parse_size, resolve_n_jobs
+from parmap._checks import check_n_jobs, parse_pre_dispatch, parse_size, resolve_n_jobs
 
 
 @pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5])

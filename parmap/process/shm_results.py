@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
-from typing import Any, Callable
+from typing import Any
 
 from .shm import SHM_DIR, shm_has_room, track, unlink, write_all
 

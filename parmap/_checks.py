@@ -1,0 +1,216 @@
+"""How each setting's value is checked and normalised (``_settings`` declares them).
+
+Every check raises ``ValueError`` or ``TypeError`` naming the setting and saying what it
+accepts. ``parse_size`` and ``parse_pre_dispatch`` are also used where a value is turned
+into numbers per call.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from functools import lru_cache
+from typing import Callable
+
+from ._cpu import cpu_count
+
+__all__ = ["check_n_jobs", "resolve_n_jobs", "parse_size", "parse_pre_dispatch", "one_of",
+           "check_verbose", "check_timeout", "check_batch_size", "check_positive_int",
+           "check_temp_folder", "check_progress", "check_insights", "check_pre_dispatch"]
+
+
+def check_n_jobs(n_jobs: object, name: str = "n_jobs") -> int | None:
+    """None, or a non-zero number (floats and numeric strings are truncated)."""
+    if n_jobs is None:
+        return None
+    if isinstance(n_jobs, bool):
+        raise ValueError(f"{name} must be a non-zero int or None, got the boolean {n_jobs!r}")
+    value: object = n_jobs
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a non-zero int or None, got the string "
+                             f"{n_jobs!r}") from None
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a non-zero int or None, got "
+                        f"{type(n_jobs).__name__} {n_jobs!r:.60}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite, non-zero number, got {n_jobs!r}")
+    result = int(number)
+    if result == 0:
+        raise ValueError(f"{name}={n_jobs!r} is not allowed: use a positive number of workers, "
+                         f"-1 for all CPUs, or -k for all but k-1 CPUs")
+    return result
+
+
+def resolve_n_jobs(n_jobs: int | None) -> int:
+    """A checked n_jobs as a worker count: None -> 1, -1 -> all CPUs, -k -> n+1-k."""
+    if n_jobs is None:
+        return 1
+    if n_jobs < 0:
+        return max(1, cpu_count() + 1 + n_jobs)
+    return n_jobs
+
+
+def one_of(name: str, choices: tuple) -> Callable[[object], object]:
+    def check_choice(value: object) -> object:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, "
+                             f"got {value!r}")
+        return value
+    return check_choice
+
+
+def check_verbose(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"verbose must be a number, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
+        raise ValueError(f"timeout must be None or a positive number of seconds, got "
+                         f"{value!r}")
+    return float(value)
+
+
+def check_batch_size(value: object) -> int | str:
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0:
+        return int(value)
+    raise ValueError(f"batch_size must be 'auto' or a positive int, got {value!r}")
+
+
+def check_positive_int(name: str) -> Callable[[object], int | None]:
+    def check_int(value: object) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        return value
+    return check_int
+
+
+def check_temp_folder(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"temp_folder must be None or a path, got {type(value).__name__} "
+                        f"{value!r:.60}")
+    return str(os.fspath(value))
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*")
+
+
+def parse_size(value: object, name: str = "max_nbytes") -> int | None:
+    """None, a byte count, or a size such as '1M', '500K', '2G' (binary units)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 0:
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.upper())
+        if match:
+            return int(float(match.group(1)) * _UNITS[match.group(2)])
+    raise ValueError(f"{name} must be None, a non-negative int or a size such as '1M', "
+                     f"'500K', '2G', got {value!r}")
+
+
+def parse_pre_dispatch(value: object, n_jobs: int) -> int | None:
+    """``"all"`` -> None; an int or an arithmetic expression of ``n_jobs`` -> a positive int.
+
+    Expressions are parsed with :mod:`ast` and evaluated over a whitelist (numbers,
+    ``n_jobs``, + - * / // and parentheses); nothing is ever ``eval``'d.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"pre_dispatch must be 'all', a positive int or an expression of "
+                         f"n_jobs such as '2*n_jobs', got {value!r}")
+    number: float
+    if isinstance(value, str):
+        if value.strip() == "all":
+            return None
+        match = _K_TIMES_N_JOBS.fullmatch(value)  # the usual "2 * n_jobs": no ast import
+        number = int(match.group(1)) * n_jobs if match else _eval_expression(value, n_jobs)
+    elif isinstance(value, (int, float)):
+        number = value
+    else:
+        raise TypeError(f"pre_dispatch must be 'all', a positive int or an expression of "
+                        f"n_jobs such as '2*n_jobs', got {type(value).__name__} {value!r:.40}")
+    if not math.isfinite(number) or int(number) < 1:
+        raise ValueError(f"pre_dispatch={value!r} gives {number!r} batches for n_jobs={n_jobs}; "
+                         f"it must be at least 1")
+    return int(number)
+
+
+_K_TIMES_N_JOBS = re.compile(r"\s*([0-9]+)\s*\*\s*n_jobs\s*")
+
+
+@lru_cache(maxsize=64)
+def _eval_expression(text: str, n_jobs: int) -> float:
+    """Cached: the same one or two expressions come back on every call."""
+    import ast  # stdlib, ~1 ms: only for an expression other than "k * n_jobs"
+
+    def bad() -> ValueError:
+        return ValueError(f"pre_dispatch={text!r} is not 'all', an int, or an arithmetic "
+                          f"expression of n_jobs such as '2*n_jobs' (allowed: numbers, n_jobs, "
+                          f"+ - * / // and parentheses)")
+
+    operators: dict[type, Callable[[float, float], float]] = {
+        ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__,
+        ast.Div: float.__truediv__, ast.FloorDiv: float.__floordiv__}
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+                and not isinstance(node.value, bool):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id == "n_jobs":
+            return float(n_jobs)
+        if isinstance(node, ast.BinOp) and type(node.op) in operators:
+            try:
+                return operators[type(node.op)](walk(node.left), walk(node.right))
+            except ZeroDivisionError:
+                raise bad() from None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            operand = walk(node.operand)
+            return -operand if isinstance(node.op, ast.USub) else operand
+        raise bad()
+
+    if len(text) > 100:
+        raise bad()
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        raise bad() from None
+    return walk(tree)
+
+
+def check_progress(value: object) -> object:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if callable(value):  # a tqdm-compatible class, or callable(done, total)
+        return value
+    raise TypeError(f"progress must be True, False, a tqdm-compatible class (such as "
+                    f"tqdm.notebook.tqdm) or a callable(done, total), got "
+                    f"{type(value).__name__} {value!r:.60}")
+
+
+def check_insights(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"insights must be True or False, got {type(value).__name__} "
+                        f"{value!r:.60}")
+    return value
+
+
+def check_pre_dispatch(value: object) -> object:
+    parse_pre_dispatch(value, 1)  # fail early on a malformed value; parsed per call
+    return value
