@@ -9,10 +9,13 @@ The child prints one JSON line: ``{"time_s": ...}``.
 
 No thread is started here (the memory sampler lives in the suite process): a second
 thread would change what some libraries do, e.g. parmap forks only from a single-threaded
-process.
+process. Except on purpose: with ``"thread": true`` in the spec (the suite's "with a
+thread" situation: a Jupyter kernel, a GUI, a web server, a logging thread), one idle
+background thread is started before the timer and lives until the child exits.
 """
 import json
 import sys
+import threading
 import time
 from math import sqrt  # noqa: F401  (used by snippets)
 from time import sleep  # noqa: F401
@@ -22,6 +25,8 @@ from benchmarks.tasks import full, numbers, slice_sum, spin  # noqa: F401
 
 def main():
     spec = json.loads(sys.argv[1])
+    if spec.get("thread"):  # idle, as a notebook kernel's or a logging thread mostly is
+        threading.Thread(target=threading.Event().wait, name="background", daemon=True).start()
     ns = dict(globals())
     ns.update(spec["params"])
     if spec.get("setup"):

@@ -53,7 +53,7 @@ def _cell(v, fmt):
 
 def tables(summary, plan, extra):
     cols = _columns(plan)
-    head = f"{'workload':<14}" + "".join(f"{SHORT.get(c, c):>11}" for c in cols)
+    head = f"{'workload':<22}" + "".join(f"{SHORT.get(c, c):>11}" for c in cols)
     lines = ["Median wall time, s (n_jobs=2; * = best peer)",
              head + f"{'parmap/best':>13}"]
     for w in plan:
@@ -66,11 +66,11 @@ def tables(summary, plan, extra):
             cells += f"{txt:>11}"
         p = row.get("parmap")
         ratio = (f"{p['median_s'] / bt:.2f}x" if p and p["status"] == "ok" and bt else "-")
-        lines.append(f"{w:<14}{cells}{ratio:>13}")
+        lines.append(f"{w:<22}{cells}{ratio:>13}")
 
     peers = [c for c in cols if c != "parmap"]
     lines += ["", "Ratio parmap / peer (below 1: parmap faster)",
-              f"{'workload':<14}" + "".join(f"{SHORT.get(c, c):>11}" for c in peers)]
+              f"{'workload':<22}" + "".join(f"{SHORT.get(c, c):>11}" for c in peers)]
     for w in plan:
         row, cells = summary[w], ""
         p = row.get("parmap")
@@ -79,24 +79,33 @@ def tables(summary, plan, extra):
             ok = p and v and p["status"] == "ok" and v["status"] == "ok"
             txt = f"{p['median_s'] / v['median_s']:.2f}" if ok else "-"
             cells += f"{txt:>11}"
-        lines.append(f"{w:<14}{cells}")
+        lines.append(f"{w:<22}{cells}")
 
     lines += ["", "Peak PSS of the whole process tree, MB (median of reps)", head]
     for w in plan:
         row = summary[w]
         txt = ["-" if row.get(c) is None else f"{row[c]['pss_peak_mb']:.0f}" for c in cols]
-        lines.append(f"{w:<14}" + "".join(f"{t:>11}" for t in txt))
+        lines.append(f"{w:<22}" + "".join(f"{t:>11}" for t in txt))
 
     notes = []
-    if "cpu" in extra and summary.get("cpu", {}).get("parmap", {}).get("median_s"):
-        ideal, got = extra["cpu"]["ideal_s"], summary["cpu"]["parmap"]["median_s"]
-        notes.append(f"cpu: ideal (tasks x single-task time / 2) = {ideal:.3f} s; "
-                     f"parmap reaches {ideal / got:.0%} of the ideal speed-up")
-    if "numpy-args" in extra:
-        mb = extra["numpy-args"]["array_mb"]
-        row = summary.get("numpy-args", {})
-        ratios = ", ".join(f"{c} {row[c]['pss_peak_mb'] / mb:.1f}x" for c in cols if c in row)
-        notes.append(f"numpy-args: the array is {mb:.0f} MB; peak PSS / array: {ratios}")
+    for w, ex in extra.items():
+        got = summary.get(w, {}).get("parmap", {}).get("median_s")
+        if "ideal_s" in ex and got:
+            notes.append(f"{w}: ideal (tasks x single-task time / 2) = {ex['ideal_s']:.3f} s; "
+                         f"parmap reaches {ex['ideal_s'] / got:.0%} of the ideal speed-up")
+        if "array_mb" in ex:
+            mb, row = ex["array_mb"], summary.get(w, {})
+            ratios = ", ".join(f"{c} {row[c]['pss_peak_mb'] / mb:.1f}x" for c in cols if c in row)
+            notes.append(f"{w}: the array is {mb:.0f} MB; peak PSS / array: {ratios}")
+    for w in plan:  # against the plain loop (the n_jobs=1 row's target)
+        row = summary[w]
+        seq, p = row.get("sequential"), row.get("parmap")
+        if seq and p and seq["median_s"] and p["median_s"]:
+            others = "".join(f", {c} {row[c]['median_s'] / seq['median_s']:.1f}x" for c in cols
+                             if c not in ("parmap", "sequential") and c in row
+                             and row[c]["median_s"])
+            notes.append(f"{w}: time / plain loop: parmap {p['median_s'] / seq['median_s']:.2f}x"
+                         + others)
     for w in plan:  # memory held in /dev/shm files that no process maps is not in PSS
         row = summary[w]
         fix = {c: row[c].get("pss_plus_unmapped_shm_peak_mb") for c in cols if c in row}
@@ -128,9 +137,9 @@ def chart(summary, plan, extra, info, path):
         for b, t in zip(bars, ts):
             ax.annotate(f"{t:.2f}", (b.get_x() + b.get_width() / 2, t), ha="center",
                         va="bottom", fontsize=7)
-        if w == "cpu" and "cpu" in extra:
-            ax.axhline(extra["cpu"]["ideal_s"], color="k", ls="--", lw=0.8)
-            ax.annotate("ideal", (len(libs) - 0.5, extra["cpu"]["ideal_s"]), ha="right",
+        if "ideal_s" in extra.get(w, {}):
+            ax.axhline(extra[w]["ideal_s"], color="k", ls="--", lw=0.8)
+            ax.annotate("ideal", (len(libs) - 0.5, extra[w]["ideal_s"]), ha="right",
                         va="bottom", fontsize=7)
         ax.set_xticks(range(len(libs)))
         ax.set_xticklabels([SHORT.get(c, c) for c in libs], rotation=35, ha="right", fontsize=8)

@@ -25,6 +25,9 @@ from benchmarks import report
 from benchmarks.tasks import spin
 from benchmarks.workloads import LIBS, WORKLOADS, params
 
+#: the rows of the "with a background thread" situation are named workload + this
+THREAD_SUFFIX = " +thread"
+SITUATIONS = ("script", "thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = "from benchmarks.child import main; main()"
 SAMPLE_S = 0.020
@@ -117,10 +120,31 @@ class TreeSampler(threading.Thread):
 
 
 # ---------------------------------------------------------------- one measurement
-def run_one(workload, lib, p, timeout):
+def split_row(row):
+    """(workload, with a background thread?) of a row name."""
+    if row.endswith(THREAD_SUFFIX):
+        return row[:-len(THREAD_SUFFIX)], True
+    return row, False
+
+
+def row_libs(workload, thread, libs, libs_named):
+    """The libraries that run ``workload`` in one situation."""
     w = WORKLOADS[workload]
+    skip = () if libs_named else tuple(w.get("optional", ())) + (
+        tuple(w.get("optional_with_thread", ())) if thread else ())
+    return [x for x in LIBS if x in libs and x in w["code"] and x not in skip]
+
+
+def run_one(row, lib, p, timeout):
+    """One fresh interpreter running ``lib``'s code for ``row`` (a workload, followed by
+    ``THREAD_SUFFIX`` for the "with a background thread" situation)."""
+    workload, thread = split_row(row)
+    w = WORKLOADS[workload]
+    setup = w.get("setup", "")
+    if isinstance(setup, dict):  # per library
+        setup = setup.get(lib, "")
     spec = {"workload": workload, "lib": lib, "params": p, "code": w["code"][lib],
-            "setup": w.get("setup", ""), "check": w["check"]}
+            "setup": setup, "check": w["check"], "thread": thread}
     env = {**os.environ, "PYTHONPATH": ROOT}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=ROOT, env=env,
@@ -145,7 +169,7 @@ def run_one(workload, lib, p, timeout):
             time.sleep(0.05)
             leftover = sorted(tree_pids(proc.pid) - {proc.pid})
         _killpg(proc.pid)
-    rec = {"workload": workload, "lib": lib, "status": status, "time_s": None,
+    rec = {"workload": row, "lib": lib, "status": status, "time_s": None,
            "process_s": round(process_s, 4), "pss_peak_mb": round(sampler.pss / 1024, 1),
            "rss_peak_mb": round(sampler.rss / 1024, 1),
            "shm_peak_mb": round(sampler.shm / 1024, 1),
@@ -238,6 +262,9 @@ def parse_args(argv):
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "_static", "benchmarks.png"))
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per run (default 120)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, ~1/10 sizes")
+    ap.add_argument("--situations", default=",".join(SITUATIONS),
+                    help="script (no other thread), thread (one idle background thread, as "
+                         "in a notebook kernel); default both")
     args = ap.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 5)
     args.only = [w for w in args.only.split(",") if w] or list(WORKLOADS)
@@ -249,6 +276,10 @@ def parse_args(argv):
     for x in args.libs:
         if x not in LIBS:
             ap.error(f"unknown library {x!r}; choose from {', '.join(LIBS)}")
+    args.situations = [x for x in args.situations.split(",") if x]
+    for x in args.situations:
+        if x not in SITUATIONS:
+            ap.error(f"unknown situation {x!r}; choose from {', '.join(SITUATIONS)}")
     return args
 
 
@@ -257,12 +288,18 @@ def main(argv=None):
     started = time.perf_counter()
     info = machine_info()
     loops, single_s = calibrate()
-    plan = {w: [x for x in LIBS if x in args.libs and x in WORKLOADS[w]["code"]
-                and (args.libs_named or x not in WORKLOADS[w].get("optional", ()))]
-            for w in args.only}
-    prm = {w: params(w, args.quick, loops) for w in plan}
+    plan = {}
+    for w in args.only:
+        for situation in args.situations:
+            thread = situation == "thread"
+            if thread and WORKLOADS[w].get("script_only"):
+                continue
+            plan[w + (THREAD_SUFFIX if thread else "")] = row_libs(w, thread, args.libs,
+                                                                    args.libs_named)
+    prm = {row: params(split_row(row)[0], args.quick, loops) for row in plan}
     print(f"parmap benchmark suite: {info['cpu_model']}, {info['cpu_count']} CPUs, "
-          f"Python {info['python']}, reps={args.reps}, quick={args.quick}, n_jobs=2")
+          f"Python {info['python']}, reps={args.reps}, quick={args.quick}, n_jobs=2, "
+          f"situations: {', '.join(args.situations)}")
     print(f"cpu workload: spin({loops}) takes {single_s * 1e3:.2f} ms here")
     # The peers are installed, with their bytecode compiled by pip; parmap runs from this
     # checkout. Compile its bytecode too (PYTHONDONTWRITEBYTECODE may be set), or every
@@ -280,23 +317,27 @@ def main(argv=None):
                 rec["rep"] = rep
                 runs.append(rec)
                 t = f"{rec['time_s']:.3f} s" if rec["time_s"] is not None else rec["status"]
-                print(f"  rep {rep + 1}/{args.reps}  {w:<14}{lib:<17}{t:>10}"
+                print(f"  rep {rep + 1}/{args.reps}  {w:<22}{lib:<17}{t:>10}"
                       f"  PSS {rec['pss_peak_mb']:>7.0f} MB", flush=True)
                 if rec["status"] != "ok":
                     print("    " + rec.get("stderr_tail", "").strip().replace("\n", "\n    "),
                           file=sys.stderr)
     extra = {}
-    if "cpu" in plan:
-        extra["cpu"] = {"ideal_s": prm["cpu"]["N"] * single_s / 2}
-    if "numpy-args" in plan:
-        extra["numpy-args"] = {"array_mb": prm["numpy-args"]["SIZE"] * 8 / 1e6}
+    for row in plan:
+        w = split_row(row)[0]
+        if w == "cpu":
+            extra[row] = {"ideal_s": prm[row]["N"] * single_s / 2}
+        if w == "numpy-args":
+            extra[row] = {"array_mb": prm[row]["SIZE"] * 8 / 1e6}
     summary = report.summarize(runs, plan)
     total_s = time.perf_counter() - started
     result = {"machine": info,
               "config": {"reps": args.reps, "quick": args.quick, "n_jobs": 2,
                          "timeout_s": args.timeout, "sample_interval_s": SAMPLE_S,
                          "spin_loops": loops, "spin_single_s": single_s, "params": prm,
-                         "code": {w: {x: WORKLOADS[w]["code"][x] for x in plan[w]} for w in plan}},
+                         "situations": args.situations,
+                         "code": {w: {x: WORKLOADS[w]["code"][x] for x in plan[row]}
+                                  for row in plan for w in [split_row(row)[0]]}},
               "extra": extra, "summary": summary, "runs": runs, "total_s": round(total_s, 1)}
     print()
     print(report.tables(summary, plan, extra))

@@ -4,9 +4,12 @@ Each snippet is executed verbatim in a fresh interpreter by :mod:`benchmarks.chi
 from its first line (the library's import) to its last (results in hand, pool closed where
 the library wants an explicit close).  Names available to a snippet: ``sqrt``, ``sleep``,
 the functions of :mod:`benchmarks.tasks` (``spin``, ``numbers``, ``slice_sum``, ``full``)
-and the workload's parameters (``N``, ``LOOPS``, ...).  ``setup`` runs before the timer,
+and the workload's parameters (``N``, ``LOOPS``, ...).  ``setup`` (one string, or one per
+library) runs before the timer,
 ``check`` after it; a failing ``check`` fails the run loudly.  Libraries listed in a
-workload's ``optional`` run only when ``--libs`` names them.
+workload's ``optional`` run only when ``--libs`` names them; those in
+``optional_with_thread`` likewise in the "with a background thread" situation. A
+``script_only`` workload has no such situation (it starts no process).
 
 Every library gets ``n_jobs=2`` workers.  Where a peer needs a chunk size from its user
 (``ProcessPoolExecutor.map`` defaults to 1), it gets the stdlib ``Pool.map`` default,
@@ -108,6 +111,8 @@ WORKLOADS = {
             "mpire": _MPIRE + "result = pool.map(slice_sum, [(arr, i) for i in range(16)])",
         },
         "optional": ["mpire"],  # ~90 s a run here; only with an explicit --libs mpire
+        # ~40 s a run, the same with a thread (they fork either way): once is enough
+        "optional_with_thread": ["mp.Pool", "ProcessPool"],
         "check": "expected = [slice_sum(arr, i) for i in range(16)]\n"
                  "assert len(result) == 16 and np.allclose(result, expected, rtol=1e-9, atol=0)",
     },
@@ -129,6 +134,19 @@ WORKLOADS = {
                  "    assert r.dtype == np.float64 and r.shape == (SIZE,), (i, r.dtype, r.shape)\n"
                  "    assert r[0] == r[-1] == i and float(r.sum()) == i * SIZE, i",
     },
+    "n_jobs=1": {
+        "title": "N calls of math.sqrt with n_jobs=1, against a list comprehension",
+        "params": {"N": 100_000}, "quick": {"N": 10_000},
+        # the per-task cost only: the library is imported before the timer
+        "setup": {"parmap": _P, "joblib": _J},
+        "code": {
+            "parmap": "result = Parallel(n_jobs=1)(delayed(sqrt)(i) for i in range(N))",
+            "joblib": "result = Parallel(n_jobs=1)(delayed(sqrt)(i) for i in range(N))",
+            "sequential": "result = [sqrt(i) for i in range(N)]",
+        },
+        "script_only": True,  # no process is started
+        "check": "assert list(result) == [sqrt(i) for i in range(N)]",
+    },
     "threading": {
         "title": "N calls of math.sqrt on 2 threads",
         "params": {"N": 100_000}, "quick": {"N": 10_000},
@@ -138,6 +156,7 @@ WORKLOADS = {
                                      "(delayed(sqrt)(i) for i in range(N))",
             "ThreadPool": _TPE + "result = list(ex.map(sqrt, range(N)))",
         },
+        "script_only": True,  # no process is started
         "check": "assert list(result) == [sqrt(i) for i in range(N)]",
     },
 }
