@@ -67,7 +67,8 @@ class ProcessBackend(ParallelBackendBase):
             registry.release_pool(pool)
             self._pool = pool = None
         if pool is None:
-            self._pool = registry.acquire_pool(n_jobs, pool_options)
+            self._pool = pool = registry.acquire_pool(n_jobs, pool_options)
+        pool.prestart()  # a forkserver starts while the caller reads its first tasks
         return n_jobs
 
     def _pickled_initializer(self) -> bytes | None:

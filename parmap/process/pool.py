@@ -44,7 +44,7 @@ from typing import Any, Callable, NamedTuple
 from . import protocol, shm_results
 from .manager import STOP_GRACE, Manager
 from .scheduler import PoolJob, Scheduler, WorkerSlot
-from .spawn import choose_start_method, start_worker
+from .spawn import choose_start_method, prestart, start_worker
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
 
@@ -145,6 +145,11 @@ class WorkerPool:
             for worker in idle[:max(len(alive) - size, 0)]:
                 self.stop(worker)
         self.wake()
+
+    def prestart(self) -> None:
+        """Before the first batch: start what the workers will come from (a forkserver)."""
+        if self._manager is None and not self.closed:
+            prestart(self.options.start_method)
 
     def will_fork(self) -> bool:
         """The workers are not started yet and will be forked from this thread."""

@@ -3,7 +3,9 @@
 Start method: ``fork`` when the caller is the main thread and no other Python thread
 exists (no lock can be held by a thread that does not exist, so fork is safe and costs
 ~10 ms); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
-``parmap.process.worker``, so its children start in milliseconds once it runs. Threads that C
+``parmap.process.worker`` (and numpy, if the caller has imported it), so its children
+start in milliseconds once it runs; it is started as soon as a call configures its pool
+(:func:`prestart`), so that its own start overlaps the caller's work. Threads that C
 libraries start (OpenBLAS) are not visible to Python; they manage fork themselves with
 ``pthread_atfork``. ``start_method=`` or ``PARMAP_START_METHOD`` override the choice.
 """
@@ -23,7 +25,8 @@ from typing import Any
 from .._cpu import cpu_count
 from . import worker
 
-__all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description"]
+__all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
+           "prestart"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -89,6 +92,33 @@ def exit_description(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def _preload() -> list[str]:
+    """What the forkserver imports once for all its children: the worker module, and
+    numpy when the caller uses it (its arrays, arguments or results, need it in every
+    worker: ~0.1 s per worker otherwise, paid after the worker starts)."""
+    return ["parmap.process.worker"] + (["numpy"] if "numpy" in sys.modules else [])
+
+
+def prestart(start_method: str | None) -> None:
+    """Start the forkserver now if the workers will come from it, without waiting for it.
+
+    It takes a fresh interpreter and the preload (100-200 ms); started when a call
+    configures its pool rather than when its first batch is ready, that start-up overlaps
+    the caller's own work (reading and pickling tasks, copying large arrays into shared
+    memory). ``forkserver.ensure_running`` only launches the process and returns.
+    """
+    if choose_start_method(start_method) != "forkserver":
+        return
+    mp.get_context("forkserver").set_forkserver_preload(_preload())
+    from multiprocessing import forkserver
+
+    _spawning.active = True  # the server must not import __main__ either
+    try:
+        forkserver.ensure_running()
+    finally:
+        _spawning.active = False
+
+
 def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
                  initializer: bytes | None, inherited: list[Connection]
                  ) -> tuple[BaseProcess, Connection, Connection, Any]:
@@ -100,7 +130,7 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     method = choose_start_method(start_method)
     ctx: Any = mp.get_context(method)  # a context of any start method
     if method == "forkserver":
-        ctx.set_forkserver_preload(["parmap.process.worker"])
+        ctx.set_forkserver_preload(_preload())
     elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
         # workers must share our resource tracker to send arrays through /dev/shm
         from multiprocessing import resource_tracker
