@@ -28,7 +28,8 @@ from ._dispatch import Dispatcher
 from ._insights import Insights
 from ._monitor import Monitor
 from ._settings import DEFAULT, Default, parse_pre_dispatch, resolve, resolve_n_jobs
-from .backends import BackendSpec, CallOptions, ParallelBackendBase, make_backend
+from .backends import (BackendSpec, CallOptions, ParallelBackendBase, default_is_processes,
+                       make_backend)
 
 __all__ = ["Parallel"]
 
@@ -92,6 +93,10 @@ class Parallel:
                         nesting_level: int) -> ParallelBackendBase:
         if spec is None and (self.prefer == "threads" or self.require == "sharedmem"):
             spec = "threading"
+        elif spec is None and self.n_jobs == 1 and not params and default_is_processes():
+            # one worker runs every task inline: the process backend would only cost
+            # its import (multiprocessing and the pool's modules, ~30 ms of cold start)
+            spec = "sequential"
         backend = make_backend(spec, nesting_level, **params)
         if self.require == "sharedmem" and not backend.supports_sharedmem:
             if named:

@@ -21,7 +21,7 @@ from .threading import ThreadingBackend
 
 __all__ = ["ParallelBackendBase", "CallOptions", "BackendSpec", "register_parallel_backend",
            "check_backend", "check_backend_kwargs", "make_backend", "backend_names",
-           "start_method_of"]
+           "start_method_of", "default_is_processes"]
 
 if TYPE_CHECKING:  # annotations only: importing multiprocessing costs ~5 ms
     from multiprocessing.context import BaseContext
@@ -39,6 +39,16 @@ LAZY: dict[str, str] = {
 _factories: dict[str, Factory] = {"sequential": SequentialBackend,
                                   "threading": ThreadingBackend}
 _default = ["processes"]  # a list so register_parallel_backend can swap it
+
+
+def default_is_processes() -> bool:
+    """Whether ``backend=None`` means the built-in process backend (not a registered one),
+    without importing it."""
+    name = _default[0]
+    factory = _factories.get(name)
+    if factory is None:
+        return LAZY.get(name) == LAZY["processes"]
+    return getattr(factory, "__module__", None) == LAZY["processes"].partition(":")[0]
 
 
 def backend_names() -> list[str]:
