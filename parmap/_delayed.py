@@ -20,7 +20,7 @@ from . import _context
 from ._errors import add_task_note
 from ._record import BatchRecord, run_observed
 
-__all__ = ["delayed", "Batch", "Task", "check_task", "compact"]
+__all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact"]
 
 #: ``(function, args, kwargs)``
 Task = tuple
@@ -57,10 +57,15 @@ def delayed(function: Callable[..., Any]) -> Callable[..., Task]:
     return delayed_function
 
 
+def is_task(task: object) -> bool:
+    """Whether ``task`` is a ``(function, args, kwargs)`` tuple, as ``delayed`` makes."""
+    return (isinstance(task, tuple) and len(task) == 3 and callable(task[0])
+            and isinstance(task[1], tuple) and isinstance(task[2], dict))
+
+
 def check_task(task: object, index: int) -> None:
     """Raise a TypeError naming the task when ``task`` is not a ``delayed`` call."""
-    if not (isinstance(task, tuple) and len(task) == 3 and callable(task[0])
-            and isinstance(task[1], tuple) and isinstance(task[2], dict)):
+    if not is_task(task):
         raise TypeError(
             f"Parallel(...)(iterable): item {index} of the iterable is {type(task).__name__} "
             f"{task!r:.80}, not a task; wrap each call with delayed, as in "

@@ -40,11 +40,13 @@ from time import monotonic, perf_counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from ._batching import AutoBatchSizer, estimate_nbytes
-from ._delayed import Batch, check_task, compact
+from ._delayed import Batch, check_task, compact, is_task
 from ._errors import timeout_error
 from .backends._base import Outcome, ParallelBackendBase
 
 __all__ = ["Dispatcher", "LockedIterator", "Observer", "nested_settings"]
+
+_END = object()
 
 #: how often the consumer wakes to check timeouts (and, on Windows, to see Ctrl-C)
 POLL_INTERVAL = 0.1
@@ -65,6 +67,31 @@ class LockedIterator:
     def take(self, n: int) -> list:
         """Up to ``n`` tasks (fewer: the input is exhausted). Lock held."""
         return list(islice(self._it, n))  # at C speed
+
+    def take_compact(self, n: int) -> tuple[Callable[..., Any] | None, list]:
+        """Up to ``n`` tasks in :func:`~parmap._delayed.compact` form, read one at a time,
+        so that each task tuple is freed as soon as its arguments are taken: a list of
+        10,000 live task tuples makes the cyclic garbage collector go over them again and
+        again (about 40 % of the time spent reading tiny tasks). ``(None, tasks)`` when
+        the tasks are not all calls of one function without keywords. Lock held."""
+        it = self._it
+        first: Any = next(it, _END)
+        if first is _END:
+            return None, []
+        if not (is_task(first) and not first[2]):
+            return None, [first] + self.take(n - 1)
+        func = first[0]
+        args = [first[1]]
+        append = args.append
+        for task in islice(it, n - 1):
+            if type(task) is tuple and len(task) == 3 and task[0] is func and \
+                    type(task[1]) is tuple and type(task[2]) is dict and not task[2]:
+                append(task[1])
+            else:  # another function, keywords, or not a task: the general form
+                tasks: list = [(func, a, {}) for a in args]
+                tasks.append(task)
+                return None, tasks + self.take(n - len(tasks))
+        return func, args
 
     def push_back(self, tasks: list) -> None:
         """Make ``tasks`` the next ones read. Lock held."""
@@ -182,19 +209,22 @@ class Dispatcher:
         size = self._fixed_size or self.sizer.next_size(start)
         observer = self.observer
         read_from = perf_counter() if observer is not None else 0.0
-        tasks = self._input.take(size)
-        if start == 0 and tasks and self._fixed_size is None and \
-                type(tasks[0]) is tuple and len(tasks[0]) == 3:
-            tasks, size = self._first_batch(tasks, size)
+        if start == 0:
+            func, tasks, size = self._read_first(size)
+        else:
+            func, tasks = self._input.take_compact(size)
+        if tasks and func is None:
+            if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
+                for offset, task in enumerate(tasks):
+                    check_task(task, start + offset)
+            func, tasks = compact(tasks)  # the usual delayed(f)(x): the batch's fast loop
+        # only now: a consumer that sees the input exhausted with no batch left returns,
+        # and must not do so before the error of an item of this batch reached it
         if len(tasks) < size:
             self.exhausted = True
             self.n_tasks = start + len(tasks)
         if not tasks:
             return
-        if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
-            for offset, task in enumerate(tasks):
-                check_task(task, start + offset)
-        func, tasks = compact(tasks)  # the usual delayed(f)(x): the batch's fast loop
         batch = Batch(start, tasks, func, self._nested)
         if self.sizer.per_task is not None:
             batch.expected = self.sizer.per_task * len(tasks)
@@ -209,6 +239,14 @@ class Dispatcher:
         if observer is not None:
             observer.submitting(batch, perf_counter() - read_from)
         self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
+
+    def _read_first(self, size: int) -> tuple[Callable[..., Any] | None, list, int]:
+        """The first batch: ``(func, tasks, size)``; its size may come from earlier calls."""
+        tasks = self._input.take(size)
+        if tasks and self._fixed_size is None and \
+                type(tasks[0]) is tuple and len(tasks[0]) == 3:
+            tasks, size = self._first_batch(tasks, size)
+        return None, tasks, size
 
     def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
         """Size the first batch from earlier calls of the same function, if any."""

@@ -207,3 +207,32 @@ def test_the_sizer_caps_batches_by_result_bytes():
     for _ in range(5):
         sizer.observe(sizer.size, 1e-6 * sizer.size, nbytes=2_000_000 * sizer.size)
     assert sizer.size == 4  # 8 MiB / 2 MB
+
+
+def triple(x):
+    return 3 * x
+
+
+@pytest.mark.parametrize("position", [1, 7, 40])
+def test_batches_read_one_task_at_a_time_keep_every_kind_of_task(position):
+    """After the first batch, tasks are read in compact form one at a time; a task of
+    another function, one with keywords or one given by hand falls back to the general
+    form without losing or reordering anything."""
+    def tasks(odd):
+        for i in range(60):
+            yield odd if i == position else delayed(double)(i)
+
+    for odd, result in [(delayed(triple)(5), 15), (delayed(double)(x=4), 8),
+                        ((double, (6,), {}), 12)]:
+        got = Parallel(n_jobs=2, backend=SyncBackend())(tasks(odd))
+        expected = [2 * i for i in range(60)]
+        expected[position] = result
+        assert got == expected
+
+
+@pytest.mark.parametrize("bad", [abs, "abc", (double, 1)])
+def test_an_item_that_is_not_a_task_after_the_first_batch_is_named(bad):
+    items = [delayed(double)(i) for i in range(30)]
+    items[20] = bad
+    with pytest.raises(TypeError, match="item 20 of the iterable.*delayed"):
+        Parallel(n_jobs=2, backend=SyncBackend())(iter(items))
