@@ -90,6 +90,9 @@ class Manager(threading.Thread):
                     job.callback(outcome)
                 else:
                     job.callback(protocol.decode_reply(outcome, job.batch, job.describe))
+            # the last batch's tasks (their arguments: large arrays) must not stay alive
+            # in this frame until the next round, which may come minutes later
+            finished = job = outcome = None  # type: ignore[assignment]
             with pool.lock:
                 pool.rounds += 1
                 pool.round_done.notify_all()
