@@ -116,6 +116,21 @@ WORKLOADS = {
         "check": "expected = [slice_sum(arr, i) for i in range(16)]\n"
                  "assert len(result) == 16 and np.allclose(result, expected, rtol=1e-9, atol=0)",
     },
+    "numpy-shared": {
+        "title": "numpy-args, parmap's array made by parmap.shared_array (opt-in: no copy)",
+        "params": {"SIZE": 100_000_000}, "quick": {"SIZE": 10_000_000},
+        "setup": {
+            "parmap": "import numpy as np\nfrom parmap import shared_array\n"
+                      "arr = shared_array(SIZE)\narr[:] = np.random.default_rng(0).random(SIZE)",
+            "joblib": "import numpy as np\narr = np.random.default_rng(0).random(SIZE)",
+        },
+        "code": {
+            "parmap": _P + "result = Parallel(n_jobs=2)(delayed(slice_sum)(arr, i) for i in range(16))",
+            "joblib": _J + "result = Parallel(n_jobs=2)(delayed(slice_sum)(arr, i) for i in range(16))",
+        },
+        "check": "expected = [slice_sum(arr, i) for i in range(16)]\n"
+                 "assert len(result) == 16 and np.allclose(result, expected, rtol=1e-9, atol=0)",
+    },
     "numpy-results": {
         "title": "N tasks, each returning a new 16 MB float64 array",
         "params": {"N": 32, "SIZE": 2_000_000}, "quick": {"N": 8, "SIZE": 2_000_000},
