@@ -110,9 +110,9 @@ WORKLOADS = {
             "ProcessPool": _PPE + "result = list(ex.map(slice_sum, [arr] * 16, range(16), chunksize=2))",
             "mpire": _MPIRE + "result = pool.map(slice_sum, [(arr, i) for i in range(16)])",
         },
-        "optional": ["mpire"],  # ~90 s a run here; only with an explicit --libs mpire
-        # ~40 s a run, the same with a thread (they fork either way): once is enough
-        "optional_with_thread": ["mp.Pool", "ProcessPool"],
+        # mpire ~90 s a run here, mp.Pool and ProcessPool 40-75 s (they pickle the
+        # array for every task): only when --libs names them
+        "optional": ["mpire", "mp.Pool", "ProcessPool"],
         "check": "expected = [slice_sum(arr, i) for i in range(16)]\n"
                  "assert len(result) == 16 and np.allclose(result, expected, rtol=1e-9, atol=0)",
     },
