@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from itertools import chain
+from itertools import chain, islice
 from operator import length_hint
 from time import time
 from types import TracebackType
@@ -176,6 +176,8 @@ class Parallel:
     def _inline(self, iterable: Iterable[Task], monitor: Monitor | None) -> Iterator[Any]:
         try:
             yield None  # primed by __call__
+            if isinstance(self.batch_size, int) and self.batch_size > 1:
+                iterable = _read_ahead(iterable, self.batch_size)
             if monitor is not None:
                 yield from monitor.run_inline(iterable)
                 return
@@ -220,6 +222,14 @@ class Parallel:
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"
+
+
+def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:
+    """The tasks, read ``size`` at a time before the first of them runs: the order in
+    which an explicit ``batch_size`` consumes the input, inline as in the workers."""
+    tasks = iter(iterable)
+    while chunk := list(islice(tasks, size)):
+        yield from chunk
 
 
 def _flatten(batches: Iterator[list]) -> Iterator[Any]:
