@@ -90,6 +90,10 @@ class Parallel:
 
     def _choose_backend(self, spec: BackendSpec, named: bool, params: dict[str, object],
                         nesting_level: int) -> ParallelBackendBase:
+        if self.prefer == "processes" and self.require == "sharedmem":
+            raise ValueError("prefer == 'processes' and require == 'sharedmem' are "
+                             "inconsistent settings: processes do not share the caller's "
+                             "memory; drop one of them (require='sharedmem' runs on threads)")
         if spec is None and (self.prefer == "threads" or self.require == "sharedmem"):
             spec = "threading"
         backend = make_backend(spec, nesting_level, **params)
@@ -197,7 +201,10 @@ class Parallel:
             dispatcher = Dispatcher(
                 iterable, backend, n_jobs, parse_pre_dispatch(self.pre_dispatch, n_jobs),
                 self.batch_size, retain=self.return_as == "list", timeout=self.timeout,
-                on_progress=monitor, observer=monitor.insights if monitor else None)
+                on_progress=monitor, observer=monitor.insights if monitor else None,
+                # completion order promises the fastest results first: a batch primed from
+                # earlier calls could hold a slow task back with quick ones
+                prime=self.return_as != "generator_unordered")
         except BaseException:
             if monitor is not None:
                 monitor.close(None)

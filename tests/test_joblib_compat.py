@@ -2,6 +2,8 @@
 each has a focused regression test here."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import parmap
@@ -56,3 +58,46 @@ def test_explicit_batch_size_reads_ahead_inline():
 
     Parallel(n_jobs=1, batch_size=4)(delayed(events.append)(f"C{i}") for i in produce())
     assert events == ["P0", "P1", "P2", "P3", "C0", "C1", "C2", "C3", "P4", "P5", "C4", "C5"]
+
+
+def test_n_jobs_messages_start_with_joblibs_words():
+    for zero in (0, 0.5):
+        with pytest.raises(ValueError, match="n_jobs == 0 in Parallel has no meaning"):
+            Parallel(n_jobs=zero)
+    for text in ("2.3", "many"):
+        with pytest.raises(ValueError, match="n_jobs could not be converted to int"):
+            Parallel(n_jobs=text)
+    assert Parallel(n_jobs="2").n_jobs == 2
+
+
+def test_inconsistent_prefer_and_require_is_a_value_error():
+    with pytest.raises(ValueError, match="inconsistent settings"):
+        Parallel(prefer="processes", require="sharedmem")
+    with pytest.raises(ValueError, match="does not share memory"):
+        Parallel(backend="loky", require="sharedmem")
+    with parallel_config(prefer="processes"):
+        with pytest.raises(ValueError, match="inconsistent settings"):
+            Parallel(require="sharedmem")
+
+
+@pytest.mark.parametrize("n_jobs", [2, 4])
+def test_unordered_returns_fastest_first_after_earlier_calls(n_jobs):
+    # joblib's test_parallel_unordered_generator_returns_fastest_first, run twice: the
+    # second call must not batch the slow task with quick ones from what the first learnt
+    release = threading.Event()
+
+    def task(i):
+        if i == 1:
+            release.wait(30)
+        return i
+
+    for _ in range(2):
+        results = Parallel(n_jobs=n_jobs, backend="threading",
+                           return_as="generator_unordered")(delayed(task)(i)
+                                                            for i in range(10))
+        try:
+            assert sorted(next(results) for _ in range(9)) == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+        finally:
+            release.set()
+        assert list(results) == [1]
+        release.clear()
