@@ -225,6 +225,7 @@ class Dispatcher:
         elif self.n_tasks is None and len(tasks) > 1:
             # that was every task: share them out so that every worker gets some
             share = math.ceil(len(tasks) / self.n_jobs)
+            self.sizer.size = share  # the next batches too: one per worker, not one more
             self._input.push_back(tasks[share:])
             tasks = tasks[:share]
         return tasks, len(tasks)  # the end, if this was it, shows on the next read

@@ -101,3 +101,19 @@ def test_unordered_returns_fastest_first_after_earlier_calls(n_jobs):
             release.set()
         assert list(results) == [1]
         release.clear()
+
+
+def meet(barrier):
+    barrier.wait(timeout=10)  # every task must run at once, each on its own worker
+    return threading.get_ident()
+
+
+def test_n_jobs_tasks_run_at_once_after_an_earlier_call_learnt_they_are_quick():
+    # joblib's test_initializer_reused: after an earlier call found the function quick,
+    # a generator of n_jobs tasks that wait for each other still gets one batch per
+    # worker (the first batch was shared out, and the following ones were not lumped)
+    for n_jobs in (2, 4):
+        barrier = threading.Barrier(n_jobs)
+        idents = Parallel(n_jobs=n_jobs, backend="threading")(
+            delayed(meet)(barrier) for _ in range(n_jobs))
+        assert len(set(idents)) == n_jobs
