@@ -21,18 +21,18 @@ __all__ = ["check_n_jobs", "resolve_n_jobs", "parse_size", "parse_pre_dispatch",
 
 
 def check_n_jobs(n_jobs: object, name: str = "n_jobs") -> int | None:
-    """None, or a non-zero number (floats and numeric strings are truncated)."""
+    """None, or a non-zero number (floats are truncated; strings must hold an int)."""
     if n_jobs is None:
         return None
     if isinstance(n_jobs, bool):
         raise ValueError(f"{name} must be a non-zero int or None, got the boolean {n_jobs!r}")
     value: object = n_jobs
-    if isinstance(value, str):
+    if isinstance(value, str):  # as joblib: an int's digits ("2"), not "2.5"
         try:
-            value = float(value.strip())
+            value = int(value.strip())
         except ValueError:
-            raise ValueError(f"{name} must be a non-zero int or None, got the string "
-                             f"{n_jobs!r}") from None
+            raise ValueError(f"{name} could not be converted to int: {name} must be a "
+                             f"non-zero int or None, got the string {n_jobs!r}") from None
     if not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a non-zero int or None, got "
                         f"{type(n_jobs).__name__} {n_jobs!r:.60}")
@@ -41,8 +41,9 @@ def check_n_jobs(n_jobs: object, name: str = "n_jobs") -> int | None:
         raise ValueError(f"{name} must be a finite, non-zero number, got {n_jobs!r}")
     result = int(number)
     if result == 0:
-        raise ValueError(f"{name}={n_jobs!r} is not allowed: use a positive number of workers, "
-                         f"-1 for all CPUs, or -k for all but k-1 CPUs")
+        raise ValueError(f"{name} == 0 in Parallel has no meaning ({name}={n_jobs!r}): use a "
+                         f"positive number of workers, -1 for all CPUs, or -k for all but "
+                         f"k-1 CPUs")
     return result
 
 

@@ -155,7 +155,7 @@ class Dispatcher:
                  pre_dispatch: int | None, batch_size: int | str, retain: bool,
                  timeout: float | None = None,
                  on_progress: Callable[[Dispatcher], None] | None = None,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, prime: bool = True):
         self.backend = backend
         self.n_jobs = n_jobs
         self.retain = retain
@@ -168,6 +168,7 @@ class Dispatcher:
         self._limit = pre_dispatch if pre_dispatch is not None else math.inf
         self._fixed_size = batch_size if isinstance(batch_size, int) else None
         self.sizer = AutoBatchSizer(backend.target_batch_duration, n_jobs, self.n_tasks)
+        self._prime = prime  # False: the first batch holds one task, whatever was learnt
         self._nested = nested_settings(backend)
         self._track = timeout is not None and not backend.enforces_timeout
         self._count_lock = threading.Lock()  # guards _unreleased; never held across calls
@@ -250,7 +251,8 @@ class Dispatcher:
 
     def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
         """Size the first batch from earlier calls of the same function, if any."""
-        self.sizer.prime(tasks[0][0], self.n_tasks)
+        if self._prime:
+            self.sizer.prime(tasks[0][0], self.n_tasks)
         want = self.sizer.size
         if want <= size:
             return tasks, size
@@ -261,6 +263,7 @@ class Dispatcher:
         elif self.n_tasks is None and len(tasks) > 1:
             # that was every task: share them out so that every worker gets some
             share = math.ceil(len(tasks) / self.n_jobs)
+            self.sizer.size = share  # the next batches too: one per worker, not one more
             self._input.push_back(tasks[share:])
             tasks = tasks[:share]
         return tasks, len(tasks)  # the end, if this was it, shows on the next read

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from itertools import chain
+from itertools import chain, islice
 from operator import length_hint
 from time import time
 from types import TracebackType
@@ -91,6 +91,10 @@ class Parallel:
 
     def _choose_backend(self, spec: BackendSpec, named: bool, params: dict[str, object],
                         nesting_level: int) -> ParallelBackendBase:
+        if self.prefer == "processes" and self.require == "sharedmem":
+            raise ValueError("prefer == 'processes' and require == 'sharedmem' are "
+                             "inconsistent settings: processes do not share the caller's "
+                             "memory; drop one of them (require='sharedmem' runs on threads)")
         if spec is None and (self.prefer == "threads" or self.require == "sharedmem"):
             spec = "threading"
         elif spec is None and self.n_jobs == 1 and not params and default_is_processes():
@@ -147,6 +151,8 @@ class Parallel:
         try:
             monitor = self._monitor(iterable, n_jobs, started)
             if n_jobs == 1:
+                if isinstance(self.batch_size, int) and self.batch_size > 1:
+                    iterable = _read_ahead(iterable, self.batch_size)
                 if monitor is None and self.return_as == "list":
                     try:
                         return _run_all(iterable)
@@ -205,7 +211,10 @@ class Parallel:
             dispatcher = Dispatcher(
                 iterable, backend, n_jobs, parse_pre_dispatch(self.pre_dispatch, n_jobs),
                 self.batch_size, retain=self.return_as == "list", timeout=self.timeout,
-                on_progress=monitor, observer=monitor.insights if monitor else None)
+                on_progress=monitor, observer=monitor.insights if monitor else None,
+                # completion order promises the fastest results first: a batch primed from
+                # earlier calls could hold a slow task back with quick ones
+                prime=self.return_as != "generator_unordered")
         except BaseException:
             if monitor is not None:
                 monitor.close(None)
@@ -243,6 +252,14 @@ def _run_all(iterable: Iterable[Task]) -> list:
         func, args, kwargs = task
         append(func(*args, **kwargs) if kwargs else func(*args))
     return out
+
+
+def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:
+    """The tasks, read ``size`` at a time before the first of them runs: the order in
+    which an explicit ``batch_size`` consumes the input, inline as in the workers."""
+    tasks = iter(iterable)
+    while chunk := list(islice(tasks, size)):
+        yield from chunk
 
 
 def _flatten(batches: Iterator[list]) -> Iterator[Any]:

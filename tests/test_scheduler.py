@@ -38,8 +38,20 @@ def test_idle_workers_first_then_new_ones_up_to_the_size():
     placed = drain(scheduler, workers, size=2)
     assert placed[0] == (0, a)  # the idle live worker
     assert placed[1] == (2, b)  # a new worker: only one live worker for a size of 2
-    assert placed[2][1] is c  # short (no estimate): queued behind a busy worker of its call
+    assert len(placed) == 2 and list(scheduler.pending) == [c]  # a and b: length unknown
+    a.known_short = b.known_short = True  # measured: c (no estimate) may wait behind one
+    assert drain(scheduler, workers, size=2)[0][1] is c
     assert not scheduler.pending
+
+
+def test_nothing_waits_behind_a_job_of_unknown_length():
+    # joblib's test_parallel_unordered_generator_returns_fastest_first: the first task
+    # of a call may be the slow one; a quick task queued behind it would wait for it
+    scheduler = Scheduler()
+    scheduler.add(job("A", 1))
+    workers = [slot(job("A", 0)), slot(job("A", 2, expected=PREFETCH_MAX / 10))]
+    placed = drain(scheduler, workers, size=2)
+    assert [(index, queued.batch.start) for index, queued in placed] == [(1, 1)]
 
 
 def test_long_jobs_wait_for_a_free_worker_and_calls_never_share_a_worker():
@@ -57,7 +69,7 @@ def test_a_worker_holds_at_most_two_jobs():
     scheduler = Scheduler()
     for i in range(3):
         scheduler.add(job("A", i))
-    workers = [slot(job("A", 9))]
+    workers = [slot(job("A", 9, expected=PREFETCH_MAX / 10))]
     assert len(drain(scheduler, workers, size=1)) == 1
     assert len(scheduler.pending) == 2
 

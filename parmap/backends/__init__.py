@@ -51,6 +51,29 @@ def default_is_processes() -> bool:
     return getattr(factory, "__module__", None) == LAZY["processes"].partition(":")[0]
 
 
+#: joblib's built-in backend classes (``joblib._parallel_backends``) -> parmap's backend of
+#: the same meaning: an instance of one, as joblib code passes it, means that backend
+JOBLIB_BUILTINS = {"LokyBackend": "loky", "MultiprocessingBackend": "multiprocessing",
+                   "ThreadingBackend": "threading", "SequentialBackend": "sequential"}
+
+
+def joblib_builtin(backend: object) -> str | None:
+    """parmap's name for an instance of one of joblib's built-in backend classes (not a
+    subclass of one: that is a custom joblib backend), else None."""
+    kind = type(backend)
+    if kind.__module__ == "joblib._parallel_backends":
+        return JOBLIB_BUILTINS.get(kind.__name__)
+    return None
+
+
+def _foreign_backend_error(what: str, backend: object) -> TypeError:
+    return TypeError(f"Invalid backend: {what} {backend!r:.80} is "
+                     f"not a parmap backend: a joblib backend class does not plug into "
+                     f"parmap (its contract differs, see the 'Coming from joblib' page); "
+                     f"subclass parmap.ParallelBackendBase, or use a name such as "
+                     f"'threading'")
+
+
 def backend_names() -> list[str]:
     return sorted({*_factories, *LAZY})
 
@@ -71,6 +94,10 @@ def register_parallel_backend(name: str, factory: Factory, make_default: bool = 
     if not callable(factory):
         raise TypeError(f"register_parallel_backend: factory must be callable, got "
                         f"{factory!r}")
+    builtin = JOBLIB_BUILTINS.get(getattr(factory, "__name__", "")) \
+        if getattr(factory, "__module__", "") == "joblib._parallel_backends" else None
+    if builtin is not None:  # one of joblib's own: parmap's backend of that meaning
+        factory = _factory(builtin)
     LAZY.pop(name, None)
     _factories[name] = factory
     if make_default:
@@ -89,8 +116,11 @@ def check_backend(backend: object) -> BackendSpec:
     """``backend`` itself when it is a registered name, an instance, a multiprocessing
     context or None."""
     if backend is None or isinstance(backend, ParallelBackendBase) or \
-            start_method_of(backend) is not None:
+            start_method_of(backend) is not None or joblib_builtin(backend) is not None:
         return backend  # type: ignore[return-value]
+    if type(backend).__module__.split(".")[0] == "joblib" or \
+            hasattr(backend, "apply_async"):
+        raise _foreign_backend_error(f"the {type(backend).__name__} object", backend)
     if not isinstance(backend, str):
         raise TypeError(f"Invalid backend: expected a registered name or a "
                         f"ParallelBackendBase instance, got {type(backend).__name__} "
@@ -123,7 +153,7 @@ def check_backend_kwargs(backend: BackendSpec, kwargs: Mapping[str, object],
         raise TypeError(f"{where} got keyword arguments {sorted(kwargs)} for a backend "
                         f"instance ({type(backend).__name__}); pass them to its constructor")
     if not isinstance(backend, (str, type(None))):
-        backend = "processes"  # a multiprocessing context
+        backend = joblib_builtin(backend) or "processes"  # else a multiprocessing context
     name = _default[0] if backend is None else backend
     params = _parameters(_factory(name))
     if params is None or params[1]:
@@ -142,6 +172,7 @@ def make_backend(backend: BackendSpec, nesting_level: int = 0,
     """A backend instance from a spec (an instance is returned as it is)."""
     if isinstance(backend, ParallelBackendBase):
         return backend
+    backend = joblib_builtin(backend) or backend
     start_method = start_method_of(backend)
     if start_method is not None:
         kwargs.setdefault("start_method", start_method)
@@ -153,7 +184,10 @@ def make_backend(backend: BackendSpec, nesting_level: int = 0,
     factory = _factory(name)
     params = _parameters(factory)
     if params is not None and ("nesting_level" in params[0] or params[1]):
-        return factory(nesting_level=nesting_level, **kwargs)
-    instance = factory(**kwargs)
-    instance.nesting_level = nesting_level
+        instance = factory(nesting_level=nesting_level, **kwargs)
+    else:
+        instance = factory(**kwargs)
+        instance.nesting_level = nesting_level
+    if not isinstance(instance, ParallelBackendBase):
+        raise _foreign_backend_error(f"backend {name!r} made", instance)
     return instance

@@ -11,7 +11,10 @@ Rules:
    than the pool's size exist, to a new worker (the pool starts it).
 2. If every worker is busy, a *short* job (expected to run under ``PREFETCH_MAX``) may
    wait in the pipe of a worker that runs a job of the same call and holds fewer than
-   ``PREFETCH`` jobs: the worker starts it without a round trip through the manager.
+   ``PREFETCH`` jobs, when the jobs that worker holds are *known* to be short (measured,
+   not merely unmeasured): the worker starts it without a round trip through the manager.
+   Behind a job of unknown length (the first batches of a call) nothing waits: one slow
+   first task must not hold a quick one back (joblib's "fastest first" test).
    A queued job cannot move to a worker that falls idle, so long jobs are never
    queued (they would hold the end of a call back), and a worker never holds two
    calls' jobs (cancelling one call never kills another call's work).
@@ -38,7 +41,8 @@ PREFETCH_MAX = 0.01
 class PoolJob:
     """One batch travelling through the pool."""
 
-    __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short")
+    __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short",
+                 "known_short")
 
     def __init__(self, owner: object, batch: Batch, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
@@ -51,7 +55,10 @@ class PoolJob:
         self.timeout = timeout
         self.cancelled = False
         expected = batch.expected
+        #: may wait behind another job (unmeasured counts as short)
         self.short = expected is None or expected < PREFETCH_MAX
+        #: another job may wait behind this one (measured short)
+        self.known_short = expected is not None and expected < PREFETCH_MAX
 
     def describe(self) -> str:
         start, n = self.batch.start, len(self.batch)
@@ -111,7 +118,8 @@ class Scheduler:
         if sum(not w.dead for w in workers) < size:
             return None, pending.popleft()
         for worker in workers:  # rule 2: queue a short job behind one of its own call
-            if worker.dead or len(worker.jobs) >= PREFETCH:
+            if worker.dead or len(worker.jobs) >= PREFETCH or \
+                    not all(held.known_short for held in worker.jobs):
                 continue
             owner = worker.jobs[0].owner
             job = next((j for j in pending if j.owner is owner and j.short), None)

@@ -1,0 +1,24 @@
+"""joblib's own public-API tests (``joblib/test/test_parallel.py`` of the installed
+joblib) run against parmap: see ``tests/conformance``. Every case passes but the reviewed
+skips of ``tests/conformance/skips.py``."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("joblib")
+
+from .conformance.runner import PASSING, run, summary  # noqa: E402  (after the skip)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the runner bounds every case (30 s) and restarts after a hang
+def test_joblib_test_parallel_passes(tmp_path):
+    outcomes = run(tmp_path / "conformance")
+    failed = {nodeid: (outcome, detail) for nodeid, (outcome, detail) in outcomes.items()
+              if outcome not in PASSING + ("skipped",)}
+    report = "\n\n".join(f"{outcome.upper()} {nodeid}\n{detail[-1500:]}"
+                         for nodeid, (outcome, detail) in failed.items())
+    assert not failed, (f"{len(failed)} of joblib's cases fail against parmap "
+                        f"({summary(outcomes)}); run python -m tests.conformance -k NAME to "
+                        f"see one:\n\n{report}")
+    assert sum(outcome in PASSING for outcome, _ in outcomes.values()) > 400, summary(outcomes)
