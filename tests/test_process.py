@@ -5,6 +5,8 @@ import ctypes
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -426,3 +428,36 @@ def test_a_crash_in_one_call_leaves_a_concurrent_call_whole():
 def sleep_then_identity(x):
     time.sleep(0.005)
     return x
+
+
+OPENMP_THEN_FORK = """
+import os, sys, threading
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+from parmap import Parallel, delayed
+from parmap.process.spawn import choose_start_method
+
+X = np.random.RandomState(0).rand(500, 4)
+y = (X[:, 0] > 0.5).astype(int)
+HistGradientBoostingClassifier(max_iter=3).fit(X, y)   # GNU OpenMP's pool now exists
+assert threading.active_count() == 1                  # no Python thread: fork looked safe
+
+def fit(seed):
+    return HistGradientBoostingClassifier(max_iter=3, random_state=seed).fit(X, y).n_iter_
+
+print(choose_start_method(), Parallel(n_jobs=2, timeout=50)(delayed(fit)(s) for s in range(2)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(120)
+def test_workers_do_not_hang_after_the_caller_ran_gnu_openmp():
+    # a child forked after libgomp built its thread pool hangs at its first parallel
+    # region; parmap starts workers from a clean process instead
+    pytest.importorskip("sklearn")
+    out = subprocess.run([sys.executable, "-c", OPENMP_THEN_FORK], capture_output=True,
+                         text=True, timeout=100,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "forkserver", out.stdout
+    assert out.stdout.rstrip().endswith("[3, 3]"), out.stdout

@@ -2,7 +2,7 @@
 
 Start method: ``fork`` when the caller is the main thread and no other Python thread
 exists (no lock can be held by a thread that does not exist, so fork is safe and costs
-~10 ms); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
+~10 ms), and GNU OpenMP has no thread pool here (it hangs a forked child); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
 ``parmap.process.worker`` (and numpy, if the caller has imported it), so its children
 start in milliseconds once it runs; it is started as soon as a call configures its pool
 (:func:`prestart`), so that its own start overlaps the caller's work. Threads that C
@@ -42,11 +42,34 @@ def choose_start_method(requested: str | None = None) -> str:
                              f"{method!r}")
         return method
     if (sys.platform.startswith("linux") and threading.active_count() == 1
-            and threading.current_thread() is threading.main_thread()):
+            and threading.current_thread() is threading.main_thread()
+            and not _openmp_pool_running()):
         return "fork"
     if "forkserver" in available and sys.platform != "darwin":
         return "forkserver"
     return "spawn"
+
+
+_gomp_seen = [False, -1]  # libgomp found loaded; len(sys.modules) when last looked
+
+
+def _openmp_pool_running() -> bool:
+    """Whether GNU OpenMP (libgomp) may have a thread pool in this process: a forked
+    child would hang at its first parallel region (the pool's threads do not exist
+    there and libgomp has no fork handler). Seen with scikit-learn's vendored libgomp
+    after any OpenMP estimator ran. Native threads beyond Python's are the cheap first
+    test (~15 us); the memory map is read only when the set of imported modules changed
+    (libraries arrive with extension modules), and a found libgomp is remembered."""
+    try:
+        if len(os.listdir("/proc/self/task")) <= threading.active_count():
+            return False
+        if not _gomp_seen[0] and _gomp_seen[1] != len(sys.modules):
+            _gomp_seen[1] = len(sys.modules)
+            with open("/proc/self/maps", "rb") as maps:
+                _gomp_seen[0] = b"/libgomp" in maps.read()
+    except OSError:
+        return False
+    return bool(_gomp_seen[0])
 
 
 _spawning = threading.local()
