@@ -461,3 +461,21 @@ def test_workers_do_not_hang_after_the_caller_ran_gnu_openmp():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[0] == "forkserver", out.stdout
     assert out.stdout.rstrip().endswith("[3, 3]"), out.stdout
+
+
+STDERR_WITHOUT_FD = """
+import io, sys
+real = sys.stderr
+sys.stderr = io.StringIO()   # pythonw, some IDEs and services: no file descriptor
+from parmap import Parallel, delayed
+print(Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4)))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_workers_start_when_the_callers_stderr_has_no_file_descriptor():
+    out = subprocess.run([sys.executable, "-c", STDERR_WITHOUT_FD], capture_output=True,
+                         text=True, timeout=50,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[0, 1, 2, 3]"

@@ -46,6 +46,20 @@ WorkerSetup = tuple  # (environment: dict[str, str], initializer: cloudpickle by
 _ready_since: float | None = None
 
 
+def _enable_faulthandler() -> None:
+    """A segfault leaves a Python traceback on stderr. A caller's ``sys.stderr`` may have
+    no file descriptor (``None`` under pythonw, a ``StringIO`` in some IDEs and services,
+    inherited through fork): then standard error's descriptor is used, and a worker
+    never fails to start over it."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, RuntimeError, ValueError, OSError):
+        try:
+            faulthandler.enable(file=2)
+        except (ValueError, OSError):
+            pass
+
+
 def worker_main(task_conn: Connection, result_conn: Connection, status: Any, parent_pid: int,
                 setup: bytes, close_conns: list[Connection]) -> None:
     """Entry point of a worker process."""
@@ -53,7 +67,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     for conn in close_conns:  # other workers' pipe ends inherited through fork
         conn.close()
     die_with_parent(parent_pid)
-    faulthandler.enable()  # a segfault leaves a Python traceback on stderr
+    _enable_faulthandler()
     env, init = pickle.loads(setup)
     for key, value in env.items():
         os.environ.setdefault(key, value)
