@@ -113,17 +113,26 @@ class ProcessBackend(ParallelBackendBase):
             pool.submit(PoolJob(owner, batch, payload, callback, timeout))
             return
 
+        # ``done`` refers to itself (it resubmits), so it lives until a garbage collection:
+        # it holds the batch and the dispatcher's callback (hence the batch's arguments,
+        # large arrays) only until the final outcome
+        held: list = [batch, callback]
+
         def done(outcome: Any) -> None:
             if outcome is not protocol.RETRY:
-                callback(outcome)
+                _, final = held
+                held.clear()
+                final(outcome)
                 return
             # a worker that was not forked after our arrays were pinned: place them
             try:
                 placer.stop_inheriting()
-                again = protocol.encode_request(batch, track, placer, result_nbytes)
-                pool.submit(PoolJob(owner, batch, again, done, timeout))
+                again = protocol.encode_request(held[0], track, placer, result_nbytes)
+                pool.submit(PoolJob(owner, held[0], again, done, timeout))
             except BaseException as exc:  # the call is failing: report, never hang
-                callback(exc)
+                _, final = held
+                held.clear()
+                final(exc)
 
         pool.submit(PoolJob(owner, batch, payload, done, timeout))
 

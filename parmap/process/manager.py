@@ -86,13 +86,17 @@ class Manager(threading.Thread):
             for job, outcome in finished:
                 if job is None:
                     protocol.discard_reply(outcome)
-                elif isinstance(outcome, BaseException):
-                    job.callback(outcome)
-                else:
-                    job.callback(protocol.decode_reply(outcome, job.batch, job.describe))
+                    continue
+                if not isinstance(outcome, BaseException):
+                    outcome = protocol.decode_reply(outcome, job.batch, job.describe)
+                # The caller may return as soon as it has the outcome: from then on nothing
+                # here may hold the batch's arguments (large arrays; a shared array's file
+                # goes when the caller drops the array)
+                callback, job.batch = job.callback, None  # type: ignore[assignment]
+                callback(outcome)
             # the last batch's tasks (their arguments: large arrays) must not stay alive
             # in this frame until the next round, which may come minutes later
-            finished = job = outcome = None  # type: ignore[assignment]
+            finished = job = outcome = callback = None  # type: ignore[assignment]
             with pool.lock:
                 pool.rounds += 1
                 pool.round_done.notify_all()
