@@ -2,6 +2,7 @@
 each has a focused regression test here."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -117,3 +118,24 @@ def test_n_jobs_tasks_run_at_once_after_an_earlier_call_learnt_they_are_quick():
         idents = Parallel(n_jobs=n_jobs, backend="threading")(
             delayed(meet)(barrier) for _ in range(n_jobs))
         assert len(set(idents)) == n_jobs
+
+
+def environment_variable(name):
+    return os.environ.get(name)
+
+
+def test_workers_see_the_callers_thread_caps_as_they_are_now(monkeypatch):
+    # joblib's test_threadpool_limitation_in_child_override: a thread-cap variable set
+    # between two calls reaches the workers (the shared pool's workers read them at start,
+    # so they are replaced); inner_max_num_threads wins over the caller's value
+    def in_workers():
+        return Parallel(n_jobs=2)(delayed(environment_variable)("OMP_NUM_THREADS")
+                                  for _ in range(2))
+
+    in_workers()  # a shared pool exists already
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert in_workers() == ["4", "4"]
+    with parallel_config(inner_max_num_threads=1):
+        assert in_workers() == ["1", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert in_workers() == ["3", "3"]
