@@ -3,6 +3,7 @@ each has a focused regression test here."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -139,3 +140,22 @@ def test_workers_see_the_callers_thread_caps_as_they_are_now(monkeypatch):
         assert in_workers() == ["1", "1"]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert in_workers() == ["3", "3"]
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_verbose_lines_go_through_print_in_joblibs_words_aligned(n_jobs):
+    # joblib's test_parallel_pretty_print: a subclass overriding _print gets every line
+    class Logged(Parallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lines = []
+
+        def _print(self, line):
+            self.lines.append(line)
+
+    parallel = Logged(n_jobs=n_jobs, backend="threading", verbose=100)
+    parallel([delayed(abs)(i) for i in range(100)])
+    spans = [re.search(r"Done\s+\d+ out of \d+ \|", line) for line in parallel.lines]
+    assert parallel.lines and all(spans)
+    assert len({span.end() - span.start() for span in spans}) == 1
+    assert parallel.lines[-1].endswith("finished")
