@@ -159,3 +159,16 @@ def test_verbose_lines_go_through_print_in_joblibs_words_aligned(n_jobs):
     assert parallel.lines and all(spans)
     assert len({span.end() - span.start() for span in spans}) == 1
     assert parallel.lines[-1].endswith("finished")
+
+
+def recurse(depth=0):
+    return recurse(depth + 1)
+
+
+def test_a_recursion_error_in_a_worker_comes_back_as_itself():
+    # joblib's test_thread_bomb_mitigation: its thousand frames cannot be pickled; the
+    # exception then travels without them, its worker traceback attached as text
+    with pytest.raises(RecursionError) as info:
+        Parallel(n_jobs=2)(delayed(recurse)() for _ in range(2))
+    cause = info.value.__cause__
+    assert isinstance(cause, parmap.RemoteTraceback) and "in recurse" in str(cause)

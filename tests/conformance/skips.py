@@ -50,6 +50,10 @@ SKIPS: list[Skip] = [
     Skip("test_memmapping_leaks", "expects array files in temp_folder during the call: "
          "parmap's forked workers read the caller's arrays in place at cold start, no file "
          "is written (docs/large_data.rst)"),
+    Skip("test_threadpool_limitation_in_child_context", "a forked worker keeps the BLAS "
+         "thread pool the caller had already started: parmap's thread caps (environment "
+         "variables) take effect for libraries a worker loads itself (docs/backends.rst); "
+         "loky's workers are fresh interpreters"),
     Skip("test_loky_reuse_workers", LOKY),
     Skip("test_parallel_with_interactively_defined_bound_method_loky", LOKY),
 ]
