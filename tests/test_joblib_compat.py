@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import warnings
 
 import pytest
 
@@ -172,3 +173,22 @@ def test_a_recursion_error_in_a_worker_comes_back_as_itself():
         Parallel(n_jobs=2)(delayed(recurse)() for _ in range(2))
     cause = info.value.__cause__
     assert isinstance(cause, parmap.RemoteTraceback) and "in recurse" in str(cause)
+
+
+def nested_warnings(backend, n_jobs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Parallel(n_jobs=n_jobs, backend=backend)(delayed(abs)(-i) for i in range(3))
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("child, warns", [("multiprocessing", True), ("loky", True),
+                                          ("processes", False), ("threading", False)])
+def test_nested_process_requests_below_threads_warn_as_in_joblib(child, warns):
+    # joblib's test_nested_parallel_warnings: threads run the nested call; where joblib
+    # refuses processes it warns, once per call with more than one worker
+    for seen in Parallel(n_jobs=2, backend="threading")(
+            delayed(nested_warnings)(child, 2) for _ in range(2)):
+        assert len(seen) == warns and all("backed parallel loops cannot" in m for m in seen)
+    assert Parallel(n_jobs=2, backend="threading")(
+        delayed(nested_warnings)(child, 1) for _ in range(2)) == [[], []]
