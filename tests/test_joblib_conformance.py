@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("joblib")
 
-from .conformance.runner import PASSING, run, summary  # noqa: E402  (after the skip)
+from .conformance.runner import PASSING, report, run  # noqa: E402  (after the skip)
 
 
 @pytest.mark.slow
@@ -16,9 +16,9 @@ def test_joblib_test_parallel_passes(tmp_path):
     outcomes = run(tmp_path / "conformance")
     failed = {nodeid: (outcome, detail) for nodeid, (outcome, detail) in outcomes.items()
               if outcome not in PASSING + ("skipped",)}
-    report = "\n\n".join(f"{outcome.upper()} {nodeid}\n{detail[-1500:]}"
-                         for nodeid, (outcome, detail) in failed.items())
+    details = "\n\n".join(f"{outcome.upper()} {nodeid}\n{detail[-1500:]}"
+                          for nodeid, (outcome, detail) in failed.items())
     assert not failed, (f"{len(failed)} of joblib's cases fail against parmap "
-                        f"({summary(outcomes)}); run python -m tests.conformance -k NAME to "
-                        f"see one:\n\n{report}")
-    assert sum(outcome in PASSING for outcome, _ in outcomes.values()) > 400, summary(outcomes)
+                        f"({report(outcomes)}); run python -m tests.conformance -k NAME to "
+                        f"see one:\n\n{details}")
+    assert sum(outcome in PASSING for outcome, _ in outcomes.values()) > 400, report(outcomes)

@@ -119,7 +119,22 @@ def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tupl
 
 
 def summary(outcomes: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """Cases by outcome; skips split into ours (``skipped (parmap)``, :mod:`.skips`) and
+    joblib's own (``skipped (joblib)``: conditions of this environment)."""
     counts: dict[str, int] = {}
-    for outcome, _ in outcomes.values():
+    for outcome, detail in outcomes.values():
+        if outcome == "skipped":
+            outcome = "skipped (parmap)" if "parmap: " in detail else "skipped (joblib)"
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
+
+
+def report(outcomes: dict[str, tuple[str, str]]) -> str:
+    """One line: the pass count of all cases and of the cases not skipped on purpose."""
+    counts = summary(outcomes)
+    total = len(outcomes)
+    passed = sum(counts.get(o, 0) for o in PASSING)
+    ours = counts.get("skipped (parmap)", 0)
+    return (f"{passed} passed of {total} cases ({100 * passed / max(total, 1):.1f} %); "
+            f"{passed} of {total - ours} cases not in the reviewed skip list "
+            f"({100 * passed / max(total - ours, 1):.1f} %); outcomes: {counts}")
