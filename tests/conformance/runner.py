@@ -23,7 +23,9 @@ CASE_TIMEOUT = 30  # seconds per case (pytest-timeout)
 WATCHDOG = CASE_TIMEOUT + 30  # no progress for this long: kill the child and go on
 PASSING = ("passed", "xpassed")
 
-#: the child's pytest configuration: none of ours (setup.cfg) applies to joblib's tests
+#: the child's pytest configuration: none of ours (setup.cfg) applies to joblib's tests.
+#: Warnings are errors, as in our suite, except the nested-call warning that joblib
+#: itself gives in the same tests (test_nested_loop nests 'multiprocessing')
 PYTEST_INI = """\
 [pytest]
 addopts = -p no:cacheprovider
@@ -32,6 +34,7 @@ markers =
     no_cover: joblib's marker
 filterwarnings =
     error
+    ignore:.*-backed parallel loops cannot be nested:UserWarning
 """
 
 
