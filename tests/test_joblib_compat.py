@@ -11,7 +11,9 @@ import pytest
 
 import parmap
 from parmap import Parallel, delayed, parallel_config, register_parallel_backend
+from parmap._batching import remember
 from parmap.backends import _factories
+from parmap.backends.threading import ThreadingBackend
 
 joblib_backends = pytest.importorskip("joblib._parallel_backends")
 
@@ -120,6 +122,11 @@ def test_n_jobs_tasks_run_at_once_after_an_earlier_call_learnt_they_are_quick():
         idents = Parallel(n_jobs=n_jobs, backend="threading")(
             delayed(meet)(barrier) for _ in range(n_jobs))
         assert len(set(idents)) == n_jobs
+    # history says two tasks fill a batch: still one task per worker for 4 workers
+    remember(meet, ThreadingBackend.target_batch_duration / 2)
+    barrier = threading.Barrier(4)
+    idents = Parallel(n_jobs=4, backend="threading")(delayed(meet)(barrier) for _ in range(4))
+    assert len(set(idents)) == 4
 
 
 def environment_variable(name):
