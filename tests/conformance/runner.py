@@ -7,6 +7,7 @@ and the run restarts with the cases not yet run, so nothing hangs and nothing is
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .rewrite import write_copy
+from .rewrite import joblib_test_file, write_copy
 
 REPO = Path(__file__).resolve().parents[2]
 CASE_TIMEOUT = 30  # seconds per case (pytest-timeout)
@@ -97,8 +98,10 @@ def _run_child(folder: Path, log: Path, args: list[str], output) -> bool:
         _kill_group(process)  # also whatever the tests left behind in the group
 
 
-def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tuple[str, str]]:
-    """Every case's (outcome, detail); ``select``: extra pytest arguments (``-k ...``)."""
+def run(folder: Path, select: Iterable[str] = (), output=None,
+        functions: Iterable[str] | None = None) -> dict[str, tuple[str, str]]:
+    """Every case's (outcome, detail); ``select``: extra pytest arguments (``-k ...``);
+    ``functions``: only these test functions (by name)."""
     folder.mkdir(parents=True, exist_ok=True)
     copy = write_copy(folder)
     (folder / "pytest.ini").write_text(PYTEST_INI)
@@ -108,7 +111,9 @@ def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tupl
     for _ in range(20):  # each restart skips at least the case that hung
         deselect = [arg for nodeid in done for arg in ("--deselect", nodeid)]
         log.unlink(missing_ok=True)
-        finished = _run_child(folder, log, [str(copy), *select, *deselect], output)
+        targets = [str(copy)] if functions is None else \
+            [f"{copy}::{name}" for name in functions]
+        finished = _run_child(folder, log, [*targets, *select, *deselect], output)
         collected, outcomes, current = _read_log(log)
         done.update(outcomes)
         if finished:
@@ -119,6 +124,13 @@ def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tupl
         if current is not None:
             done[current] = ("hung", f"no progress for {WATCHDOG} s: the child was killed")
     return done
+
+
+def joblib_test_functions() -> list[str]:
+    """The names of the test functions of joblib's file, sorted."""
+    tree = ast.parse(joblib_test_file().read_text())
+    return sorted(node.name for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"))
 
 
 def summary(outcomes: dict[str, tuple[str, str]]) -> dict[str, int]:
