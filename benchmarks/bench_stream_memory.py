@@ -1,6 +1,6 @@
 """Peak memory of a stream of big results: issue 12's case.
 
-Usage: python benchmarks/bench_stream_memory.py [--n 2000] [--libs parmap,joblib]
+Usage: python benchmarks/bench_stream_memory.py [--n 2000] [--libs parmap,joblib] [--reps 3]
 
 ``Parallel(n_jobs=2, return_as="generator", batch_size="auto")`` over an endless
 generator of tasks that each return ``bytes(1_000_000)``; the consumer takes ``--n``
@@ -9,7 +9,8 @@ in a fresh interpreter; a thread there samples, every 10 ms, the PSS (proportion
 size: shared pages counted once across the processes) of the whole process tree — the
 caller and every descendant, the workers included — with ``psutil``, and keeps the peak.
 Reported: the peak of the tree (and of the caller alone), the baseline before the call,
-and the wall time. Target for parmap: a peak under 300 MB.
+and the wall time, as medians over ``--reps`` interleaved runs (each library once per
+round). Target for parmap: a peak under 300 MB.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -90,6 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--libs", default="parmap,joblib")
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -97,23 +100,33 @@ def main() -> int:
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    libs = args.libs.split(",")
+    runs: dict[str, list[dict]] = {lib: [] for lib in libs}
     failed = False
-    for lib in args.libs.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", lib, "--n", str(args.n)],
-                             capture_output=True, text=True, env=env, timeout=600)
-        if out.returncode != 0:
-            print(f"{lib}: failed\n{out.stderr[-2000:]}")
-            failed = True
+    for _ in range(args.reps):
+        for lib in libs:
+            out = subprocess.run([sys.executable, __file__, "--child", lib, "--n", str(args.n)],
+                                 capture_output=True, text=True, env=env, timeout=600)
+            if out.returncode != 0:
+                print(f"{lib}: failed\n{out.stderr[-2000:]}")
+                failed = True
+                continue
+            runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for lib, results in runs.items():
+        if not results:
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = {key: statistics.median(x[key] for x in results)
+             for key in ("peak_tree_mb", "peak_caller_mb", "baseline_mb", "wall_s")}
         verdict = ""
         if lib == "parmap":
             verdict = "  (target < %d MB: %s)" % (
                 TARGET_MB, "met" if r["peak_tree_mb"] < TARGET_MB else "MISSED")
             failed |= r["peak_tree_mb"] >= TARGET_MB
-        print(f"{lib:7s} {r['n']} x 1 MB results: peak PSS of the process tree "
-              f"{r['peak_tree_mb']:.0f} MB (caller alone {r['peak_caller_mb']:.0f} MB, "
-              f"baseline {r['baseline_mb']:.0f} MB), {r['wall_s']:.1f} s{verdict}")
+        peaks = ", ".join(f"{x['peak_tree_mb']:.0f}" for x in results)
+        print(f"{lib:7s} {args.n} x 1 MB results: peak PSS of the process tree "
+              f"{r['peak_tree_mb']:.0f} MB (median of {peaks}; caller alone "
+              f"{r['peak_caller_mb']:.0f} MB, baseline {r['baseline_mb']:.0f} MB), "
+              f"{r['wall_s']:.1f} s{verdict}")
     return 1 if failed else 0
 
 
