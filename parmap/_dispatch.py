@@ -39,7 +39,7 @@ from queue import Empty, SimpleQueue
 from time import monotonic, perf_counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
-from ._batching import AutoBatchSizer, estimate_nbytes
+from ._batching import MAX_PRIMED, AutoBatchSizer, estimate_nbytes
 from ._delayed import Batch, check_task, compact, is_task
 from ._errors import timeout_error
 from .backends._base import Outcome, ParallelBackendBase
@@ -256,8 +256,13 @@ class Dispatcher:
         want = self.sizer.size
         if want <= size:
             return tasks, size
-        tasks += self._input.take(want + 1 - len(tasks))  # one more tells if that was all
-        if len(tasks) > want:
+        # an input of unknown length: read enough to give every worker a batch (within
+        # MAX_PRIMED), one more to tell if that was all: n_jobs tasks that wait for each
+        # other must not share a batch because an earlier call found the function quick
+        ahead = want if self.n_tasks is not None else \
+            max(want, min(want * self.n_jobs, MAX_PRIMED))
+        tasks += self._input.take(ahead + 1 - len(tasks))
+        if len(tasks) > ahead:
             self._input.push_back(tasks[want:])
             tasks = tasks[:want]
         elif self.n_tasks is None and len(tasks) > 1:

@@ -225,6 +225,13 @@ class CapturedError:
             pickle.loads(dumps(exc))  # rebuilding in the caller must work too
             return cls(exc, False, tb_text, index)
         except Exception:
+            pass
+        try:  # the frames may be what fails (a RecursionError's thousand): send it bare,
+            # its traceback as text (rebuild attaches it)
+            exc.__traceback__ = exc.__cause__ = exc.__context__ = None
+            pickle.loads(dumps(exc))
+            return cls(exc, False, tb_text, index)
+        except Exception:
             text = (f"{type(exc).__module__}.{type(exc).__qualname__}", _safe_str(exc))
             return cls(text, True, tb_text, index)
 
@@ -241,6 +248,8 @@ class CapturedError:
         # tblib rebuilt the worker frames into exc.__traceback__: raising it shows them
         # below the caller's frames, and pdb.post_mortem() can walk them.
         exc_obj: BaseException = self.payload
+        if exc_obj.__traceback__ is None and exc_obj.__cause__ is None and self.tb_text:
+            exc_obj.__cause__ = RemoteTraceback(self.tb_text)  # sent without its frames
         return exc_obj
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from itertools import count
 from time import monotonic, perf_counter, time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ._delayed import check_task
 from ._insights import Insights
@@ -40,10 +40,11 @@ def backend_label(backend: Any, inline: bool) -> str:
 
 class Monitor:
     def __init__(self, verbose: float, progress: object, insights: bool, n_jobs: int,
-                 backend: Any, inline: bool, total: int | None, started: float):
+                 backend: Any, inline: bool, total: int | None, started: float,
+                 write: Callable[[str], None] | None = None):
         label = backend_label(backend, inline)
         self.lines = Progress(verbose, n_jobs, "sequential" if inline
-                              else type(backend).__name__) if verbose else None
+                              else type(backend).__name__, write) if verbose else None
         self.bar: Bar | None = make_bar(progress, total)
         self.insights = Insights(label, n_jobs, started) if insights else None
         self.total = total
@@ -103,7 +104,7 @@ class Monitor:
 
     def _update_inline(self, done: int) -> None:
         if self.lines is not None:
-            self.lines.update(done, None)
+            self.lines.update(done, self.total)
         if self.bar is not None:
             now = monotonic()
             if now >= self._next_update:

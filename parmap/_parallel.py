@@ -27,6 +27,7 @@ from ._delayed import Task, check_task
 from ._dispatch import Dispatcher
 from ._insights import Insights
 from ._monitor import Monitor
+from ._progress import print_line
 from ._settings import DEFAULT, Default, parse_pre_dispatch, resolve, resolve_n_jobs
 from .backends import (BackendSpec, CallOptions, ParallelBackendBase, default_is_processes,
                        make_backend)
@@ -184,10 +185,14 @@ class Parallel:
             return None
         total = (length_hint(iterable, 0) or None) if hasattr(iterable, "__len__") else None
         monitor = Monitor(self.verbose, self.progress, self._observe, n_jobs, self._backend,
-                          n_jobs == 1, total, started)
+                          n_jobs == 1, total, started, self._print)
         if monitor.insights is not None:
             self._insights = monitor.insights
         return monitor
+
+    def _print(self, line: str) -> None:
+        """Print one ``verbose`` line (a subclass may override it, as in joblib)."""
+        print_line(self.verbose, line)
 
     def _inline(self, iterable: Iterable[Task], monitor: Monitor | None) -> Iterator[Any]:
         try:

@@ -46,16 +46,30 @@ def _fmt(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def print_line(verbose: float, line: str) -> None:
+    """A ``verbose`` line: on stderr, on stdout above 50 (as joblib)."""
+    print(line, file=sys.stdout if verbose > 50 else sys.stderr, flush=True)
+
+
 class Progress:
-    def __init__(self, verbose: float, n_jobs: int, backend_name: str):
+    """The ``verbose`` lines, in joblib's words (``Done  40 out of 100 | elapsed: ...``),
+    the counts padded to one width so that the lines align. ``write`` prints a line
+    (``Parallel._print``, which a subclass may override as in joblib)."""
+
+    def __init__(self, verbose: float, n_jobs: int, backend_name: str,
+                 write: Callable[[str], None] | None = None):
         self.verbose = verbose
         self.prefix = f"[Parallel(n_jobs={n_jobs}, backend={backend_name})]"
         self.start = monotonic()
         self._next_report = 1
+        self._print = write
 
     def _write(self, text: str) -> None:
-        stream = sys.stdout if self.verbose > 50 else sys.stderr
-        print(f"{self.prefix}: {text}", file=stream, flush=True)
+        line = f"{self.prefix}: {text}"
+        if self._print is None:
+            print_line(self.verbose, line)
+        else:
+            self._print(line)
 
     def update(self, done: int, total: int | None) -> None:
         if self.verbose < 10 and done < self._next_report:
@@ -65,14 +79,16 @@ class Progress:
         elapsed = monotonic() - self.start
         if total:
             remaining = elapsed / done * (total - done) if done else 0.0
-            self._write(f"Done {done} of {total} tasks | elapsed: {_fmt(elapsed)} | "
-                        f"remaining: {_fmt(remaining)}")
+            width = max(3, len(str(total)))
+            self._write(f"Done {done:{width}d} out of {total:{width}d} | elapsed: "
+                        f"{_fmt(elapsed)} remaining: {_fmt(remaining)}")
         else:
-            self._write(f"Done {done} tasks | elapsed: {_fmt(elapsed)}")
+            self._write(f"Done {done:3d} tasks | elapsed: {_fmt(elapsed)}")
 
     def finish(self, done: int) -> None:
-        self._write(f"Done {done} of {done} tasks | elapsed: {_fmt(monotonic() - self.start)} "
-                    f"| finished")
+        width = max(3, len(str(done)))
+        self._write(f"Done {done:{width}d} out of {done:{width}d} | elapsed: "
+                    f"{_fmt(monotonic() - self.start)} finished")
 
     def __call__(self, dispatcher: _Counts) -> None:
         """Dispatcher hook: called in the consumer's thread after each completed batch."""

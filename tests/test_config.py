@@ -139,15 +139,15 @@ def test_verbose_reports_progress_on_stderr(capsys, n_jobs):
     Parallel(n_jobs=n_jobs, backend="threading", verbose=10, batch_size=5)(
         delayed(abs)(i) for i in range(20))
     err = capsys.readouterr().err
-    assert "Done 20 of 20 tasks" in err and "finished" in err
+    assert "Done  20 out of  20 | elapsed: " in err and "finished" in err
     if n_jobs == 2:
-        assert "Done 5 of 20 tasks" not in err or "remaining" in err
+        assert "Done   5 out of  20" not in err or "remaining" in err
 
 
 def test_verbose_above_50_goes_to_stdout(capsys):
     Parallel(n_jobs=2, backend="threading", verbose=60)(delayed(abs)(i) for i in range(5))
     captured = capsys.readouterr()
-    assert "Done 5 of 5 tasks" in captured.out and captured.err == ""
+    assert "Done   5 out of   5" in captured.out and captured.err == ""
 
 
 def test_verbose_zero_is_silent(capsys):

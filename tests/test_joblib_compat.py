@@ -2,13 +2,18 @@
 each has a focused regression test here."""
 from __future__ import annotations
 
+import os
+import re
 import threading
+import warnings
 
 import pytest
 
 import parmap
 from parmap import Parallel, delayed, parallel_config, register_parallel_backend
+from parmap._batching import remember
 from parmap.backends import _factories
+from parmap.backends.threading import ThreadingBackend
 
 joblib_backends = pytest.importorskip("joblib._parallel_backends")
 
@@ -117,3 +122,80 @@ def test_n_jobs_tasks_run_at_once_after_an_earlier_call_learnt_they_are_quick():
         idents = Parallel(n_jobs=n_jobs, backend="threading")(
             delayed(meet)(barrier) for _ in range(n_jobs))
         assert len(set(idents)) == n_jobs
+    # history says two tasks fill a batch: still one task per worker for 4 workers
+    remember(meet, ThreadingBackend.target_batch_duration / 2)
+    barrier = threading.Barrier(4)
+    idents = Parallel(n_jobs=4, backend="threading")(delayed(meet)(barrier) for _ in range(4))
+    assert len(set(idents)) == 4
+
+
+def environment_variable(name):
+    return os.environ.get(name)
+
+
+def test_workers_see_the_callers_thread_caps_as_they_are_now(monkeypatch):
+    # joblib's test_threadpool_limitation_in_child_override: a thread-cap variable set
+    # between two calls reaches the workers (the shared pool's workers read them at start,
+    # so they are replaced); inner_max_num_threads wins over the caller's value
+    def in_workers():
+        return Parallel(n_jobs=2)(delayed(environment_variable)("OMP_NUM_THREADS")
+                                  for _ in range(2))
+
+    in_workers()  # a shared pool exists already
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert in_workers() == ["4", "4"]
+    with parallel_config(inner_max_num_threads=1):
+        assert in_workers() == ["1", "1"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert in_workers() == ["3", "3"]
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_verbose_lines_go_through_print_in_joblibs_words_aligned(n_jobs):
+    # joblib's test_parallel_pretty_print: a subclass overriding _print gets every line
+    class Logged(Parallel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.lines = []
+
+        def _print(self, line):
+            self.lines.append(line)
+
+    parallel = Logged(n_jobs=n_jobs, backend="threading", verbose=100)
+    parallel([delayed(abs)(i) for i in range(100)])
+    spans = [re.search(r"Done\s+\d+ out of \d+ \|", line) for line in parallel.lines]
+    assert parallel.lines and all(spans)
+    assert len({span.end() - span.start() for span in spans}) == 1
+    assert parallel.lines[-1].endswith("finished")
+
+
+def recurse(depth=0):
+    return recurse(depth + 1)
+
+
+def test_a_recursion_error_in_a_worker_comes_back_as_itself():
+    # joblib's test_thread_bomb_mitigation: its thousand frames cannot be pickled; the
+    # exception then travels without them, its worker traceback attached as text
+    with pytest.raises(RecursionError) as info:
+        Parallel(n_jobs=2)(delayed(recurse)() for _ in range(2))
+    cause = info.value.__cause__
+    assert isinstance(cause, parmap.RemoteTraceback) and "in recurse" in str(cause)
+
+
+def nested_warnings(backend, n_jobs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Parallel(n_jobs=n_jobs, backend=backend)(delayed(abs)(-i) for i in range(3))
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("child, warns", [("multiprocessing", True), ("loky", True),
+                                          ("processes", False), ("threading", False)])
+def test_nested_process_requests_below_threads_warn_as_in_joblib(child, warns):
+    # joblib's test_nested_parallel_warnings: threads run the nested call; where joblib
+    # refuses processes it warns, once per call with more than one worker
+    for seen in Parallel(n_jobs=2, backend="threading")(
+            delayed(nested_warnings)(child, 2) for _ in range(2)):
+        assert len(seen) == warns and all("backed parallel loops cannot" in m for m in seen)
+    assert Parallel(n_jobs=2, backend="threading")(
+        delayed(nested_warnings)(child, 1) for _ in range(2)) == [[], []]

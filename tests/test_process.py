@@ -276,12 +276,14 @@ def test_workers_get_thread_caps():
     assert caps == {var: expected for var in THREAD_CAP_VARS}
 
 
-def test_inner_max_num_threads_and_user_settings_win(monkeypatch):
+def test_user_settings_win_and_inner_max_num_threads_over_them(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    with parmap.parallel_config(inner_max_num_threads=3):
-        caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
     assert caps["OMP_NUM_THREADS"] == "7"
-    assert caps["OPENBLAS_NUM_THREADS"] == "3"
+    assert caps["OPENBLAS_NUM_THREADS"] == str(max(parmap.cpu_count() // 2, 1))
+    with parmap.parallel_config(inner_max_num_threads=3):  # explicit: wins, as in joblib
+        caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    assert caps["OMP_NUM_THREADS"] == caps["OPENBLAS_NUM_THREADS"] == "3"
 
 
 def nested(x):

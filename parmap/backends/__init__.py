@@ -32,8 +32,8 @@ Factory = Callable[..., ParallelBackendBase]
 #: name -> "module:attribute" of a factory imported on first use (see the module doc)
 LAZY: dict[str, str] = {
     "processes": "parmap.backends.process:make_process_backend",
-    "loky": "parmap.backends.process:make_process_backend",
-    "multiprocessing": "parmap.backends.process:make_process_backend",
+    "loky": "parmap.backends.process:make_loky_backend",
+    "multiprocessing": "parmap.backends.process:make_multiprocessing_backend",
     "dask": "parmap.backends.dask:DaskBackend",  # the optional dask extra
 }
 _factories: dict[str, Factory] = {"sequential": SequentialBackend,

@@ -8,11 +8,14 @@ call (or a ``with Parallel(...)`` block) runs. It answers to ``"processes"`` and
 joblib's ``"loky"`` and ``"multiprocessing"``.
 
 Inside a task (nesting level 1 and deeper) a process backend is never made: the factory
-returns threads instead, so nested parallel calls cannot start processes from processes.
+returns threads instead, so nested parallel calls cannot start processes from processes
+(with joblib's warning where joblib would refuse: see :class:`NestedThreads`).
 """
 from __future__ import annotations
 
 import sys
+import threading
+import warnings
 from time import perf_counter
 from typing import Any, Callable
 
@@ -26,7 +29,8 @@ from ..process.spawn import choose_start_method
 from ._base import Callback, CallOptions, ParallelBackendBase
 from .threading import ThreadingBackend
 
-__all__ = ["ProcessBackend", "make_process_backend", "DEFAULT_IDLE_TIMEOUT"]
+__all__ = ["ProcessBackend", "make_process_backend", "make_loky_backend",
+           "make_multiprocessing_backend", "NestedThreads", "DEFAULT_IDLE_TIMEOUT"]
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 
@@ -148,10 +152,55 @@ class ProcessBackend(ParallelBackendBase):
             registry.release_pool(pool)
 
 
+class NestedThreads(ThreadingBackend):
+    """What a process backend asked for inside a task runs on. Where joblib would refuse
+    the processes (a nested ``"multiprocessing"``, ``"loky"`` below threads) it warns, in
+    joblib's words, when the call has more than one worker."""
+
+    def __init__(self, nesting_level: int, warning: str | None = None):
+        super().__init__(nesting_level)
+        self.warning = warning
+
+    def configure(self, n_jobs: int, options: CallOptions) -> int:
+        if self.warning is not None and n_jobs != 1:
+            warnings.warn(self.warning, stacklevel=4)
+        return super().configure(n_jobs, options)
+
+
 def make_process_backend(nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
                          initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                          start_method: str | None = None) -> ParallelBackendBase:
     """A process backend at the top level; threads inside a task (no fork bombs)."""
+    return _make(nesting_level, initializer, initargs, idle_timeout, start_method, None)
+
+
+def _make(nesting_level: int, initializer: Callable[..., Any] | None, initargs: tuple,
+          idle_timeout: float, start_method: str | None, joblib_name: str | None
+          ) -> ParallelBackendBase:
     if nesting_level > 0:
-        return ThreadingBackend(nesting_level)
+        warning = None
+        if joblib_name == "multiprocessing" or (
+                joblib_name == "loky" and threading.current_thread() is not
+                threading.main_thread()):
+            where = "nested" if joblib_name == "multiprocessing" else "nested below threads"
+            warning = (f"{joblib_name.capitalize()}-backed parallel loops cannot be {where}: "
+                       f"this nested call runs on threads instead (parmap starts processes "
+                       f"only from the top level). Use backend='threading' to silence this.")
+        return NestedThreads(nesting_level, warning)
     return ProcessBackend(nesting_level, initializer, initargs, idle_timeout, start_method)
+
+
+def make_loky_backend(nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
+                      initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                      start_method: str | None = None) -> ParallelBackendBase:
+    """``"loky"``: the process backend, with joblib's warning when nested below threads."""
+    return _make(nesting_level, initializer, initargs, idle_timeout, start_method, "loky")
+
+
+def make_multiprocessing_backend(nesting_level: int = 0,
+                                 initializer: Callable[..., Any] | None = None,
+                                 initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                                 start_method: str | None = None) -> ParallelBackendBase:
+    """``"multiprocessing"``: the process backend, with joblib's warning when nested."""
+    return _make(nesting_level, initializer, initargs, idle_timeout, start_method,
+                 "multiprocessing")

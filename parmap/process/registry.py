@@ -2,7 +2,8 @@
 
 A call acquires it (resizing it to its ``n_jobs``) and releases it when done; a call
 whose options differ while the shared pool is busy gets a private pool of its own, shut
-down with the call. The shared pool closes itself after ``idle_timeout`` without calls,
+down with the call. The thread-cap variables of the environment (``OMP_NUM_THREADS``,
+...) count as options: workers read them when they start. The shared pool closes itself after ``idle_timeout`` without calls,
 and at interpreter exit.
 """
 from __future__ import annotations
@@ -13,18 +14,28 @@ import threading
 from time import monotonic
 
 from .pool import PoolOptions, WorkerPool
+from .spawn import THREAD_CAP_VARS
 
 __all__ = ["acquire_pool", "release_pool", "shutdown_all"]
 
 _registry_lock = threading.Lock()
 _shared: list[WorkerPool] = []  # the reusable pool (at most one), shared by every call
+#: the thread-cap variables (OMP_NUM_THREADS, ...) of this process when the shared pool's
+#: workers started: they read them at start, so a change needs new workers
+_shared_env: list[tuple] = []
+
+
+def _thread_env() -> tuple:
+    return tuple(os.environ.get(var) for var in THREAD_CAP_VARS)
 
 
 def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
     """The shared pool, resized or replaced to fit; a private one if it is busy elsewhere."""
+    env = _thread_env()
     with _registry_lock:
         pool = _shared[0] if _shared else None
-        if pool is not None and (pool.closed or pool.options != options):
+        if pool is not None and (pool.closed or pool.options != options or
+                                 _shared_env != [env]):
             if pool.active_calls and not pool.closed:
                 private = WorkerPool(size, options, private=True)
                 private.active_calls += 1
@@ -48,6 +59,7 @@ def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
         pool.on_close = _forget
         pool.active_calls += 1
         _shared.append(pool)
+        _shared_env[:] = [env]
         return pool
 
 

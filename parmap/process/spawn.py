@@ -162,8 +162,11 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     status = ctx.RawArray("d", 2)  # (task index, start time), for timeouts
-    caps = inner_max_num_threads or max(cpu_count() // pool_size, 1)
-    setup = pickle.dumps(({var: str(caps) for var in THREAD_CAP_VARS}, initializer))
+    caps = str(inner_max_num_threads or max(cpu_count() // pool_size, 1))
+    # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
+    env = {var: os.environ[var] if var in os.environ and not inner_max_num_threads else caps
+           for var in THREAD_CAP_VARS}
+    setup = pickle.dumps((env, initializer))
     process = ctx.Process(
         target=worker.worker_main, name="parmap-worker", daemon=False,
         args=(task_r, result_w, status, os.getpid(), setup,

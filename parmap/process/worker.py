@@ -69,8 +69,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     die_with_parent(parent_pid)
     _enable_faulthandler()
     env, init = pickle.loads(setup)
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
+    os.environ.update(env)  # thread caps: the caller's values already resolved in them
     init_error = _run_initializer(init)
     global _shm_results, _ready_since
     _ready_since = time.time()

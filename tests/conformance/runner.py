@@ -7,6 +7,7 @@ and the run restarts with the cases not yet run, so nothing hangs and nothing is
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -16,14 +17,16 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .rewrite import write_copy
+from .rewrite import joblib_test_file, write_copy
 
 REPO = Path(__file__).resolve().parents[2]
 CASE_TIMEOUT = 30  # seconds per case (pytest-timeout)
 WATCHDOG = CASE_TIMEOUT + 30  # no progress for this long: kill the child and go on
 PASSING = ("passed", "xpassed")
 
-#: the child's pytest configuration: none of ours (setup.cfg) applies to joblib's tests
+#: the child's pytest configuration: none of ours (setup.cfg) applies to joblib's tests.
+#: Warnings are errors, as in our suite, except the nested-call warning that joblib
+#: itself gives in the same tests (test_nested_loop nests 'multiprocessing')
 PYTEST_INI = """\
 [pytest]
 addopts = -p no:cacheprovider
@@ -32,6 +35,7 @@ markers =
     no_cover: joblib's marker
 filterwarnings =
     error
+    ignore:.*-backed parallel loops cannot be nested:UserWarning
 """
 
 
@@ -94,8 +98,10 @@ def _run_child(folder: Path, log: Path, args: list[str], output) -> bool:
         _kill_group(process)  # also whatever the tests left behind in the group
 
 
-def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tuple[str, str]]:
-    """Every case's (outcome, detail); ``select``: extra pytest arguments (``-k ...``)."""
+def run(folder: Path, select: Iterable[str] = (), output=None,
+        functions: Iterable[str] | None = None) -> dict[str, tuple[str, str]]:
+    """Every case's (outcome, detail); ``select``: extra pytest arguments (``-k ...``);
+    ``functions``: only these test functions (by name)."""
     folder.mkdir(parents=True, exist_ok=True)
     copy = write_copy(folder)
     (folder / "pytest.ini").write_text(PYTEST_INI)
@@ -105,7 +111,9 @@ def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tupl
     for _ in range(20):  # each restart skips at least the case that hung
         deselect = [arg for nodeid in done for arg in ("--deselect", nodeid)]
         log.unlink(missing_ok=True)
-        finished = _run_child(folder, log, [str(copy), *select, *deselect], output)
+        targets = [str(copy)] if functions is None else \
+            [f"{copy}::{name}" for name in functions]
+        finished = _run_child(folder, log, [*targets, *select, *deselect], output)
         collected, outcomes, current = _read_log(log)
         done.update(outcomes)
         if finished:
@@ -118,8 +126,30 @@ def run(folder: Path, select: Iterable[str] = (), output=None) -> dict[str, tupl
     return done
 
 
+def joblib_test_functions() -> list[str]:
+    """The names of the test functions of joblib's file, sorted."""
+    tree = ast.parse(joblib_test_file().read_text())
+    return sorted(node.name for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"))
+
+
 def summary(outcomes: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """Cases by outcome; skips split into ours (``skipped (parmap)``, :mod:`.skips`) and
+    joblib's own (``skipped (joblib)``: conditions of this environment)."""
     counts: dict[str, int] = {}
-    for outcome, _ in outcomes.values():
+    for outcome, detail in outcomes.values():
+        if outcome == "skipped":
+            outcome = "skipped (parmap)" if "parmap: " in detail else "skipped (joblib)"
         counts[outcome] = counts.get(outcome, 0) + 1
     return counts
+
+
+def report(outcomes: dict[str, tuple[str, str]]) -> str:
+    """One line: the pass count of all cases and of the cases not skipped on purpose."""
+    counts = summary(outcomes)
+    total = len(outcomes)
+    passed = sum(counts.get(o, 0) for o in PASSING)
+    ours = counts.get("skipped (parmap)", 0)
+    return (f"{passed} passed of {total} cases ({100 * passed / max(total, 1):.1f} %); "
+            f"{passed} of {total - ours} cases not in the reviewed skip list "
+            f"({100 * passed / max(total - ours, 1):.1f} %); outcomes: {counts}")
