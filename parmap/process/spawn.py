@@ -2,7 +2,8 @@
 
 Start method: ``fork`` when the caller is the main thread and no other Python thread
 exists (no lock can be held by a thread that does not exist, so fork is safe and costs
-~10 ms), and GNU OpenMP has no thread pool here (it hangs a forked child); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
+~10 ms), and GNU OpenMP has no thread pool here (it hangs a forked child, unless the
+child caps it to one thread: then it is forked and capped); otherwise ``forkserver`` (POSIX) or ``spawn``. The forkserver preloads
 ``parmap.process.worker`` (and numpy, if the caller has imported it), so its children
 start in milliseconds once it runs; it is started as soon as a call configures its pool
 (:func:`prestart`), so that its own start overlaps the caller's work. Threads that C
@@ -33,7 +34,10 @@ THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "NUMBA_NUM_THREADS")
 
 
-def choose_start_method(requested: str | None = None) -> str:
+def choose_start_method(requested: str | None = None, openmp_threads: int | None = None
+                        ) -> str:
+    """The start method for a worker; ``openmp_threads`` is the OpenMP thread count it
+    will get (1: a forked child may keep a caller's GNU OpenMP, capped to one thread)."""
     method = requested or os.environ.get("PARMAP_START_METHOD") or "auto"
     available = mp.get_all_start_methods()
     if method != "auto":
@@ -43,7 +47,7 @@ def choose_start_method(requested: str | None = None) -> str:
         return method
     if (sys.platform.startswith("linux") and threading.active_count() == 1
             and threading.current_thread() is threading.main_thread()
-            and not _openmp_pool_running()):
+            and (openmp_threads == 1 or not _openmp_pool_running())):
         return "fork"
     if "forkserver" in available and sys.platform != "darwin":
         return "forkserver"
@@ -150,7 +154,12 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
     siblings' and the pool's): a worker holds only its own.
     """
-    method = choose_start_method(start_method)
+    caps = str(inner_max_num_threads or max(cpu_count() // pool_size, 1))
+    # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
+    env = {var: os.environ[var] if var in os.environ and not inner_max_num_threads else caps
+           for var in THREAD_CAP_VARS}
+    one_thread = env["OMP_NUM_THREADS"] == "1"
+    method = choose_start_method(start_method, 1 if one_thread else None)
     ctx: Any = mp.get_context(method)  # a context of any start method
     if method == "forkserver":
         ctx.set_forkserver_preload(_preload())
@@ -162,11 +171,10 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     status = ctx.RawArray("d", 2)  # (task index, start time), for timeouts
-    caps = str(inner_max_num_threads or max(cpu_count() // pool_size, 1))
-    # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
-    env = {var: os.environ[var] if var in os.environ and not inner_max_num_threads else caps
-           for var in THREAD_CAP_VARS}
-    setup = pickle.dumps((env, initializer))
+    # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be
+    # capped to one thread by a call (its variable is read only when libgomp loads)
+    cap_openmp = method == "fork" and one_thread and _openmp_pool_running()
+    setup = pickle.dumps((env, initializer, cap_openmp))
     process = ctx.Process(
         target=worker.worker_main, name="parmap-worker", daemon=False,
         args=(task_r, result_w, status, os.getpid(), setup,

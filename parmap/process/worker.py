@@ -68,8 +68,10 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
         conn.close()
     die_with_parent(parent_pid)
     _enable_faulthandler()
-    env, init = pickle.loads(setup)
+    env, init, cap_openmp = pickle.loads(setup)
     os.environ.update(env)  # thread caps: the caller's values already resolved in them
+    if cap_openmp:
+        _cap_gnu_openmp()
     init_error = _run_initializer(init)
     global _shm_results, _ready_since
     _ready_since = time.time()
@@ -81,6 +83,20 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
         _serve(task_conn, result_conn, status, init_error, parent_pid)
     except (EOFError, OSError):
         pass  # the parent closed our pipes: it is gone or shutting down
+
+
+def _cap_gnu_openmp() -> None:
+    """Forked from a caller whose GNU OpenMP has a thread pool: keep OpenMP to one thread
+    here, or the first parallel region waits forever for threads this process lacks."""
+    import ctypes  # only in this case: it costs a few ms of every worker's start
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+    for path in paths:
+        try:
+            ctypes.CDLL(path).omp_set_num_threads(1)
+        except (OSError, AttributeError):
+            pass
 
 
 def _run_initializer(init: bytes | None) -> BaseException | None:
