@@ -11,6 +11,7 @@ from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
                       WorkerCrashedError)
 from ._parallel import Parallel
 from ._settings import effective_n_jobs, parallel_backend, parallel_config
+from ._worker_state import worker_id, worker_state
 from .backends import ParallelBackendBase, register_parallel_backend
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "register_parallel_backend",
     "effective_n_jobs",
     "cpu_count",
+    "worker_state",
+    "worker_id",
     "ParallelBackendBase",
     "ParmapError",
     "PoolError",

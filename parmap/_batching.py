@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 __all__ = ["AutoBatchSizer", "MAX_GROWTH", "MAX_AUTO_BATCH", "MAX_PRIMED", "MAX_BATCH_BYTES",
-           "remember", "estimate_nbytes"]
+           "remember", "estimate_nbytes", "fit_to_limit"]
 
 #: auto batching never grows a batch by more than this factor at once: one fast first
 #: task must not make the second batch take seconds
@@ -116,6 +116,15 @@ class AutoBatchSizer:
         if self._bytes_per_task <= 0:
             return MAX_AUTO_BATCH
         return max(1, int(MAX_BATCH_BYTES / self._bytes_per_task))
+
+
+def fit_to_limit(size: int, limit: int) -> int:
+    """The batch size nearest under ``size`` of which a whole number fills ``limit``
+    (``max_tasks_per_child``): 30 under 100 gives 25, so a worker runs 4 batches, 100
+    tasks, rather than 3 batches and retiring 10 tasks early."""
+    if size >= limit:
+        return limit
+    return limit // math.ceil(limit / max(size, 1))
 
 
 #: (seconds, result bytes) per task measured by earlier calls, by function (see prime)

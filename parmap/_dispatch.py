@@ -39,7 +39,7 @@ from queue import Empty, SimpleQueue
 from time import monotonic, perf_counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
-from ._batching import AutoBatchSizer, estimate_nbytes
+from ._batching import AutoBatchSizer, estimate_nbytes, fit_to_limit
 from ._delayed import Batch, check_task, compact
 from ._errors import timeout_error
 from .backends._base import Outcome, ParallelBackendBase
@@ -140,6 +140,7 @@ class Dispatcher:
         self._input = LockedIterator(iterable)
         self._limit = pre_dispatch if pre_dispatch is not None else math.inf
         self._fixed_size = batch_size if isinstance(batch_size, int) else None
+        self._max_size = backend.max_batch_size  # e.g. a worker's max_tasks_per_child
         self.sizer = AutoBatchSizer(backend.target_batch_duration, n_jobs, self.n_tasks)
         self._nested = nested_settings(backend)
         self._track = timeout is not None and not backend.enforces_timeout
@@ -180,6 +181,9 @@ class Dispatcher:
     def _dispatch_one(self) -> None:
         start = self.n_dispatched
         size = self._fixed_size or self.sizer.next_size(start)
+        if self._max_size is not None:  # an explicit batch_size is only capped
+            size = min(size, self._max_size) if self._fixed_size \
+                else fit_to_limit(size, self._max_size)
         observer = self.observer
         read_from = perf_counter() if observer is not None else 0.0
         tasks = self._input.take(size)
@@ -214,6 +218,8 @@ class Dispatcher:
         """Size the first batch from earlier calls of the same function, if any."""
         self.sizer.prime(tasks[0][0], self.n_tasks)
         want = self.sizer.size
+        if self._max_size is not None:
+            want = fit_to_limit(want, self._max_size)
         if want <= size:
             return tasks, size
         tasks += self._input.take(want + 1 - len(tasks))  # one more tells if that was all

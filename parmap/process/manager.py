@@ -10,6 +10,7 @@ Each round::
     deadline -> kill the worker, TaskTimeoutError for its job
     then     -> send pending jobs to idle workers; shut an idle shared pool down after
                 idle_timeout
+    first    -> start the replacements of retired workers (recycling), outside the lock
 
 Callbacks run outside the pool lock, since the dispatcher submits from inside them. A
 bug in this loop fails every job of the pool with a ``PoolError`` rather than hanging.
@@ -17,6 +18,7 @@ bug in this loop fails every job of the pool with a ``PoolError`` rather than ha
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from multiprocessing.connection import wait
 from time import monotonic
@@ -24,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import PoolError, WorkerCrashedError, timeout_error
 from . import protocol, shm_results
+from .recycling import RSS, format_bytes
 from .scheduler import PoolJob, Scheduler
-from .spawn import exit_description
+from .spawn import choose_start_method, exit_description
 
 if TYPE_CHECKING:  # for annotations only: the pool imports this module
     from .pool import WorkerPool, _Worker
@@ -57,6 +60,8 @@ class Manager(threading.Thread):
     def _loop(self) -> None:
         pool = self.pool
         while True:
+            if pool.recycler.replacing:  # read without the lock: re-checked under it
+                self._start_replacements()
             with pool.lock:
                 if pool.closed and not pool.workers:
                     pool.wake_r.close()
@@ -94,6 +99,33 @@ class Manager(threading.Thread):
                 pool.rounds += 1
                 pool.round_done.notify_all()
 
+    def _start_replacements(self) -> None:
+        """Start the replacements of retired workers, then give them work. The processes
+        start outside the pool lock, so callers submitting meanwhile never wait for them
+        (with fork, under it: a forked child must close its siblings' pipe ends)."""
+        pool = self.pool
+        started: list[_Worker] = []
+        with pool.lock:
+            if pool.closed:
+                pool.recycler.replacing.clear()
+            wids = list(pool.recycler.replacing)
+            forking = choose_start_method(pool.options.start_method) == "fork"
+            if forking:
+                started = [pool.launch(wid) for wid in wids]
+        if not wids:
+            return
+        if not forking:
+            started = [pool.launch(wid) for wid in wids]
+        with pool.lock:
+            for worker in started:
+                if worker.wid in pool.recycler.replacing:
+                    pool.recycler.replacing.remove(worker.wid)
+                pool.workers.append(worker)
+                if pool.closed:
+                    pool.stop(worker)
+            if not pool.closed:
+                pool.assign_pending()
+
     def _wait_timeout(self) -> float | None:
         pool = self.pool
         if Scheduler.tracks_deadlines(pool.workers):
@@ -114,6 +146,8 @@ class Manager(threading.Thread):
         if worker.jobs:
             worker.jobs[0].payload = None  # running now: it will not be re-sent
         self.pool.last_active = monotonic()
+        if self.pool.recycler.over_memory(worker, job.owner if job is not None else None):
+            self.pool.retire(worker)
         if job is not None and not job.cancelled:
             finished.append((job, data))
         else:  # a cancelled batch: only its shared-memory files need handling
@@ -179,9 +213,21 @@ class Manager(threading.Thread):
 
 def _crash_error(worker: _Worker, job: PoolJob) -> WorkerCrashedError:
     code = worker.process.exitcode
+    rss = worker.status[RSS]
+    memory = f"; its memory use (RSS) when it last reported, after its previous batch, " \
+             f"was {format_bytes(rss)}" if rss else ""
+    if code == -signal.SIGKILL:
+        causes = (f"It was killed by SIGKILL, most often the kernel's out-of-memory killer "
+                  f"(check `dmesg` or `journalctl -k` for 'Out of memory'){memory}. If the "
+                  f"tasks need that much memory, use fewer workers (n_jobs) or smaller "
+                  f"pieces of work; if memory grows from task to task, "
+                  f"max_memory_per_child='2G' (say) replaces a worker before it gets there.")
+    else:
+        causes = (f"Common causes: a crash in C code (segfault), os._exit(), the "
+                  f"out-of-memory killer (check `dmesg`), or a signal sent to the worker"
+                  f"{memory}.")
     return WorkerCrashedError(
         f"a worker process (pid {worker.process.pid}) died with {exit_description(code)} "
-        f"while running {job.describe()}. The call was cancelled. Common causes: a crash in "
-        f"C code (segfault), os._exit(), the out-of-memory killer (check `dmesg`), or a "
-        f"signal sent to the worker. Run with n_jobs=1 to reproduce it in the calling "
-        f"process.", code, tuple(range(job.batch.start, job.batch.start + len(job.batch))))
+        f"while running {job.describe()}. The call was cancelled. {causes} Run with "
+        f"n_jobs=1 to reproduce it in the calling process.", code,
+        tuple(range(job.batch.start, job.batch.start + len(job.batch))))

@@ -26,6 +26,10 @@ Data flow::
 3. Callbacks run outside the pool lock: the dispatcher may submit from inside them.
 4. Cancelling a call drops its pending jobs and kills the workers running its batches;
    replacements are started when work needs them.
+5. Recycling (``max_tasks_per_child``, ``max_memory_per_child``): a worker is *retired*
+   (told to stop after the jobs it holds) and the manager thread starts its replacement
+   at once, outside the lock; see ``recycling.py``. Each worker has an id, 0 … size-1
+   (``parmap.worker_id()``); a replacement takes the id of the worker it replaces.
 
 Messages: ``protocol.py``. How workers are started: ``spawn.py``. The shared pool every
 call reuses: ``registry.py``.
@@ -43,6 +47,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import protocol, shm_results
 from .manager import STOP_GRACE, Manager
+from .recycling import Recycler
 from .scheduler import PoolJob, Scheduler, WorkerSlot
 from .spawn import choose_start_method, start_worker
 
@@ -56,19 +61,23 @@ class PoolOptions(NamedTuple):
     initializer: bytes | None = None  # cloudpickle of (initializer, initargs)
     inner_max_num_threads: int | None = None
     idle_timeout: float = 300.0
+    finalizer: bytes | None = None  # cloudpickle of the finalizer
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None  # bytes of RSS
 
 
 class _Worker(WorkerSlot):
     """A worker process and its two pipe ends, as the pool holds it."""
 
-    __slots__ = ("process", "task_conn", "result_conn")
+    __slots__ = ("process", "task_conn", "result_conn", "wid")
 
     def __init__(self, process: BaseProcess, task_conn: Connection, result_conn: Connection,
-                 status: Any):
-        super().__init__(status)
+                 status: Any, wid: int, budget: float):
+        super().__init__(status, budget)
         self.process = process
         self.task_conn = task_conn
         self.result_conn = result_conn
+        self.wid = wid  # parmap.worker_id() in the worker
 
 
 class WorkerPool:
@@ -83,6 +92,7 @@ class WorkerPool:
         self.lock = threading.Lock()
         self.workers: list[_Worker] = []
         self.scheduler = Scheduler()
+        self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
         self.last_active = monotonic()
         self.rounds = 0  # manager loop iterations completed, callbacks included
@@ -106,16 +116,34 @@ class WorkerPool:
         self._manager.start()
 
     # ------------------------------------------------------------------ workers
-    def spawn(self) -> _Worker:
-        """Start one worker. Lock held."""
-        inherited = [self.wake_r, self.wake_w] + [
-            conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
-        process, task_w, result_r, status = start_worker(
-            self.options.start_method, self.size, self.options.inner_max_num_threads,
-            self.options.initializer, inherited)
-        worker = _Worker(process, task_w, result_r, status)
+    def spawn(self, wid: int | None = None) -> _Worker:
+        """Start one worker (with the lowest free id by default). Lock held."""
+        worker = self.launch(self._free_id() if wid is None else wid)
         self.workers.append(worker)
         return worker
+
+    def launch(self, wid: int) -> _Worker:
+        """Start a worker process; the caller adds it to ``workers`` (lock held then).
+        Without the lock only when no fork is involved (nothing to inherit)."""
+        inherited = [self.wake_r, self.wake_w] + [
+            conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
+        options = self.options
+        process, task_w, result_r, status = start_worker(
+            options.start_method, self.size, options.inner_max_num_threads,
+            options.initializer, inherited, wid, options.finalizer)
+        return _Worker(process, task_w, result_r, status, wid, self.recycler.budget)
+
+    def _free_id(self) -> int:
+        taken = {w.wid for w in self.workers if not w.dead} | set(self.recycler.replacing)
+        return next(i for i in range(len(taken) + 1) if i not in taken)
+
+    def retire(self, worker: _Worker) -> None:
+        """Recycle ``worker``: it stops after the jobs it holds, and the manager starts
+        its replacement now (see ``recycling``). Lock held."""
+        self.stop(worker)
+        if worker.wid < self.size:
+            self.recycler.replacing.append(worker.wid)
+        self.wake()
 
     def kill(self, worker: _Worker) -> None:
         worker.dead = True
@@ -138,10 +166,12 @@ class WorkerPool:
             self.size = size
             if self._manager is None:
                 return  # not started yet: it will start with the new size
+            replacing = self.recycler.replacing
+            replacing[:] = [wid for wid in replacing if wid < size]
             alive = [w for w in self.workers if not w.dead]
-            for _ in range(size - len(alive)):
+            for _ in range(size - len(alive) - len(replacing)):
                 self.spawn()
-            idle = [w for w in alive if not w.jobs]
+            idle = sorted((w for w in alive if not w.jobs), key=lambda w: -w.wid)
             for worker in idle[:max(len(alive) - size, 0)]:
                 self.stop(worker)
         self.wake()
@@ -165,7 +195,15 @@ class WorkerPool:
     def assign_pending(self) -> None:
         """Send what the scheduler places, starting workers it asks for. Lock held."""
         wake = False
-        while (placed := self.scheduler.next_assignment(self.workers, self.size)) is not None:
+        scheduler, recycler = self.scheduler, self.recycler
+        while True:
+            if recycler.max_tasks is not None:
+                for spent in scheduler.spent(self.workers):
+                    self.retire(spent)  # type: ignore[arg-type]
+            placed = scheduler.next_assignment(self.workers,
+                                               self.size - len(recycler.replacing))
+            if placed is None:
+                break
             slot, job = placed
             if slot is None:
                 worker = self.spawn()
@@ -180,6 +218,8 @@ class WorkerPool:
                 worker.task_conn.send_bytes(payload)  # type: ignore[arg-type]
             except OSError:
                 pass  # the worker died: the manager reports it through its sentinel
+            if recycler.assigned(worker, len(job.batch)):
+                self.retire(worker)  # its last job: the replacement starts ahead
             if job.timeout is not None:
                 wake = True  # the manager must start polling for the deadline
         if wake:

@@ -17,10 +17,14 @@ Rules:
    calls' jobs (cancelling one call never kills another call's work).
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
+4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
+   otherwise); a live worker whose budget cannot take the next pending job is *spent*:
+   the pool retires it and starts a replacement (see ``recycling``).
 """
 from __future__ import annotations
 
 from collections import deque
+from math import inf
 from typing import Any, Callable, Iterable, Sequence
 
 from .._delayed import Batch
@@ -64,11 +68,13 @@ class PoolJob:
 class WorkerSlot:
     """What the scheduler knows of a worker; the pool's worker record extends it."""
 
-    __slots__ = ("jobs", "dead", "status")
+    __slots__ = ("jobs", "dead", "status", "budget")
 
-    def __init__(self, status: Sequence[float]):
+    def __init__(self, status: Sequence[float], budget: float = inf):
         self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
         self.dead = False
+        #: how many more tasks it may be given (``max_tasks_per_child``)
+        self.budget = budget
         #: (index of the running task, its start time or 0.0), written by the worker
         self.status = status
 
@@ -113,12 +119,20 @@ class Scheduler:
         for worker in workers:  # rule 2: queue a short job behind one of its own call
             if worker.dead or len(worker.jobs) >= PREFETCH:
                 continue
-            owner = worker.jobs[0].owner
-            job = next((j for j in pending if j.owner is owner and j.short), None)
+            owner, budget = worker.jobs[0].owner, worker.budget
+            job = next((j for j in pending
+                        if j.owner is owner and j.short and len(j.batch) <= budget), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job
         return None
+
+    def spent(self, workers: Iterable[WorkerSlot]) -> list[WorkerSlot]:
+        """Live workers whose budget cannot take the next pending job (rule 4)."""
+        if not self.pending:
+            return []
+        size = len(self.pending[0].batch)
+        return [w for w in workers if not w.dead and w.budget < size]
 
     @staticmethod
     def tracks_deadlines(workers: Iterable[WorkerSlot]) -> bool:

@@ -90,17 +90,20 @@ def exit_description(exitcode: int | None) -> str:
 
 
 def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
-                 initializer: bytes | None, inherited: list[Connection]
+                 initializer: bytes | None, inherited: list[Connection], wid: int = 0,
+                 finalizer: bytes | None = None
                  ) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
-    siblings' and the pool's): a worker holds only its own.
+    siblings' and the pool's): a worker holds only its own. ``wid`` is the worker's id
+    (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops.
     """
     method = choose_start_method(start_method)
     ctx: Any = mp.get_context(method)  # a context of any start method
     if method == "forkserver":
-        ctx.set_forkserver_preload(["parmap.process.worker"])
+        ctx.set_forkserver_preload(["parmap.process.worker", "multiprocessing.sharedctypes",
+                                    "multiprocessing.popen_forkserver"])
     elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
         # workers must share our resource tracker to send arrays through /dev/shm
         from multiprocessing import resource_tracker
@@ -108,9 +111,10 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
         resource_tracker.ensure_running()
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
-    status = ctx.RawArray("d", 2)  # (task index, start time), for timeouts
+    status = ctx.RawArray("d", 3)  # (task index, start time) for timeouts; RSS
     caps = inner_max_num_threads or max(cpu_count() // pool_size, 1)
-    setup = pickle.dumps(({var: str(caps) for var in THREAD_CAP_VARS}, initializer))
+    setup = pickle.dumps(({var: str(caps) for var in THREAD_CAP_VARS}, initializer,
+                          (wid, finalizer)))
     process = ctx.Process(
         target=worker.worker_main, name="parmap-worker", daemon=False,
         args=(task_r, result_w, status, os.getpid(), setup,
