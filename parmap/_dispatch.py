@@ -141,6 +141,7 @@ class Dispatcher:
         self._limit = pre_dispatch if pre_dispatch is not None else math.inf
         self._fixed_size = batch_size if isinstance(batch_size, int) else None
         self._max_size = backend.max_batch_size  # e.g. a worker's max_tasks_per_child
+        self._fitted: int | None = None  # the last auto size fitted to it
         self.sizer = AutoBatchSizer(backend.target_batch_duration, n_jobs, self.n_tasks)
         self._nested = nested_settings(backend)
         self._track = timeout is not None and not backend.enforces_timeout
@@ -183,7 +184,8 @@ class Dispatcher:
         size = self._fixed_size or self.sizer.next_size(start)
         if self._max_size is not None:  # an explicit batch_size is only capped
             size = min(size, self._max_size) if self._fixed_size \
-                else fit_to_limit(size, self._max_size)
+                else fit_to_limit(size, self._max_size, self._fitted)
+            self._fitted = size
         observer = self.observer
         read_from = perf_counter() if observer is not None else 0.0
         tasks = self._input.take(size)

@@ -32,11 +32,8 @@ def worker_state() -> dict[str, Any]:
 
     Tasks that run in the same worker see the same dict, so it can hold what is
     expensive to build (a connection, a model, a cache) for the next tasks; workers do
-    not share it. Outside a worker it is the calling process's own dict::
-
-        def task(x):
-            cache = parmap.worker_state().setdefault("cache", {})
-            ...
+    not share it (``cache = parmap.worker_state().setdefault("cache", {})`` in a task).
+    Outside a worker it is the calling process's own dict. See :doc:`long_runs`.
 
     In a process worker it survives until the worker exits (its idle timeout, pool
     shutdown, or recycling with ``max_tasks_per_child``/``max_memory_per_child``); with
@@ -52,6 +49,7 @@ def worker_id() -> int:
     Stable for the worker's life; a worker that replaces another (recycling, a crash)
     takes the id of the one it replaces. In a thread of the threading backend, the
     thread's index in its pool; outside a worker (``n_jobs=1``, the caller), 0.
+    See :doc:`long_runs`.
     """
     wid = getattr(_local, "wid", None)
     return _id if wid is None else wid

@@ -70,8 +70,10 @@ def test_max_tasks_per_child_through_parallel_config(tmp_path):
 
 
 def test_batches_fit_the_task_limit():
-    assert [fit_to_limit(s, 100) for s in (1, 30, 49, 50, 51, 100, 500)] == \
-        [1, 25, 33, 50, 50, 100, 100]
+    assert [fit_to_limit(s, 100) for s in (1, 30, 40, 49, 50, 51, 100, 500)] == \
+        [1, 33, 50, 50, 50, 50, 100, 100]
+    assert [fit_to_limit(s, 100, 50) for s in (20, 25, 33, 70, 100, 101)] == \
+        [20, 50, 50, 50, 50, 100]
 
 
 @pytest.mark.parametrize("kwargs, error, name", [

@@ -10,7 +10,6 @@ Each round::
     deadline -> kill the worker, TaskTimeoutError for its job
     then     -> send pending jobs to idle workers; shut an idle shared pool down after
                 idle_timeout
-    first    -> start the replacements of retired workers (recycling), outside the lock
 
 Callbacks run outside the pool lock, since the dispatcher submits from inside them. A
 bug in this loop fails every job of the pool with a ``PoolError`` rather than hanging.
@@ -28,7 +27,7 @@ from .._errors import PoolError, WorkerCrashedError, timeout_error
 from . import protocol, shm_results
 from .recycling import RSS, format_bytes
 from .scheduler import PoolJob, Scheduler
-from .spawn import choose_start_method, exit_description
+from .spawn import exit_description
 
 if TYPE_CHECKING:  # for annotations only: the pool imports this module
     from .pool import WorkerPool, _Worker
@@ -60,8 +59,6 @@ class Manager(threading.Thread):
     def _loop(self) -> None:
         pool = self.pool
         while True:
-            if pool.recycler.replacing:  # read without the lock: re-checked under it
-                self._start_replacements()
             with pool.lock:
                 if pool.closed and not pool.workers:
                     pool.wake_r.close()
@@ -98,33 +95,6 @@ class Manager(threading.Thread):
             with pool.lock:
                 pool.rounds += 1
                 pool.round_done.notify_all()
-
-    def _start_replacements(self) -> None:
-        """Start the replacements of retired workers, then give them work. The processes
-        start outside the pool lock, so callers submitting meanwhile never wait for them
-        (with fork, under it: a forked child must close its siblings' pipe ends)."""
-        pool = self.pool
-        started: list[_Worker] = []
-        with pool.lock:
-            if pool.closed:
-                pool.recycler.replacing.clear()
-            wids = list(pool.recycler.replacing)
-            forking = choose_start_method(pool.options.start_method) == "fork"
-            if forking:
-                started = [pool.launch(wid) for wid in wids]
-        if not wids:
-            return
-        if not forking:
-            started = [pool.launch(wid) for wid in wids]
-        with pool.lock:
-            for worker in started:
-                if worker.wid in pool.recycler.replacing:
-                    pool.recycler.replacing.remove(worker.wid)
-                pool.workers.append(worker)
-                if pool.closed:
-                    pool.stop(worker)
-            if not pool.closed:
-                pool.assign_pending()
 
     def _wait_timeout(self) -> float | None:
         pool = self.pool

@@ -47,6 +47,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import protocol, shm_results
 from .manager import STOP_GRACE, Manager
+from .launcher import Launcher
 from .recycling import Recycler
 from .scheduler import PoolJob, Scheduler, WorkerSlot
 from .spawn import choose_start_method, start_worker
@@ -93,6 +94,7 @@ class WorkerPool:
         self.workers: list[_Worker] = []
         self.scheduler = Scheduler()
         self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
+        self._launcher: Launcher | None = None  # started with the first retirement
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
         self.last_active = monotonic()
         self.rounds = 0  # manager loop iterations completed, callbacks included
@@ -141,9 +143,12 @@ class WorkerPool:
         """Recycle ``worker``: it stops after the jobs it holds, and the manager starts
         its replacement now (see ``recycling``). Lock held."""
         self.stop(worker)
-        if worker.wid < self.size:
+        if worker.wid < self.size and not self.closed:
             self.recycler.replacing.append(worker.wid)
-        self.wake()
+            if self._launcher is None:
+                self._launcher = Launcher(self)
+                self._launcher.start()
+            self._launcher.due.notify()
 
     def kill(self, worker: _Worker) -> None:
         worker.dead = True
@@ -218,7 +223,9 @@ class WorkerPool:
                 worker.task_conn.send_bytes(payload)  # type: ignore[arg-type]
             except OSError:
                 pass  # the worker died: the manager reports it through its sentinel
-            if recycler.assigned(worker, len(job.batch)):
+            pending = scheduler.pending
+            if recycler.assigned(worker, len(job.batch),
+                                 len(pending[0].batch) if pending else 0):
                 self.retire(worker)  # its last job: the replacement starts ahead
             if job.timeout is not None:
                 wake = True  # the manager must start polling for the deadline
@@ -269,6 +276,8 @@ class WorkerPool:
         """Stop idle workers, kill busy ones, forget pending jobs. Lock held."""
         self.closed = True
         self.scheduler.clear()
+        if self._launcher is not None:
+            self._launcher.due.notify()  # it exits
         for worker in self.workers:
             if not worker.jobs and not worker.dead:
                 self.stop(worker)
@@ -289,6 +298,9 @@ class WorkerPool:
                     self.wake_w.close()
                 return
         self.wake()
+        launcher = self._launcher
+        if launcher is not None and threading.current_thread() is not launcher:
+            launcher.join(timeout=2 * STOP_GRACE)  # it starts no worker after this
         if wait_for_workers and threading.current_thread() is not manager:
             manager.join(timeout=2 * STOP_GRACE)
             with self.lock:

@@ -9,9 +9,10 @@ Pool side (every method of :class:`Recycler` runs with the pool lock held)::
                         what it holds and exits, while its replacement starts *now*
     a reply arrives  -> the worker published its RSS before replying; above the limit,
                         it is retired the same way (and counted for the call's warning)
-    retired          -> its id waits in ``replacing``; the manager thread starts the
-                        replacement outside the pool lock (the caller never waits for a
-                        process to start) and only then gives it work
+    retired          -> its id waits in ``replacing``; the pool's launcher thread (``launcher.py``) starts
+                        the replacement outside the pool lock and off the manager thread
+                        (neither the caller nor the results wait for a process to start:
+                        ~10 ms with forkserver) and only then gives it work
 
 A worker never runs more than ``max_tasks_per_child`` tasks: it takes only jobs that fit
 its budget (the dispatcher keeps batches no larger than the limit), and a retired
@@ -70,11 +71,13 @@ class Recycler:
         return self.max_tasks or inf
 
     @staticmethod
-    def assigned(worker: Slot, n_tasks: int) -> bool:
+    def assigned(worker: Slot, n_tasks: int, next_tasks: int) -> bool:
         """``worker`` got a job of ``n_tasks``: whether it should retire after it (what
-        its budget has left could not take another job of that size)."""
+        its budget has left could not take another job of that size, nor the next
+        pending job, of ``next_tasks``: its replacement then starts now, not when it
+        falls idle)."""
         worker.budget -= n_tasks
-        return worker.budget < n_tasks
+        return worker.budget < max(n_tasks, next_tasks)
 
     def over_memory(self, worker: Slot, owner: object) -> bool:
         """A reply from ``worker`` for a job of ``owner`` arrived: whether its RSS is
