@@ -211,9 +211,9 @@ def test_bad_backend_arguments():
 
 
 def test_n_jobs_minus_one_counts_the_cluster_threads_not_local_cpus(client, monkeypatch):
-    import parmap._settings
+    import parmap._checks
 
-    monkeypatch.setattr(parmap._settings, "cpu_count", lambda *args, **kwargs: 7)
+    monkeypatch.setattr(parmap._checks, "cpu_count", lambda *args, **kwargs: 7)
     threads = sum(client.nthreads().values())
     for n_jobs, expected in [(-1, threads), (3, 3)]:
         with Parallel(n_jobs=n_jobs, backend="dask") as parallel:

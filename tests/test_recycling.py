@@ -207,7 +207,8 @@ def test_max_memory_per_child_keeps_a_leaking_loop_bounded():
     finally:
         done.set()
         sampler.join()
-    assert max(peak) < 1024 ** 3, f"the tree peaked at {max(peak) / 1024 ** 2:.0f} MB"
+    grew = max(peak) - peak[0]  # over the caller alone (large in a full test session)
+    assert grew < 1024 ** 3, f"the tree grew by up to {grew / 1024 ** 2:.0f} MB"
     replaced = len(set(pids)) - 2
     assert replaced >= 100 * 50 // 300 - 2  # a worker holds at most ~6-7 leaks
     memory_warnings = [w for w in caught if "max_memory_per_child" in str(w.message)]
