@@ -27,8 +27,8 @@ Data flow::
 4. Cancelling a call drops its pending jobs and kills the workers running its batches;
    replacements are started when work needs them.
 5. Recycling (``max_tasks_per_child``, ``max_memory_per_child``): a worker is *retired*
-   (told to stop after the jobs it holds) and the manager thread starts its replacement
-   at once, outside the lock; see ``recycling.py``. Each worker has an id, 0 … size-1
+   (told to stop after the jobs it holds) and the pool's launcher thread starts its
+   replacement at once, outside the lock; see ``recycling.py`` and ``launcher.py``. Each worker has an id, 0 … size-1
    (``parmap.worker_id()``); a replacement takes the id of the worker it replaces.
 
 Messages: ``protocol.py``. How workers are started: ``spawn.py``. The shared pool every
@@ -62,7 +62,7 @@ class PoolOptions(NamedTuple):
     initializer: bytes | None = None  # cloudpickle of (initializer, initargs)
     inner_max_num_threads: int | None = None
     idle_timeout: float = 300.0
-    finalizer: bytes | None = None  # cloudpickle of the finalizer
+    finalizer: bytes | None = None  # pickle (or cloudpickle) of the finalizer
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None  # bytes of RSS
 
@@ -140,8 +140,8 @@ class WorkerPool:
         return next(i for i in range(len(taken) + 1) if i not in taken)
 
     def retire(self, worker: _Worker) -> None:
-        """Recycle ``worker``: it stops after the jobs it holds, and the manager starts
-        its replacement now (see ``recycling``). Lock held."""
+        """Recycle ``worker``: it stops after the jobs it holds, and the launcher thread
+        starts its replacement now (see ``recycling``). Lock held."""
         self.stop(worker)
         if worker.wid < self.size and not self.closed:
             self.recycler.replacing.append(worker.wid)
@@ -203,7 +203,7 @@ class WorkerPool:
         scheduler, recycler = self.scheduler, self.recycler
         while True:
             if recycler.max_tasks is not None:
-                for spent in scheduler.spent(self.workers):
+                for spent in scheduler.spent(self.workers, recycler.budget):
                     self.retire(spent)  # type: ignore[arg-type]
             placed = scheduler.next_assignment(self.workers,
                                                self.size - len(recycler.replacing))

@@ -140,12 +140,15 @@ class Scheduler:
                 return worker, job
         return None
 
-    def spent(self, workers: Iterable[WorkerSlot]) -> list[WorkerSlot]:
-        """Live workers whose budget cannot take the next pending job (rule 4)."""
+    def spent(self, workers: Iterable[WorkerSlot], fresh: float) -> list[WorkerSlot]:
+        """Live workers whose budget cannot take the next pending job (rule 4). A
+        worker with a ``fresh`` budget is never spent: a job larger than any budget
+        (which the dispatcher does not make) goes to it rather than to endless
+        replacements."""
         if not self.pending:
             return []
         size = len(self.pending[0].batch)
-        return [w for w in workers if not w.dead and w.budget < size]
+        return [w for w in workers if not w.dead and w.budget < min(size, fresh)]
 
     @staticmethod
     def tracks_deadlines(workers: Iterable[WorkerSlot]) -> bool:
