@@ -17,7 +17,6 @@ warning per call, at its end); ``finalizer`` runs in each worker as it exits nor
 """
 from __future__ import annotations
 
-import pickle
 import sys
 import warnings
 from time import perf_counter
@@ -110,11 +109,9 @@ class ProcessBackend(ParallelBackendBase):
         finalizer = self.finalizer
         if finalizer is None:
             return None
-        if getattr(finalizer, "__module__", "__main__") != "__main__":
-            try:
-                return pickle.dumps(finalizer)
-            except Exception:
-                pass
+        plain = protocol.dumps_importable(finalizer)
+        if plain is not None:
+            return plain
         import cloudpickle
 
         try:
