@@ -12,6 +12,7 @@ from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
 from ._parallel import Parallel
 from ._settings import effective_n_jobs, parallel_backend, parallel_config
 from ._shared import shared_array
+from ._worker_state import worker_id, worker_state
 from .backends import ParallelBackendBase, register_parallel_backend
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "effective_n_jobs",
     "cpu_count",
     "shared_array",
+    "worker_state",
+    "worker_id",
     "ParallelBackendBase",
     "ParmapError",
     "PoolError",

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 __all__ = ["AutoBatchSizer", "MAX_GROWTH", "MAX_AUTO_BATCH", "MAX_PRIMED", "MAX_BATCH_BYTES",
-           "remember", "estimate_nbytes"]
+           "remember", "estimate_nbytes", "fit_to_limit"]
 
 #: auto batching never grows a batch by more than this factor at once: one fast first
 #: task must not make the second batch take seconds
@@ -116,6 +116,20 @@ class AutoBatchSizer:
         if self._bytes_per_task <= 0:
             return MAX_AUTO_BATCH
         return max(1, int(MAX_BATCH_BYTES / self._bytes_per_task))
+
+
+def fit_to_limit(size: int, limit: int, current: int | None = None) -> int:
+    """The batch size near ``size`` of which a whole number fills ``limit``
+    (``max_tasks_per_child``): 30 under 100 gives 33 and 45 gives 50, so a worker runs
+    3 or 2 whole batches rather than retiring with room left. The ``current`` size is
+    kept while ``size`` stays within a factor 2 of it: measurements that wobble (a busy
+    machine) must not make batches alternate between sizes that fill ``limit``
+    differently, which would retire workers early."""
+    if current is not None and current // 2 <= size <= 2 * current:
+        return current
+    if size >= limit:
+        return limit
+    return limit // max(1, round(limit / max(size, 1)))
 
 
 #: (seconds, result bytes) per task measured by earlier calls, by function (see prime)

@@ -16,7 +16,7 @@ released when its results are no longer the dispatcher's to hold: on completion 
 generator modes. So an infinite generator is read at most ``pre_dispatch`` batches ahead
 of what the caller consumed, and a slow consumer bounds memory.
 
-The input is a :class:`LockedIterator`: read only under its lock, whichever thread
+The input is a :class:`~parmap._input.LockedIterator`: read only under its lock, whichever thread
 dispatches. Completion callbacks must not block, so they only *try* the lock; whoever holds
 it re-checks the room after each batch, so no dispatch opportunity is lost. All
 bookkeeping that decides what to yield happens in the consumer's thread, from the events
@@ -33,69 +33,21 @@ from __future__ import annotations
 
 import math
 import threading
-from itertools import chain, islice
 from operator import length_hint
 from queue import Empty, SimpleQueue
 from time import monotonic, perf_counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
-from ._batching import MAX_PRIMED, AutoBatchSizer, estimate_nbytes
-from ._delayed import Batch, check_task, compact, is_task
+from ._batching import MAX_PRIMED, AutoBatchSizer, estimate_nbytes, fit_to_limit
+from ._delayed import Batch, check_task, compact
 from ._errors import timeout_error
+from ._input import LockedIterator
 from .backends._base import Outcome, ParallelBackendBase
 
-__all__ = ["Dispatcher", "LockedIterator", "Observer", "nested_settings"]
-
-_END = object()
+__all__ = ["Dispatcher", "Observer", "nested_settings"]
 
 #: how often the consumer wakes to check timeouts (and, on Windows, to see Ctrl-C)
 POLL_INTERVAL = 0.1
-
-
-class LockedIterator:
-    """The user's iterable, read by whichever thread dispatches, one at a time.
-
-    Holders of ``lock`` may ``take`` tasks; the first batch may ``push_back`` what it
-    read ahead. The lock is re-entrant: a synchronous backend's callback dispatches from
-    inside ``submit``, in the thread that holds it.
-    """
-
-    def __init__(self, iterable: Iterable):
-        self.lock = threading.RLock()
-        self._it: Iterator = iter(iterable)
-
-    def take(self, n: int) -> list:
-        """Up to ``n`` tasks (fewer: the input is exhausted). Lock held."""
-        return list(islice(self._it, n))  # at C speed
-
-    def take_compact(self, n: int) -> tuple[Callable[..., Any] | None, list]:
-        """Up to ``n`` tasks in :func:`~parmap._delayed.compact` form, read one at a time,
-        so that each task tuple is freed as soon as its arguments are taken: a list of
-        10,000 live task tuples makes the cyclic garbage collector go over them again and
-        again (about 40 % of the time spent reading tiny tasks). ``(None, tasks)`` when
-        the tasks are not all calls of one function without keywords. Lock held."""
-        it = self._it
-        first: Any = next(it, _END)
-        if first is _END:
-            return None, []
-        if not (is_task(first) and not first[2]):
-            return None, [first] + self.take(n - 1)
-        func = first[0]
-        args = [first[1]]
-        append = args.append
-        for task in islice(it, n - 1):
-            if type(task) is tuple and len(task) == 3 and task[0] is func and \
-                    type(task[1]) is tuple and type(task[2]) is dict and not task[2]:
-                append(task[1])
-            else:  # another function, keywords, or not a task: the general form
-                tasks: list = [(func, a, {}) for a in args]
-                tasks.append(task)
-                return None, tasks + self.take(n - len(tasks))
-        return func, args
-
-    def push_back(self, tasks: list) -> None:
-        """Make ``tasks`` the next ones read. Lock held."""
-        self._it = chain(tasks, self._it)
 
 
 class Observer(Protocol):
@@ -148,6 +100,15 @@ def nested_settings(backend: ParallelBackendBase) -> Mapping[str, object] | None
     return settings
 
 
+def _checked_compact(tasks: list, start: int) -> tuple[Callable[..., Any] | None, list]:
+    """``tasks`` (the first of them has index ``start``) in compact form, when the usual
+    ``delayed(f)(x)`` (the batch's fast loop); an item that is not a task is named."""
+    if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
+        for offset, task in enumerate(tasks):
+            check_task(task, start + offset)
+    return compact(tasks)
+
+
 class Dispatcher:
     """Runs one ``Parallel`` call on a configured backend."""
 
@@ -167,6 +128,8 @@ class Dispatcher:
         self._input = LockedIterator(iterable)
         self._limit = pre_dispatch if pre_dispatch is not None else math.inf
         self._fixed_size = batch_size if isinstance(batch_size, int) else None
+        self._max_size = backend.max_batch_size  # e.g. a worker's max_tasks_per_child
+        self._fitted: int | None = None  # the last auto size fitted to it
         self.sizer = AutoBatchSizer(backend.target_batch_duration, n_jobs, self.n_tasks)
         self._prime = prime  # False: the first batch holds one task, whatever was learnt
         self._nested = nested_settings(backend)
@@ -208,17 +171,21 @@ class Dispatcher:
     def _dispatch_one(self) -> None:
         start = self.n_dispatched
         size = self._fixed_size or self.sizer.next_size(start)
+        if self._max_size is not None:  # an explicit batch_size is only capped
+            size = min(size, self._max_size) if self._fixed_size \
+                else fit_to_limit(size, self._max_size, self._fitted)
+            self._fitted = size
         observer = self.observer
         read_from = perf_counter() if observer is not None else 0.0
-        if start == 0:
-            func, tasks, size = self._read_first(size)
+        if start == 0:  # the first batch; its size may come from earlier calls
+            func, tasks = None, self._input.take(size)
+            if tasks and self._fixed_size is None and \
+                    type(tasks[0]) is tuple and len(tasks[0]) == 3:
+                tasks, size = self._first_batch(tasks, size)
         else:
             func, tasks = self._input.take_compact(size)
         if tasks and func is None:
-            if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
-                for offset, task in enumerate(tasks):
-                    check_task(task, start + offset)
-            func, tasks = compact(tasks)  # the usual delayed(f)(x): the batch's fast loop
+            func, tasks = _checked_compact(tasks, start)
         # only now: a consumer that sees the input exhausted with no batch left returns,
         # and must not do so before the error of an item of this batch reached it
         if len(tasks) < size:
@@ -241,19 +208,13 @@ class Dispatcher:
             observer.submitting(batch, perf_counter() - read_from)
         self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
 
-    def _read_first(self, size: int) -> tuple[Callable[..., Any] | None, list, int]:
-        """The first batch: ``(func, tasks, size)``; its size may come from earlier calls."""
-        tasks = self._input.take(size)
-        if tasks and self._fixed_size is None and \
-                type(tasks[0]) is tuple and len(tasks[0]) == 3:
-            tasks, size = self._first_batch(tasks, size)
-        return None, tasks, size
-
     def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
         """Size the first batch from earlier calls of the same function, if any."""
         if self._prime:
             self.sizer.prime(tasks[0][0], self.n_tasks)
         want = self.sizer.size
+        if self._max_size is not None:
+            want = fit_to_limit(want, self._max_size)
         if want <= size:
             return tasks, size
         # an input of unknown length: read enough to give every worker a batch (within

@@ -17,7 +17,7 @@ DOCUMENTED_API = {
     "Parallel", "delayed", "parallel_config", "parallel_backend", "register_parallel_backend",
     "effective_n_jobs", "cpu_count", "ParallelBackendBase", "ParmapError", "PoolError",
     "WorkerCrashedError", "TerminatedWorkerError", "TaskTimeoutError", "SerializationError",
-    "RemoteTaskError", "RemoteTraceback", "shared_array",
+    "RemoteTaskError", "RemoteTraceback", "shared_array", "worker_state", "worker_id",
 }
 
 

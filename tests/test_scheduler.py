@@ -95,3 +95,26 @@ def test_expired_names_the_running_task_past_its_timeout():
     assert Scheduler.expired(workers, now=102.0) == [(workers[0], late, 11)]
     assert Scheduler.tracks_deadlines(workers)
     assert not Scheduler.tracks_deadlines(workers[2:])
+
+
+
+def test_a_spent_worker_is_one_whose_budget_cannot_take_the_next_job():
+    scheduler = Scheduler()
+    scheduler.add(job("A", n=5))
+    fresh, spent, dead = WorkerSlot([0.0, 0.0], 10), WorkerSlot([0.0, 0.0], 4), \
+        WorkerSlot([0.0, 0.0], 0)
+    dead.dead = True
+    assert scheduler.spent([fresh, spent, dead], fresh=10) == [spent]
+    big = Scheduler()
+    big.add(job("A", n=20))  # larger than a fresh budget: a fresh worker still takes it
+    assert big.spent([fresh], fresh=10) == []
+    assert big.next_assignment([fresh], 1)[0] is fresh
+
+
+def test_a_replacement_waits_for_the_worker_it_replaces():
+    scheduler, old, new = Scheduler(), slot(job("A"), dead=True), slot()
+    new.after = old
+    scheduler.add(job("A", 1))
+    assert scheduler.next_assignment([old, new], 1) is None  # old still runs its last job
+    old.jobs.clear()
+    assert scheduler.next_assignment([old, new], 1)[0] is new and new.after is None

@@ -81,6 +81,9 @@ class ParallelBackendBase(ABC):
     target_batch_duration: float = 0.02
     #: the backend cannot run two batches at once (the front end then runs inline)
     inline: bool = False
+    #: no batch may hold more tasks than this (a process worker recycled after that many
+    #: tasks); the dispatcher splits accordingly. None: no limit
+    max_batch_size: int | None = None
 
     def __init__(self, nesting_level: int = 0):
         #: how many parallel calls enclose the one this backend runs (0: top level)

@@ -10,6 +10,11 @@ joblib's ``"loky"`` and ``"multiprocessing"``.
 Inside a task (nesting level 1 and deeper) a process backend is never made: the factory
 returns threads instead, so nested parallel calls cannot start processes from processes
 (with joblib's warning where joblib would refuse: see :class:`NestedThreads`).
+
+Long runs (``docs/long_runs.rst``): ``max_tasks_per_child`` caps the dispatcher's batches
+(``max_batch_size``) and the pool replaces a worker once it has run that many tasks;
+``max_memory_per_child`` replaces a worker whose RSS is above it after a batch (one
+warning per call, at its end); ``finalizer`` runs in each worker as it exits normally.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import warnings
 from time import perf_counter
 from typing import Any, Callable
 
+from .._checks import check_positive_int, parse_size
 from .._delayed import Batch
 from .._errors import SerializationError, func_name
 from ..process import protocol, registry
@@ -41,10 +47,23 @@ class ProcessBackend(ParallelBackendBase):
 
     def __init__(self, nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
                  initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 start_method: str | None = None):
+                 start_method: str | None = None,
+                 finalizer: Callable[[], Any] | None = None,
+                 max_tasks_per_child: int | None = None,
+                 max_memory_per_child: int | str | None = None):
         super().__init__(nesting_level)
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, got {initializer!r:.60}")
+        for name, function in (("initializer", initializer), ("finalizer", finalizer)):
+            if function is not None and not callable(function):
+                raise TypeError(f"{name} must be callable, got {function!r:.60}")
+        self.max_tasks_per_child = check_positive_int("max_tasks_per_child")(
+            max_tasks_per_child)
+        self.max_memory_per_child = parse_size(max_memory_per_child, "max_memory_per_child")
+        if self.max_memory_per_child == 0:
+            raise ValueError("max_memory_per_child must be None or a positive size such as "
+                             "'2G', got 0")
+        #: the dispatcher never makes a batch larger than a worker may run
+        self.max_batch_size = self.max_tasks_per_child
+        self.finalizer = finalizer
         if not isinstance(initargs, tuple):
             raise TypeError(f"initargs must be a tuple, got {type(initargs).__name__}")
         if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) \
@@ -64,7 +83,9 @@ class ProcessBackend(ParallelBackendBase):
     def configure(self, n_jobs: int, options: CallOptions) -> int:
         n_jobs = super().configure(n_jobs, options)
         pool_options = PoolOptions(self.start_method, self._pickled_initializer(),
-                                   options.inner_max_num_threads, self.idle_timeout)
+                                   options.inner_max_num_threads, self.idle_timeout,
+                                   self._pickled_finalizer(), self.max_tasks_per_child,
+                                   self.max_memory_per_child)
         pool = self._pool
         if pool is not None and (pool.closed or pool.options != pool_options
                                  or pool.size != n_jobs):
@@ -86,6 +107,23 @@ class ProcessBackend(ParallelBackendBase):
             raise SerializationError(f"initializer {func_name(self.initializer)} or its "
                                      f"initargs could not be pickled: {exc}") from exc
 
+    def _pickled_finalizer(self) -> bytes | None:
+        """Plain pickle for an importable function (a new worker then needs no
+        cloudpickle to run it: recycled workers start faster), cloudpickle otherwise."""
+        finalizer = self.finalizer
+        if finalizer is None:
+            return None
+        plain = protocol.dumps_importable(finalizer)
+        if plain is not None:
+            return plain
+        import cloudpickle
+
+        try:
+            return cloudpickle.dumps(finalizer)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise SerializationError(f"finalizer {func_name(self.finalizer)} could not be "
+                                     f"pickled: {exc}") from exc
+
     def start_call(self) -> None:
         self._owner = object()
         self._placer = None
@@ -101,6 +139,12 @@ class ProcessBackend(ParallelBackendBase):
         placer, self._placer = self._placer, None
         if placer is not None:
             placer.close()
+        pool = self._pool
+        if pool is not None and self.max_memory_per_child is not None:
+            with pool.lock:
+                report = pool.recycler.memory_report(self._owner)
+            if report is not None:
+                warnings.warn(report, UserWarning, stacklevel=2)
 
     def submit(self, batch: Batch, callback: Callback) -> None:
         pool, owner, placer = self._pool, self._owner, self._placer
@@ -169,14 +213,17 @@ class NestedThreads(ThreadingBackend):
 
 def make_process_backend(nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
                          initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                         start_method: str | None = None) -> ParallelBackendBase:
+                         start_method: str | None = None,
+                         finalizer: Callable[[], Any] | None = None,
+                         max_tasks_per_child: int | None = None,
+                         max_memory_per_child: int | str | None = None
+                         ) -> ParallelBackendBase:
     """A process backend at the top level; threads inside a task (no fork bombs)."""
-    return _make(nesting_level, initializer, initargs, idle_timeout, start_method, None)
+    return _make(nesting_level, None, initializer, initargs, idle_timeout, start_method,
+                 finalizer, max_tasks_per_child, max_memory_per_child)
 
 
-def _make(nesting_level: int, initializer: Callable[..., Any] | None, initargs: tuple,
-          idle_timeout: float, start_method: str | None, joblib_name: str | None
-          ) -> ParallelBackendBase:
+def _make(nesting_level: int, joblib_name: str | None, *pool_args: Any) -> ParallelBackendBase:
     if nesting_level > 0:
         warning = None
         if joblib_name == "multiprocessing" or (
@@ -187,20 +234,28 @@ def _make(nesting_level: int, initializer: Callable[..., Any] | None, initargs: 
                        f"this nested call runs on threads instead (parmap starts processes "
                        f"only from the top level). Use backend='threading' to silence this.")
         return NestedThreads(nesting_level, warning)
-    return ProcessBackend(nesting_level, initializer, initargs, idle_timeout, start_method)
+    return ProcessBackend(nesting_level, *pool_args)
 
 
 def make_loky_backend(nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
                       initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                      start_method: str | None = None) -> ParallelBackendBase:
+                      start_method: str | None = None,
+                      finalizer: Callable[[], Any] | None = None,
+                      max_tasks_per_child: int | None = None,
+                      max_memory_per_child: int | str | None = None) -> ParallelBackendBase:
     """``"loky"``: the process backend, with joblib's warning when nested below threads."""
-    return _make(nesting_level, initializer, initargs, idle_timeout, start_method, "loky")
+    return _make(nesting_level, "loky", initializer, initargs, idle_timeout, start_method,
+                 finalizer, max_tasks_per_child, max_memory_per_child)
 
 
 def make_multiprocessing_backend(nesting_level: int = 0,
                                  initializer: Callable[..., Any] | None = None,
                                  initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                                 start_method: str | None = None) -> ParallelBackendBase:
+                                 start_method: str | None = None,
+                                 finalizer: Callable[[], Any] | None = None,
+                                 max_tasks_per_child: int | None = None,
+                                 max_memory_per_child: int | str | None = None
+                                 ) -> ParallelBackendBase:
     """``"multiprocessing"``: the process backend, with joblib's warning when nested."""
-    return _make(nesting_level, initializer, initargs, idle_timeout, start_method,
-                 "multiprocessing")
+    return _make(nesting_level, "multiprocessing", initializer, initargs, idle_timeout,
+                 start_method, finalizer, max_tasks_per_child, max_memory_per_child)

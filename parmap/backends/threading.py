@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextvars
 import threading
 from queue import SimpleQueue
+
 from .._delayed import Batch
+from .._worker_state import enter_thread
 from ._base import Callback, CallOptions, Outcome, ParallelBackendBase
 
 __all__ = ["ThreadingBackend"]
@@ -22,8 +24,9 @@ class _ThreadPool:
         self.size = size
         self.generation = 0
         self._queue: SimpleQueue[tuple | None] = SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"parmap-thread-{i}",
-                                          daemon=True) for i in range(size)]
+        self._threads = [threading.Thread(target=self._work, args=(i,),
+                                          name=f"parmap-thread-{i}", daemon=True)
+                         for i in range(size)]
         for thread in self._threads:
             thread.start()
 
@@ -42,7 +45,8 @@ class _ThreadPool:
                 if thread is not threading.current_thread():
                     thread.join()
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
+        enter_thread(index)  # parmap.worker_state() / worker_id() in this thread
         get = self._queue.get
         while True:
             item = get()

@@ -17,6 +17,7 @@ bug in this loop fails every job of the pool with a ``PoolError`` rather than ha
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from multiprocessing.connection import wait
 from time import monotonic
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import PoolError, WorkerCrashedError, timeout_error
 from . import protocol, shm_results
+from .recycling import RSS, format_bytes
 from .scheduler import PoolJob, Scheduler
 from .spawn import exit_description
 
@@ -121,6 +123,8 @@ class Manager(threading.Thread):
         if worker.jobs:
             worker.jobs[0].payload = None  # running now: it will not be re-sent
         self.pool.last_active = monotonic()
+        if self.pool.recycler.over_memory(worker, job.owner if job is not None else None):
+            self.pool.retire(worker)
         if job is not None and not job.cancelled:
             finished.append((job, data))
         else:  # a cancelled batch: only its shared-memory files need handling
@@ -186,9 +190,21 @@ class Manager(threading.Thread):
 
 def _crash_error(worker: _Worker, job: PoolJob) -> WorkerCrashedError:
     code = worker.process.exitcode
+    rss = worker.status[RSS]
+    memory = f"; its memory use (RSS) when it last reported, after its previous batch, " \
+             f"was {format_bytes(rss)}" if rss else ""
+    if code == -signal.SIGKILL:
+        causes = (f"It was killed by SIGKILL, most often the kernel's out-of-memory killer "
+                  f"(check `dmesg` or `journalctl -k` for 'Out of memory'){memory}. If the "
+                  f"tasks need that much memory, use fewer workers (n_jobs) or smaller "
+                  f"pieces of work; if memory grows from task to task, "
+                  f"max_memory_per_child='2G' (say) replaces a worker before it gets there.")
+    else:
+        causes = (f"Common causes: a crash in C code (segfault), os._exit(), the "
+                  f"out-of-memory killer (check `dmesg`), or a signal sent to the worker"
+                  f"{memory}.")
     return WorkerCrashedError(
         f"a worker process (pid {worker.process.pid}) died with {exit_description(code)} "
-        f"while running {job.describe()}. The call was cancelled. Common causes: a crash in "
-        f"C code (segfault), os._exit(), the out-of-memory killer (check `dmesg`), or a "
-        f"signal sent to the worker. Run with n_jobs=1 to reproduce it in the calling "
-        f"process.", code, tuple(range(job.batch.start, job.batch.start + len(job.batch))))
+        f"while running {job.describe()}. The call was cancelled. {causes} Run with "
+        f"n_jobs=1 to reproduce it in the calling process.", code,
+        tuple(range(job.batch.start, job.batch.start + len(job.batch))))

@@ -26,6 +26,10 @@ Data flow::
 3. Callbacks run outside the pool lock: the dispatcher may submit from inside them.
 4. Cancelling a call drops its pending jobs and kills the workers running its batches;
    replacements are started when work needs them.
+5. Recycling (``max_tasks_per_child``, ``max_memory_per_child``): a worker is *retired*
+   (told to stop after the jobs it holds) and the pool's launcher thread starts its
+   replacement at once, outside the lock; see ``recycling.py`` and ``launcher.py``. Each worker has an id, 0 … size-1
+   (``parmap.worker_id()``); a replacement takes the id of the worker it replaces.
 
 Messages: ``protocol.py``. How workers are started: ``spawn.py``. The shared pool every
 call reuses: ``registry.py``.
@@ -43,6 +47,8 @@ from typing import Any, Callable, NamedTuple
 
 from . import protocol, shm_results
 from .manager import STOP_GRACE, Manager
+from .launcher import Launcher
+from .recycling import Recycler
 from .scheduler import PoolJob, Scheduler, WorkerSlot
 from .spawn import choose_start_method, prestart, start_worker
 
@@ -56,19 +62,23 @@ class PoolOptions(NamedTuple):
     initializer: bytes | None = None  # cloudpickle of (initializer, initargs)
     inner_max_num_threads: int | None = None
     idle_timeout: float = 300.0
+    finalizer: bytes | None = None  # pickle (or cloudpickle) of the finalizer
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None  # bytes of RSS
 
 
 class _Worker(WorkerSlot):
     """A worker process and its two pipe ends, as the pool holds it."""
 
-    __slots__ = ("process", "task_conn", "result_conn")
+    __slots__ = ("process", "task_conn", "result_conn", "wid")
 
     def __init__(self, process: BaseProcess, task_conn: Connection, result_conn: Connection,
-                 status: Any):
-        super().__init__(status)
+                 status: Any, wid: int, budget: float):
+        super().__init__(status, budget)
         self.process = process
         self.task_conn = task_conn
         self.result_conn = result_conn
+        self.wid = wid  # parmap.worker_id() in the worker
 
 
 class WorkerPool:
@@ -83,6 +93,8 @@ class WorkerPool:
         self.lock = threading.Lock()
         self.workers: list[_Worker] = []
         self.scheduler = Scheduler()
+        self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
+        self._launcher: Launcher | None = None  # started with the first retirement
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
         self.last_active = monotonic()
         self.rounds = 0  # manager loop iterations completed, callbacks included
@@ -106,16 +118,37 @@ class WorkerPool:
         self._manager.start()
 
     # ------------------------------------------------------------------ workers
-    def spawn(self) -> _Worker:
-        """Start one worker. Lock held."""
-        inherited = [self.wake_r, self.wake_w] + [
-            conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
-        process, task_w, result_r, status = start_worker(
-            self.options.start_method, self.size, self.options.inner_max_num_threads,
-            self.options.initializer, inherited)
-        worker = _Worker(process, task_w, result_r, status)
+    def spawn(self, wid: int | None = None) -> _Worker:
+        """Start one worker (with the lowest free id by default). Lock held."""
+        worker = self.launch(self._free_id() if wid is None else wid)
         self.workers.append(worker)
         return worker
+
+    def launch(self, wid: int) -> _Worker:
+        """Start a worker process; the caller adds it to ``workers`` (lock held then).
+        Without the lock only when no fork is involved (nothing to inherit)."""
+        inherited = [self.wake_r, self.wake_w] + [
+            conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
+        options = self.options
+        process, task_w, result_r, status = start_worker(
+            options.start_method, self.size, options.inner_max_num_threads,
+            options.initializer, inherited, wid, options.finalizer)
+        return _Worker(process, task_w, result_r, status, wid, self.recycler.budget)
+
+    def _free_id(self) -> int:
+        taken = {w.wid for w in self.workers if not w.dead} | set(self.recycler.replacing)
+        return next(i for i in range(len(taken) + 1) if i not in taken)
+
+    def retire(self, worker: _Worker) -> None:
+        """Recycle ``worker``: it stops after the jobs it holds, and the launcher thread
+        starts its replacement now (see ``recycling``). Lock held."""
+        self.stop(worker)
+        if worker.wid < self.size and not self.closed:
+            self.recycler.replacing.append(worker.wid)
+            if self._launcher is None:
+                self._launcher = Launcher(self)
+                self._launcher.start()
+            self._launcher.due.notify()
 
     def kill(self, worker: _Worker) -> None:
         worker.dead = True
@@ -138,10 +171,12 @@ class WorkerPool:
             self.size = size
             if self._manager is None:
                 return  # not started yet: it will start with the new size
+            replacing = self.recycler.replacing
+            replacing[:] = [wid for wid in replacing if wid < size]
             alive = [w for w in self.workers if not w.dead]
-            for _ in range(size - len(alive)):
+            for _ in range(size - len(alive) - len(replacing)):
                 self.spawn()
-            idle = [w for w in alive if not w.jobs]
+            idle = sorted((w for w in alive if not w.jobs), key=lambda w: -w.wid)
             for worker in idle[:max(len(alive) - size, 0)]:
                 self.stop(worker)
         self.wake()
@@ -170,7 +205,15 @@ class WorkerPool:
     def assign_pending(self) -> None:
         """Send what the scheduler places, starting workers it asks for. Lock held."""
         wake = False
-        while (placed := self.scheduler.next_assignment(self.workers, self.size)) is not None:
+        scheduler, recycler = self.scheduler, self.recycler
+        while True:
+            if recycler.max_tasks is not None:
+                for spent in scheduler.spent(self.workers, recycler.budget):
+                    self.retire(spent)  # type: ignore[arg-type]
+            placed = scheduler.next_assignment(self.workers,
+                                               self.size - len(recycler.replacing))
+            if placed is None:
+                break
             slot, job = placed
             if slot is None:
                 worker = self.spawn()
@@ -185,6 +228,10 @@ class WorkerPool:
                 worker.task_conn.send_bytes(payload)  # type: ignore[arg-type]
             except OSError:
                 pass  # the worker died: the manager reports it through its sentinel
+            pending = scheduler.pending
+            if recycler.assigned(worker, len(job.batch),
+                                 len(pending[0].batch) if pending else 0):
+                self.retire(worker)  # its last job: the replacement starts ahead
             if job.timeout is not None:
                 wake = True  # the manager must start polling for the deadline
         if wake:
@@ -234,6 +281,8 @@ class WorkerPool:
         """Stop idle workers, kill busy ones, forget pending jobs. Lock held."""
         self.closed = True
         self.scheduler.clear()
+        if self._launcher is not None:
+            self._launcher.due.notify()  # it exits
         for worker in self.workers:
             if not worker.jobs and not worker.dead:
                 self.stop(worker)
@@ -254,6 +303,9 @@ class WorkerPool:
                     self.wake_w.close()
                 return
         self.wake()
+        launcher = self._launcher
+        if launcher is not None and threading.current_thread() is not launcher:
+            launcher.join(timeout=2 * STOP_GRACE)  # it starts no worker after this
         if wait_for_workers and threading.current_thread() is not manager:
             manager.join(timeout=2 * STOP_GRACE)
             with self.lock:

@@ -57,7 +57,8 @@ from . import shm, shm_results
 
 __all__ = ["OK", "ERR", "RETRY", "STOP", "Request", "Reply", "encode_request",
            "decode_request", "encode_reply", "error_reply", "retry_reply",
-           "unloadable_request", "decode_reply", "discard_reply", "dumps"]
+           "unloadable_request", "decode_reply", "discard_reply", "dumps",
+           "dumps_importable"]
 
 OK, ERR, RETRY_STATUS = 0, 1, 2
 STOP = b""
@@ -145,6 +146,17 @@ class _ImportablePickler(pickle.Pickler):
                 getattr(obj, "__module__", None) == "__main__":
             raise _ByValue(obj)
         return NotImplemented
+
+
+def dumps_importable(obj: Any) -> bytes | None:
+    """``obj`` pickled by plain pickle if a worker can load it without cloudpickle and
+    without ``__main__`` (see :class:`_ImportablePickler`), else None."""
+    buf = io.BytesIO()
+    try:
+        _ImportablePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception:
+        return None
+    return buf.getvalue()
 
 
 def _find_unpicklable(batch: Batch, exc: Exception) -> SerializationError:

@@ -20,10 +20,15 @@ Rules:
    calls' jobs (cancelling one call never kills another call's work).
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
+4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
+   otherwise); a live worker whose budget cannot take the next pending job is *spent*:
+   the pool retires it and starts a replacement (see ``recycling``). The replacement
+   takes work once the worker it replaces has finished its last jobs.
 """
 from __future__ import annotations
 
 from collections import deque
+from math import inf
 from typing import Any, Callable, Iterable, Sequence
 
 from .._delayed import Batch
@@ -71,13 +76,27 @@ class PoolJob:
 class WorkerSlot:
     """What the scheduler knows of a worker; the pool's worker record extends it."""
 
-    __slots__ = ("jobs", "dead", "status")
+    __slots__ = ("jobs", "dead", "status", "budget", "after")
 
-    def __init__(self, status: Sequence[float]):
+    def __init__(self, status: Sequence[float], budget: float = inf):
         self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
         self.dead = False
         #: (index of the running task, its start time or 0.0), written by the worker
         self.status = status
+        #: how many more tasks it may be given (``max_tasks_per_child``)
+        self.budget = budget
+        #: the retired worker it replaces, while that one still runs its last jobs
+        self.after: WorkerSlot | None = None
+
+    def ready(self) -> bool:
+        """Live, and not waiting for the worker it replaces to finish (a replacement
+        starts ahead, but never adds a worker: the pool runs ``size`` at a time)."""
+        after = self.after
+        if after is not None:
+            if after.jobs:
+                return False
+            self.after = None  # done: drop it (a chain of predecessors would pile up)
+        return not self.dead
 
     def running(self) -> PoolJob | None:
         """The job the worker is running (or about to): the oldest it holds."""
@@ -112,21 +131,32 @@ class Scheduler:
         pending = self.pending
         if not pending:
             return None
-        idle = next((w for w in workers if not w.jobs and not w.dead), None)
+        idle = next((w for w in workers if not w.jobs and w.ready()), None)
         if idle is not None:
             return idle, pending.popleft()
         if sum(not w.dead for w in workers) < size:
             return None, pending.popleft()
         for worker in workers:  # rule 2: queue a short job behind one of its own call
-            if worker.dead or len(worker.jobs) >= PREFETCH or \
+            if worker.dead or not worker.jobs or len(worker.jobs) >= PREFETCH or \
                     not all(held.known_short for held in worker.jobs):
                 continue
-            owner = worker.jobs[0].owner
-            job = next((j for j in pending if j.owner is owner and j.short), None)
+            owner, budget = worker.jobs[0].owner, worker.budget
+            job = next((j for j in pending
+                        if j.owner is owner and j.short and len(j.batch) <= budget), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job
         return None
+
+    def spent(self, workers: Iterable[WorkerSlot], fresh: float) -> list[WorkerSlot]:
+        """Live workers whose budget cannot take the next pending job (rule 4). A
+        worker with a ``fresh`` budget is never spent: a job larger than any budget
+        (which the dispatcher does not make) goes to it rather than to endless
+        replacements."""
+        if not self.pending:
+            return []
+        size = len(self.pending[0].batch)
+        return [w for w in workers if not w.dead and w.budget < min(size, fresh)]
 
     @staticmethod
     def tracks_deadlines(workers: Iterable[WorkerSlot]) -> bool:

@@ -120,10 +120,12 @@ def exit_description(exitcode: int | None) -> str:
 
 
 def _preload() -> list[str]:
-    """What the forkserver imports once for all its children: the worker module, and
+    """What the forkserver imports once for all its children: the worker module, the
+    two multiprocessing modules every child needs (12 -> 5 ms of a child's start), and
     numpy when the caller uses it (its arrays, arguments or results, need it in every
     worker: ~0.1 s per worker otherwise, paid after the worker starts)."""
-    return ["parmap.process.worker"] + (["numpy"] if "numpy" in sys.modules else [])
+    return ["parmap.process.worker", "multiprocessing.sharedctypes",
+            "multiprocessing.popen_forkserver"] + (["numpy"] if "numpy" in sys.modules else [])
 
 
 def prestart(start_method: str | None) -> None:
@@ -147,12 +149,14 @@ def prestart(start_method: str | None) -> None:
 
 
 def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
-                 initializer: bytes | None, inherited: list[Connection]
+                 initializer: bytes | None, inherited: list[Connection], wid: int = 0,
+                 finalizer: bytes | None = None
                  ) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
-    siblings' and the pool's): a worker holds only its own.
+    siblings' and the pool's): a worker holds only its own. ``wid`` is the worker's id
+    (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops.
     """
     caps = str(inner_max_num_threads or max(cpu_count() // pool_size, 1))
     # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
@@ -170,11 +174,11 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
         resource_tracker.ensure_running()
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
-    status = ctx.RawArray("d", 2)  # (task index, start time), for timeouts
+    status = ctx.RawArray("d", 3)  # (task index, start time) for timeouts; RSS
     # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be
     # capped to one thread by a call (its variable is read only when libgomp loads)
     cap_openmp = method == "fork" and one_thread and _openmp_pool_running()
-    setup = pickle.dumps((env, initializer, cap_openmp))
+    setup = pickle.dumps((env, initializer, cap_openmp, (wid, finalizer)))
     process = ctx.Process(
         target=worker.worker_main, name="parmap-worker", daemon=False,
         args=(task_r, result_w, status, os.getpid(), setup,

@@ -3,11 +3,13 @@
 ::
 
     start:  SIGINT ignored (Ctrl-C is the parent's) ─ die with the parent ─ faulthandler
-            ─ thread caps in the environment ─ the initializer, once
+            ─ thread caps in the environment ─ worker id and state ─ the initializer, once
     loop:   request = protocol.decode_request(pipe)        (a reader thread drains the
             batch = Batch(start, tasks, func, nested)       pipe, so the pool's writes
             reply = OK results | ERR CapturedError          never wait for us)
+            status[RSS] = resident set size (see ``recycling``)
             pipe <- protocol.encode_reply(...)
+    exit:   on STOP, the finalizer (if any), once
 
 Everything the worker needs arrives as data: its set-up (environment, initializer) at
 start, and with each request the settings that ``Parallel`` calls made by the tasks see
@@ -31,8 +33,10 @@ from typing import Any, Callable
 
 from .._delayed import Batch
 from .._record import BatchRecord
+from .._worker_state import enter_process
 from . import protocol, shm, shm_results
 from .lifetime import die_with_parent
+from .recycling import RSS, RssProbe, run_finalizer
 
 __all__ = ["worker_main", "WorkerSetup"]
 
@@ -40,7 +44,9 @@ __all__ = ["worker_main", "WorkerSetup"]
 #: tracker, which cleans up if the parent is killed (set at start)
 _shm_results = False
 
-WorkerSetup = tuple  # (environment: dict[str, str], initializer: cloudpickle bytes | None)
+#: (environment: dict[str, str], initializer: cloudpickle bytes | None,
+#:  (worker id, finalizer: cloudpickle bytes | None))
+WorkerSetup = tuple
 
 #: when this worker was ready to run tasks (epoch seconds), for insights' start-up cost
 _ready_since: float | None = None
@@ -68,11 +74,14 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
         conn.close()
     die_with_parent(parent_pid)
     _enable_faulthandler()
-    env, init, cap_openmp = pickle.loads(setup)
+    env, init, cap_openmp, (wid, finalizer) = pickle.loads(setup)
     os.environ.update(env)  # thread caps: the caller's values already resolved in them
     if cap_openmp:
         _cap_gnu_openmp()
+    enter_process(wid)  # parmap.worker_state() / worker_id(), before the initializer
     init_error = _run_initializer(init)
+    rss = RssProbe()
+    status[RSS] = rss()
     global _shm_results, _ready_since
     _ready_since = time.time()
     if sys.platform.startswith("linux"):
@@ -80,9 +89,11 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
 
         _shm_results = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
     try:
-        _serve(task_conn, result_conn, status, init_error, parent_pid)
+        _serve(task_conn, result_conn, status, init_error, parent_pid, rss)
     except (EOFError, OSError):
         pass  # the parent closed our pipes: it is gone or shutting down
+    if init_error is None:
+        run_finalizer(finalizer)  # a normal exit: STOP (recycling, idle, shutdown)
 
 
 def _cap_gnu_openmp() -> None:
@@ -113,7 +124,7 @@ def _run_initializer(init: bytes | None) -> BaseException | None:
 
 
 def _serve(task_conn: Connection, result_conn: Connection, status: Any,
-           init_error: BaseException | None, parent_pid: int) -> None:
+           init_error: BaseException | None, parent_pid: int, rss: RssProbe) -> None:
     tracker = _SharedTracker(status)
     recv, send = _start_reader(task_conn), result_conn.send_bytes
     sends_arrays = False  # have results of this worker gone through /dev/shm yet?
@@ -137,6 +148,7 @@ def _serve(task_conn: Connection, result_conn: Connection, status: Any,
         reply, placed = _run(request, tracker, parent_pid, sends_arrays, t0)
         request = None  # type: ignore[assignment]
         sends_arrays = sends_arrays or placed
+        status[RSS] = rss()  # the pool reads it with the reply (memory limit, crashes)
         send(reply)
 
 

@@ -1,0 +1,64 @@
+"""The user's task stream, read under a lock by whichever thread dispatches.
+
+Only :class:`LockedIterator`'s holder reads: the caller's thread, or a backend thread
+completing a batch (``_dispatch``). After the first batch, tasks are read one at a time in
+compact form (:meth:`LockedIterator.take_compact`), so each task tuple is freed as soon
+as its arguments are taken.
+"""
+from __future__ import annotations
+
+import threading
+from itertools import chain, islice
+from typing import Any, Callable, Iterable, Iterator
+
+from ._delayed import is_task
+
+__all__ = ["LockedIterator"]
+
+_END = object()
+
+
+class LockedIterator:
+    """The user's iterable, read by whichever thread dispatches, one at a time.
+
+    Holders of ``lock`` may ``take`` tasks; the first batch may ``push_back`` what it
+    read ahead. The lock is re-entrant: a synchronous backend's callback dispatches from
+    inside ``submit``, in the thread that holds it.
+    """
+
+    def __init__(self, iterable: Iterable):
+        self.lock = threading.RLock()
+        self._it: Iterator = iter(iterable)
+
+    def take(self, n: int) -> list:
+        """Up to ``n`` tasks (fewer: the input is exhausted). Lock held."""
+        return list(islice(self._it, n))  # at C speed
+
+    def take_compact(self, n: int) -> tuple[Callable[..., Any] | None, list]:
+        """Up to ``n`` tasks in :func:`~parmap._delayed.compact` form, read one at a time,
+        so that each task tuple is freed as soon as its arguments are taken: a list of
+        10,000 live task tuples makes the cyclic garbage collector go over them again and
+        again (about 40 % of the time spent reading tiny tasks). ``(None, tasks)`` when
+        the tasks are not all calls of one function without keywords. Lock held."""
+        it = self._it
+        first: Any = next(it, _END)
+        if first is _END:
+            return None, []
+        if not (is_task(first) and not first[2]):
+            return None, [first] + self.take(n - 1)
+        func = first[0]
+        args = [first[1]]
+        append = args.append
+        for task in islice(it, n - 1):
+            if type(task) is tuple and len(task) == 3 and task[0] is func and \
+                    type(task[1]) is tuple and type(task[2]) is dict and not task[2]:
+                append(task[1])
+            else:  # another function, keywords, or not a task: the general form
+                tasks: list = [(func, a, {}) for a in args]
+                tasks.append(task)
+                return None, tasks + self.take(n - len(tasks))
+        return func, args
+
+    def push_back(self, tasks: list) -> None:
+        """Make ``tasks`` the next ones read. Lock held."""
+        self._it = chain(tasks, self._it)

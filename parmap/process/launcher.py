@@ -1,0 +1,81 @@
+"""The launcher thread of a pool that recycles its workers: it starts the replacements of
+retired workers (see ``recycling.py``), so that neither a caller submitting work nor the
+manager thread collecting results waits for a process to start (~10 ms with forkserver,
+which replacements use: the caller has threads by then).
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from .manager import STOP_GRACE
+from .spawn import choose_start_method
+
+if TYPE_CHECKING:  # for annotations only: the pool imports this module
+    from .pool import WorkerPool, _Worker
+
+__all__ = ["Launcher"]
+
+
+class Launcher(threading.Thread):
+    """Starts the replacements of retired workers; one per pool that recycles, started
+    with its first retirement, ended by the pool's shutdown.
+
+    A new worker joins the pool (and gets work) only once its process has started, so
+    nothing is ever sent to a process that does not exist yet. With the fork start
+    method the process is started under the pool lock (a forked child must close its
+    siblings' pipe ends, which must not change meanwhile); otherwise outside it.
+    """
+
+    def __init__(self, pool: WorkerPool):
+        super().__init__(name="parmap-pool-launcher", daemon=True)
+        self.pool = pool
+        self.due = threading.Condition(pool.lock)  # notified on retirement and close
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug here: the pool starts replacements itself instead
+            with self.pool.lock:
+                self.pool.recycler.replacing.clear()
+            self.pool.wake()
+            raise
+
+    def _loop(self) -> None:
+        pool = self.pool
+        forking = choose_start_method(pool.options.start_method) == "fork"
+        while True:
+            started: list[_Worker] = []
+            with pool.lock:
+                self.due.wait_for(lambda: bool(pool.recycler.replacing) or pool.closed)
+                if pool.closed:
+                    pool.recycler.replacing.clear()
+                    return
+                wids = list(pool.recycler.replacing)
+                if forking:
+                    started = [pool.launch(wid) for wid in wids]
+            if not forking:
+                started = [pool.launch(wid) for wid in wids]
+            with pool.lock:
+                closed = pool.closed
+                for worker in started:
+                    if worker.wid in pool.recycler.replacing:
+                        pool.recycler.replacing.remove(worker.wid)
+                    if not closed:
+                        worker.after = next((w for w in pool.workers if w.wid == worker.wid
+                                             and w.dead and w.jobs), None)
+                        pool.workers.append(worker)
+                if not closed:
+                    pool.assign_pending()
+            if closed:  # closed meanwhile: its manager may be gone, so reap them here
+                for worker in started:
+                    _discard(worker)
+                return
+            pool.wake()  # the manager must wait on the new workers too
+
+
+def _discard(worker: _Worker) -> None:
+    worker.process.kill()
+    worker.process.join(timeout=STOP_GRACE)
+    worker.task_conn.close()
+    worker.result_conn.close()

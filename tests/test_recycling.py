@@ -1,0 +1,241 @@
+"""Long runs: worker recycling (max_tasks_per_child, max_memory_per_child), per-worker
+state and ids, the finalizer, and how a SIGKILLed worker is reported."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import threading
+import warnings
+from collections import Counter, defaultdict
+
+import psutil
+import pytest
+
+import parmap
+from parmap import Parallel, WorkerCrashedError, delayed, parallel_config
+from parmap._batching import fit_to_limit
+
+from .conftest import child_pids
+
+
+def counted(i, marks):
+    """Leaves a file per task (creating it twice fails: a repeated task shows) and says
+    where it ran and how many tasks its worker has run."""
+    os.close(os.open(os.path.join(marks, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    state = parmap.worker_state()
+    state["n"] = state.get("n", 0) + 1
+    state.setdefault("pid", os.getpid())
+    return i, os.getpid(), parmap.worker_id(), state["n"], state["pid"], "caller" in state
+
+
+def check_recycled(results, n_tasks, limit, marks):
+    assert [r[0] for r in results] == list(range(n_tasks))  # order kept, none lost
+    assert sorted(map(int, os.listdir(marks))) == list(range(n_tasks))  # each ran once
+    per_pid = Counter(r[1] for r in results)
+    assert max(per_pid.values()) <= limit
+    assert len(per_pid) >= n_tasks / limit
+    assert all(r[3] <= limit for r in results)  # the worker's own count
+    assert all(r[4] == r[1] and not r[5] for r in results)  # its state is its own
+    ids = defaultdict(set)
+    for r in results:
+        ids[r[1]].add(r[2])
+    assert all(len(found) == 1 for found in ids.values())  # an id for a worker's life
+    assert set().union(*ids.values()) <= {0, 1}
+    counts = defaultdict(list)
+    for r in results:
+        counts[r[1]].append(r[3])
+    assert all(c == list(range(1, len(c) + 1)) for c in counts.values())  # state persists
+
+
+@pytest.mark.parametrize("batch_size", ["auto", 3, 8])
+def test_max_tasks_per_child_replaces_workers_without_losing_or_repeating_a_task(
+        tmp_path, batch_size):
+    parmap.worker_state()["caller"] = True  # a forked worker must not see the caller's
+    try:
+        results = Parallel(n_jobs=2, max_tasks_per_child=5, batch_size=batch_size)(
+            delayed(counted)(i, str(tmp_path)) for i in range(60))
+    finally:
+        del parmap.worker_state()["caller"]
+    check_recycled(results, 60, 5, str(tmp_path))
+
+
+def test_max_tasks_per_child_through_parallel_config(tmp_path):
+    with parallel_config(max_tasks_per_child=3):
+        results = Parallel(n_jobs=2, return_as="generator")(
+            delayed(counted)(i, str(tmp_path)) for i in range(30))
+        results = list(results)
+    check_recycled(results, 30, 3, str(tmp_path))
+
+
+def test_batches_fit_the_task_limit():
+    assert [fit_to_limit(s, 100) for s in (1, 30, 40, 49, 50, 51, 100, 500)] == \
+        [1, 33, 50, 50, 50, 50, 100, 100]
+    assert [fit_to_limit(s, 100, 50) for s in (20, 25, 33, 70, 100, 101)] == \
+        [20, 50, 50, 50, 50, 100]
+
+
+@pytest.mark.parametrize("kwargs, error, name", [
+    ({"max_tasks_per_child": 0}, ValueError, "max_tasks_per_child"),
+    ({"max_tasks_per_child": 2.5}, ValueError, "max_tasks_per_child"),
+    ({"max_memory_per_child": "lots"}, ValueError, "max_memory_per_child"),
+    ({"max_memory_per_child": 0}, ValueError, "max_memory_per_child"),
+    ({"finalizer": "print"}, TypeError, "finalizer"),
+])
+def test_bad_recycling_arguments_are_named(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        Parallel(n_jobs=2, **kwargs)
+
+
+def test_the_threading_backend_does_not_take_recycling_arguments():
+    with pytest.raises(TypeError, match="max_tasks_per_child"):
+        Parallel(n_jobs=2, backend="threading", max_tasks_per_child=3)
+
+
+# ---------------------------------------------------------------------- state and ids
+
+def where(i):
+    state = parmap.worker_state()
+    state.setdefault("tasks", []).append(i)
+    return os.getpid(), parmap.worker_id(), len(state["tasks"])
+
+
+def test_worker_state_persists_per_worker_across_calls():
+    with Parallel(n_jobs=2, batch_size=1) as parallel:
+        first = parallel(delayed(where)(i) for i in range(10))
+        second = parallel(delayed(where)(i) for i in range(10))
+    seen: dict[int, list[int]] = defaultdict(list)
+    for pid, wid, n in first + second:
+        seen[pid].append(n)
+    assert all(n == list(range(1, len(n) + 1)) for n in seen.values())
+    by_pid = {pid: wid for pid, wid, _ in first + second}
+    assert len(set(by_pid.values())) == len(by_pid)  # workers have distinct ids
+    assert set(by_pid.values()) <= {0, 1}
+
+
+def test_outside_a_worker_state_and_id_are_the_callers():
+    state = parmap.worker_state()
+    assert parmap.worker_state() is state and parmap.worker_id() == 0
+    state.pop("tasks", None)
+    assert Parallel(n_jobs=1)(delayed(where)(i) for i in range(3)) == \
+        [(os.getpid(), 0, 1), (os.getpid(), 0, 2), (os.getpid(), 0, 3)]
+    assert state.pop("tasks") == [0, 1, 2]
+
+
+def met(barrier, i):
+    barrier.wait(timeout=10)  # both threads hold a task: each runs one
+    state = parmap.worker_state()
+    state["n"] = state.get("n", 0) + 1
+    return threading.get_ident(), parmap.worker_id(), id(state), state["n"]
+
+
+def test_threads_have_their_own_state_and_ids():
+    barrier = threading.Barrier(2)
+    with Parallel(n_jobs=2, backend="threading", batch_size=1) as parallel:
+        first = parallel(delayed(met)(barrier, i) for i in range(2))
+        second = parallel(delayed(met)(barrier, i) for i in range(2))
+    assert {r[1] for r in first} == {0, 1}
+    assert len({r[2] for r in first}) == 2  # a dict per thread
+    assert {r[3] for r in second} == {2}  # kept between calls of the block
+    assert {(r[0], r[1], r[2]) for r in first} == {(r[0], r[1], r[2]) for r in second}
+
+
+# ---------------------------------------------------------------------- finalizer
+
+def note_exit(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {parmap.worker_id()} {parmap.worker_state().get('n', 0)}\n")
+
+
+def count_task(i):
+    state = parmap.worker_state()
+    state["n"] = state.get("n", 0) + 1
+    return os.getpid()
+
+
+def test_finalizer_runs_as_each_worker_exits(tmp_path):
+    path = str(tmp_path / "exits.txt")
+    pids = Parallel(n_jobs=2, max_tasks_per_child=2, batch_size=1,
+                    finalizer=functools.partial(note_exit, path))(
+        delayed(count_task)(i) for i in range(10))
+    parmap._shutdown_pools()  # the last workers stop (normally) here
+    with open(path) as f:
+        lines = [line.split() for line in f]
+    assert sorted(int(pid) for pid, _, _ in lines) == sorted(set(pids) | {
+        int(pid) for pid, _, n in lines if n == "0"})  # replacements that got no task
+    ran = Counter(pids)
+    assert all(ran[int(pid)] == int(n) for pid, _, n in lines)  # saw the worker's state
+    assert {wid for _, wid, _ in lines} <= {"0", "1"}
+
+
+# ---------------------------------------------------------------------- memory
+
+_hoard: list = []
+
+
+def leak(i, mb=50):
+    _hoard.append(b"x" * (mb << 20))  # bytes, written: resident at once
+    return os.getpid()
+
+
+def tree_pss() -> int:
+    total = 0
+    for pid in {os.getpid()} | child_pids():
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except (psutil.Error, OSError):
+            pass  # exited meanwhile
+    return total
+
+
+def test_max_memory_per_child_keeps_a_leaking_loop_bounded():
+    peak = [tree_pss()]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):  # a sampling period, not synchronisation
+            peak.append(tree_pss())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pids = Parallel(n_jobs=2, batch_size=1, max_memory_per_child="300M")(
+                delayed(leak)(i) for i in range(100))  # 5 GB leaked in all
+    finally:
+        done.set()
+        sampler.join()
+    grew = max(peak) - peak[0]  # over the caller alone (large in a full test session)
+    assert grew < 1024 ** 3, f"the tree grew by up to {grew / 1024 ** 2:.0f} MB"
+    replaced = len(set(pids)) - 2
+    assert replaced >= 100 * 50 // 300 - 2  # a worker holds at most ~6-7 leaks
+    memory_warnings = [w for w in caught if "max_memory_per_child" in str(w.message)]
+    assert len(memory_warnings) == 1
+    message = str(memory_warnings[0].message)
+    match = re.search(r"replaced (once|(\d+) times)", message)
+    assert match and int(match.group(2) or 1) >= replaced, message
+    assert "300.0 MB" in message and "leak" in message
+
+
+# ---------------------------------------------------------------------- SIGKILL
+
+def hog_then_die(i):
+    state = parmap.worker_state()
+    if "hog" not in state:
+        state["hog"] = b"x" * (120 << 20)
+        return i
+    os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+
+
+def test_a_sigkilled_worker_is_reported_as_a_likely_oom_kill_with_its_last_rss():
+    with pytest.raises(WorkerCrashedError) as info:
+        Parallel(n_jobs=2, batch_size=1)(delayed(hog_then_die)(i) for i in range(8))
+    message = str(info.value)
+    assert "killed by SIGKILL" in message and "out-of-memory killer" in message
+    rss = re.search(r"RSS\) when it last reported, after its previous batch, was "
+                    r"([\d.]+) MB", message)
+    assert rss and float(rss.group(1)) >= 120, message
+    assert "max_memory_per_child" in message
+    assert info.value.exitcode == -signal.SIGKILL
