@@ -519,10 +519,13 @@ def test_cold_pool_workers_do_not_inherit_a_private_copy_of_a_large_argument():
 @pytest.fixture
 def inheritance(monkeypatch):
     """A cold pool whose workers fork for this call: the case where arrays are inherited."""
+    from parmap.process import spawn
     from parmap.process.registry import shutdown_all
-    from parmap.process.spawn import choose_start_method
 
-    if choose_start_method() != "fork":
+    # an earlier test's scikit-learn OpenMP pool would send workers to the forkserver;
+    # these tasks use no OpenMP, so forking stays safe for them
+    monkeypatch.setattr(spawn, "_openmp_pool_running", lambda: False)
+    if spawn.choose_start_method() != "fork":
         pytest.skip("the caller would not fork here")
     monkeypatch.setattr(WorkerPool, "will_fork", _REAL_WILL_FORK)  # undo no_inheritance
     shutdown_all()
