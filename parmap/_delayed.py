@@ -83,8 +83,8 @@ class Batch:
     (a call with insights on), makes the batch time every task into it (see ``_record``).
     """
 
-    __slots__ = ("start", "tasks", "func", "tracker", "duration", "failed", "expected",
-                 "transform", "nested", "nbytes", "record")
+    __slots__ = ("start", "tasks", "func", "unary", "tracker", "duration", "failed",
+                 "expected", "transform", "nested", "nbytes", "record")
 
     def __init__(self, start: int, tasks: list, func: Callable[..., Any] | None = None,
                  nested: Mapping[str, Any] | None = None):
@@ -93,6 +93,10 @@ class Batch:
         #: the compact form: every task calls ``func`` with no keywords, and ``tasks``
         #: holds only the argument tuples (see :func:`compact`)
         self.func = func
+        #: compact form whose every task has one argument, and ``tasks`` holds those
+        #: arguments themselves, not 1-tuples: how a worker receives ``delayed(f)(x)``
+        #: batches (see ``process.protocol``), to unpickle and run at C speed
+        self.unary = False
         self.nested = nested
         self.tracker: Tracker | None = None
         self.transform: Callable[[Any], Any] | None = None
@@ -112,6 +116,8 @@ class Batch:
     def task(self, position: int) -> Task:
         """The ``(function, args, kwargs)`` of the task at ``position`` in the batch."""
         if self.func is not None:
+            if self.unary:
+                return self.func, (self.tasks[position],), {}
             return self.func, self.tasks[position], {}
         return self.tasks[position]  # type: ignore[no-any-return]
 
@@ -121,10 +127,16 @@ class Batch:
         token = _context.push(self.nested) if self.nested is not None else None
         try:
             func = self.func
-            if func is not None and self.tracker is None and self.transform is None \
+            if self.unary and (self.tracker is not None or self.transform is not None
+                               or self.record is not None):
+                # the general ways below take argument tuples
+                self.tasks, self.unary = [(arg,) for arg in self.tasks], False
+            if self.unary and func is not None:  # the fastest loop, at C speed: delayed(f)(x) in a worker
+                out.extend(map(func, self.tasks))  # on error, out holds those before it
+            elif func is not None and self.tracker is None and self.transform is None \
                     and self.record is None:
                 append = out.append
-                for args in self.tasks:  # the fast loop: delayed(f)(x) for x in xs
+                for args in self.tasks:  # the fast loop: delayed(f)(*args) for ...
                     append(func(*args))
             elif self.record is not None:
                 run_observed(self, out)  # insights: every task timed

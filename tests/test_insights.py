@@ -150,10 +150,10 @@ def test_insights_off_adds_no_record_and_no_object():
 def test_insights_off_sends_no_byte_more():
     batch = Batch(0, [(1,), (2,)], abs)
     plain = protocol.encode_request(batch, False)
-    assert len(pickle.loads(plain)) == 6  # the request without insights, as before
+    assert len(pickle.loads(plain)) == 7  # the request without insights, as before
     batch.record = BatchRecord()
     observed = protocol.encode_request(batch, False)
-    assert pickle.loads(observed)[6] is True
+    assert pickle.loads(observed)[7] is True
 
     def reply(request_bytes):
         request = protocol.decode_request(request_bytes)

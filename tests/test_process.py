@@ -396,8 +396,9 @@ def test_functions_of_main_travel_by_value(tmp_path):
     payload = encode_request(Batch(0, [(namespace["scaled"], (4,), {})]), False)
     assert b"scaled" in payload
     reader = ("import pickle, sys\n"
-              "start, func, tasks, track, nbytes, nested = pickle.loads(sys.stdin.buffer.read())\n"
-              "print(func(*tasks[0]))")
+              "start, func, tasks, unary, track, nbytes, nested = "
+              "pickle.loads(sys.stdin.buffer.read())\n"
+              "print(func(tasks[0]) if unary else func(*tasks[0]))")
     out = subprocess.run([sys.executable, "-c", reader], input=payload, capture_output=True,
                          timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.stdout.strip() == b"40", out.stderr
@@ -484,3 +485,52 @@ def test_workers_start_when_the_callers_stderr_has_no_file_descriptor():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[0, 1, 2, 3]"
+
+
+def test_one_argument_tasks_travel_as_the_arguments_themselves():
+    """delayed(f)(x) batches go to workers as [x, ...] (no 1-tuples); others as tuples."""
+    import pickle
+
+    from parmap._delayed import Batch
+    from parmap.process.protocol import Request, encode_request
+
+    batch = Batch(3, [(identity, (i,), {}) for i in range(4)])
+    request = Request(*pickle.loads(encode_request(batch, False)))
+    assert request.unary and request.func is identity and request.tasks == [0, 1, 2, 3]
+    assert batch.task(1) == (identity, (1,), {})  # the caller's batch keeps its tuples
+    pair = Batch(0, [(identity, (1, 2), {}), (identity, (3,), {})])
+    request = Request(*pickle.loads(encode_request(pair, False)))
+    assert not request.unary and request.tasks == [(1, 2), (3,)]
+
+
+def _inverse(x):
+    return 1 / x
+
+
+def test_a_unary_batch_names_the_failing_task_and_runs_the_general_ways():
+    from parmap._delayed import Batch
+
+    batch = Batch(10, [1, 2, 0, 4], _inverse)
+    batch.unary = True
+    with pytest.raises(ZeroDivisionError) as info:
+        batch()
+    assert batch.failed == 2 and batch.task(2) == (_inverse, (0,), {})
+    assert "task 12" in " ".join(info.value.__notes__)
+    marks = []
+
+    class Tracker:
+        def mark(self, index, started):
+            marks.append(index)
+
+    batch = Batch(5, [1, 2, 4], _inverse)
+    batch.unary = True
+    batch.tracker, batch.transform = Tracker(), str
+    assert batch() == ["1.0", "0.5", "0.25"] and marks == [5, 6, 7]
+
+
+def test_one_argument_tasks_in_workers_keep_order_and_error_index():
+    assert Parallel(n_jobs=2)(delayed(_inverse)(i) for i in range(1, 3001)) == \
+        [1 / i for i in range(1, 3001)]
+    with pytest.raises(ZeroDivisionError) as info:
+        Parallel(n_jobs=2)(delayed(_inverse)(i - 2000) for i in range(3000))
+    assert "task 2000" in " ".join(info.value.__notes__)

@@ -159,6 +159,7 @@ def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
     Once a worker's results went through /dev/shm, it places each large result as its
     task returns, so it never holds a batch of them twice (array and file) at once."""
     batch = Batch(request.start, request.tasks, request.func, request.nested)
+    batch.unary = request.unary
     if request.insights:
         batch.record = _observed(t0)
     if request.track:
