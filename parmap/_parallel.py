@@ -125,6 +125,13 @@ class Parallel:
             live.abort(ensure_ready=False)  # must not outlive the block
         self._backend.terminate()
 
+    def _effective_n_jobs(self) -> int:
+        """How many workers a call of this instance would use (joblib's private name,
+        which joblib-era code calls): ``n_jobs`` resolved as the backend counts it."""
+        if self._backend.inline:
+            return 1
+        return self._backend.effective_n_jobs(resolve_n_jobs(self.n_jobs))
+
     def _configure(self) -> int:
         backend = self._backend
         n_jobs = backend.effective_n_jobs(resolve_n_jobs(self.n_jobs))

@@ -199,3 +199,12 @@ def test_nested_process_requests_below_threads_warn_as_in_joblib(child, warns):
         assert len(seen) == warns and all("backed parallel loops cannot" in m for m in seen)
     assert Parallel(n_jobs=2, backend="threading")(
         delayed(nested_warnings)(child, 1) for _ in range(2)) == [[], []]
+
+
+def test_effective_n_jobs_of_an_instance_as_joblib_code_calls_it():
+    # joblib's private Parallel._effective_n_jobs(), which joblib-era code and joblib's
+    # own tests call
+    assert Parallel(n_jobs=2)._effective_n_jobs() == 2
+    assert Parallel(n_jobs=2.3)._effective_n_jobs() == 2
+    assert Parallel(n_jobs=-1)._effective_n_jobs() == parmap.cpu_count()
+    assert Parallel(n_jobs=4, backend="sequential")._effective_n_jobs() == 1

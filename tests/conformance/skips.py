@@ -39,7 +39,6 @@ SKIPS: list[Skip] = [
     Skip("test_batching_auto_subprocesses", INTERNALS),
     Skip("test_backend_batch_statistics_reset", INTERNALS),
     Skip("test_default_mp_context", INTERNALS),
-    Skip("test_njobs_converted_to_int", INTERNALS + " (Parallel._effective_n_jobs)"),
     Skip("test_error_capture", INTERNALS + "; and after a task raises, parmap keeps its "
          "healthy workers, where joblib's loky starts a new executor"),
     Skip("test_parameterized_backend_context_manager", CUSTOM),
