@@ -209,10 +209,6 @@ def test_the_sizer_caps_batches_by_result_bytes():
     assert sizer.size == 4  # 8 MiB / 2 MB
 
 
-def triple(x):
-    return 3 * x
-
-
 @pytest.mark.parametrize("position", [1, 7, 40])
 def test_batches_read_one_task_at_a_time_keep_every_kind_of_task(position):
     """After the first batch, tasks are read in compact form one at a time; a task of

@@ -118,8 +118,8 @@ def run(folder: Path, select: Iterable[str] = (), output=None,
         done.update(outcomes)
         if finished:
             if not collected and not done:
-                raise RuntimeError(f"the child pytest collected nothing; run "
-                                   f"python -m tests.conformance to see its output")
+                raise RuntimeError("the child pytest collected nothing; run "
+                                   "python -m tests.conformance to see its output")
             break
         if current is not None:
             done[current] = ("hung", f"no progress for {WATCHDOG} s: the child was killed")
