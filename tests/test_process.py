@@ -534,3 +534,33 @@ def test_one_argument_tasks_in_workers_keep_order_and_error_index():
     with pytest.raises(ZeroDivisionError) as info:
         Parallel(n_jobs=2)(delayed(_inverse)(i - 2000) for i in range(3000))
     assert "task 2000" in " ".join(info.value.__notes__)
+
+
+ENV_AFTER_FORKSERVER = """
+import os, threading
+from parmap import Parallel, delayed
+from parmap.process.registry import shutdown_all
+
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()  # as in a notebook: no fork
+os.environ["PARMAP_TEST_GONE"] = "1"
+Parallel(n_jobs=2)(delayed(abs)(i) for i in range(4))  # the forkserver starts now
+shutdown_all()
+os.environ["PARMAP_TEST_NEW"] = "2"
+del os.environ["PARMAP_TEST_GONE"]
+seen = Parallel(n_jobs=2, batch_size=1)(
+    delayed(os.getenv)(name) for name in ["PARMAP_TEST_NEW", "PARMAP_TEST_GONE"])
+print(seen)
+stop.set()
+"""
+
+
+@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="needs forkserver")
+@pytest.mark.timeout(60)
+def test_workers_from_the_forkserver_see_the_callers_environment_of_now():
+    out = subprocess.run([sys.executable, "-c", ENV_AFTER_FORKSERVER], capture_output=True,
+                         text=True, timeout=50,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "['2', None]"

@@ -178,7 +178,11 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be
     # capped to one thread by a call (its variable is read only when libgomp loads)
     cap_openmp = method == "fork" and one_thread and _openmp_pool_running()
-    setup = pickle.dumps((env, initializer, cap_openmp, (wid, finalizer)))
+    # a forkserver's child has the environment of the server's start: give it the
+    # caller's current one, as fork and spawn do (thread caps on top)
+    environ = None if method == "fork" else {**os.environ, **env}
+    setup = pickle.dumps((environ or env, initializer, cap_openmp, (wid, finalizer),
+                          environ is not None))
     process = ctx.Process(
         target=worker.worker_main, name="parmap-worker", daemon=False,
         args=(task_r, result_w, status, os.getpid(), setup,

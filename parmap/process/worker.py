@@ -74,7 +74,10 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
         conn.close()
     die_with_parent(parent_pid)
     _enable_faulthandler()
-    env, init, cap_openmp, (wid, finalizer) = pickle.loads(setup)
+    env, init, cap_openmp, (wid, finalizer), whole = pickle.loads(setup)
+    if whole:  # the caller's whole environment now, not the forkserver's at its start
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
     os.environ.update(env)  # thread caps: the caller's values already resolved in them
     if cap_openmp:
         _cap_gnu_openmp()
