@@ -17,15 +17,13 @@ import itertools
 import math
 import operator
 import os
-import sys
 import weakref
 from typing import Any
 
+from ._shm_files import SHM_DIR, shm_has_room, track
+
 __all__ = ["shared_array"]
 
-SHM_DIR = "/dev/shm"
-#: /dev/shm must keep this much room free after the array, or the temp folder is used
-SHM_MARGIN = 64 * 1024 ** 2
 _counter = itertools.count()
 
 
@@ -67,7 +65,7 @@ def shared_array(shape: int | tuple[int, ...] | list[int], dtype: Any = "float64
 
 def _new_file(nbytes: int) -> str:
     name = f"parmap_{os.getpid()}_shared_{os.urandom(4).hex()}_{next(_counter)}"
-    folder = SHM_DIR if _shm_has_room(nbytes) else _temp_dir()
+    folder = SHM_DIR if shm_has_room(nbytes) else _temp_dir()
     path = os.path.join(folder, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -77,7 +75,7 @@ def _new_file(nbytes: int) -> str:
         os.unlink(path)
         raise
     os.close(fd)
-    _track(path, register=True)
+    track(path, register=True)
     return path
 
 
@@ -85,33 +83,6 @@ def _temp_dir() -> str:
     import tempfile  # stdlib; only when /dev/shm lacks room
 
     return tempfile.gettempdir()
-
-
-def _shm_has_room(nbytes: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        stat = os.statvfs(SHM_DIR)
-    except OSError:
-        return False
-    return stat.f_bavail * stat.f_frsize >= nbytes + SHM_MARGIN
-
-
-def _track(path: str, register: bool) -> None:
-    """(Un)register a /dev/shm file with multiprocessing's resource tracker, which
-    removes it if this process is killed."""
-    if os.path.dirname(path) != SHM_DIR:
-        return
-    from multiprocessing import resource_tracker  # stdlib; only with a shared array
-
-    name = "/" + os.path.basename(path)
-    try:
-        if register:
-            resource_tracker.register(name, "shared_memory")
-        else:
-            resource_tracker.unregister(name, "shared_memory")
-    except Exception:  # a safety net, never a reason to fail
-        pass
 
 
 def _remove(path: str, owner: int) -> None:
@@ -123,4 +94,4 @@ def _remove(path: str, owner: int) -> None:
         os.unlink(path)
     except FileNotFoundError:
         return
-    _track(path, register=False)
+    track(path, register=False)

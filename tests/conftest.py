@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 
 import parmap
+import parmap.process.shm as shm
 
 BACKENDS = ["sequential", "threading", "processes"]
 PARALLEL_BACKENDS = ["threading"]
@@ -156,3 +157,17 @@ def backend(request):
 def parallel_backend(request):
     """Backends that really run tasks concurrently."""
     return request.param
+
+
+@pytest.fixture
+def count_placements(monkeypatch):
+    """The sizes of the arrays the process backend copies into shared memory."""
+    calls = []
+    original = shm.ArgumentPlacer._place
+
+    def spy(self, root):
+        calls.append(root.nbytes)
+        return original(self, root)
+
+    monkeypatch.setattr(shm.ArgumentPlacer, "_place", spy)
+    return calls

@@ -21,7 +21,7 @@ MAX_MODULE_LINES = 400
 MAX_CLASS_LINES = 250
 #: what parmap.process may import from outside itself
 PROCESS_MAY_IMPORT = {"parmap._delayed", "parmap._errors", "parmap._cpu", "parmap._context",
-                      "parmap._record", "parmap._worker_state"}
+                      "parmap._record", "parmap._worker_state", "parmap._shm_files"}
 
 
 def module_name(path: Path) -> str:

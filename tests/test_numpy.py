@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import parmap._shm_files as shm_files
 import parmap.process.shm as shm
 from parmap.process.pool import WorkerPool
 from parmap import Parallel, SerializationError, WorkerCrashedError, delayed, parallel_config
@@ -61,19 +62,6 @@ def no_inheritance(monkeypatch):
     """Most tests here are about placement in shared memory: keep arrays from being
     inherited by a cold pool's forked workers (tests of inheritance undo this)."""
     monkeypatch.setattr(WorkerPool, "will_fork", lambda self: False)
-
-
-@pytest.fixture
-def count_placements(monkeypatch):
-    calls = []
-    original = shm.ArgumentPlacer._place
-
-    def spy(self, root):
-        calls.append(root.nbytes)
-        return original(self, root)
-
-    monkeypatch.setattr(shm.ArgumentPlacer, "_place", spy)
-    return calls
 
 
 # ---------------------------------------------------------------------- arguments
@@ -231,7 +219,7 @@ def test_environment_variable_sets_the_temp_folder(tmp_path, monkeypatch):
 
 
 def test_small_dev_shm_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm, "SHM_MARGIN", 1 << 62)  # as if /dev/shm were nearly full
+    monkeypatch.setattr(shm_files, "SHM_MARGIN", 1 << 62)  # as if /dev/shm were nearly full
     monkeypatch.setattr(shm.tempfile, "gettempdir", lambda: str(tmp_path))
     before = shm_entries()
     arr = big()

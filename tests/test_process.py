@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import re
 import signal
@@ -163,8 +164,6 @@ def test_worker_killed_from_outside():
 # --------------------------------------------------------------------------- timeout
 
 def test_timeout_kills_stuck_worker_and_pool_recovers():
-    import multiprocessing
-
     t0 = time.monotonic()
     with pytest.raises(TaskTimeoutError, match=r"task 2 \(sleep_for\(30\)\).*timeout=0.3") as info:
         Parallel(n_jobs=2, timeout=0.3)(delayed(sleep_for)(s) for s in [0, 0, 30, 0])
@@ -433,6 +432,16 @@ def sleep_then_identity(x):
     return x
 
 
+def run_script(code: str, timeout: float) -> str:
+    """Run ``code`` in a fresh interpreter (a process with no thread of pytest's); its
+    standard output, once it exited with 0."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 OPENMP_THEN_FORK = """
 import os, threading
 import numpy as np
@@ -462,11 +471,8 @@ def test_workers_do_not_hang_after_the_caller_ran_gnu_openmp():
     # a child forked after libgomp built its thread pool hangs at its first parallel
     # region: parmap forks and caps OpenMP to one thread, or starts from the forkserver
     pytest.importorskip("sklearn")
-    out = subprocess.run([sys.executable, "-c", OPENMP_THEN_FORK], capture_output=True,
-                         text=True, timeout=130,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines() == ["[3, 3, 3, 3] True", "[3, 3, 3, 3] False"], out.stdout
+    out = run_script(OPENMP_THEN_FORK, timeout=130)
+    assert out.splitlines() == ["[3, 3, 3, 3] True", "[3, 3, 3, 3] False"], out
 
 
 STDERR_WITHOUT_FD = """
@@ -480,11 +486,7 @@ print(Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4)))
 
 @pytest.mark.timeout(60)
 def test_workers_start_when_the_callers_stderr_has_no_file_descriptor():
-    out = subprocess.run([sys.executable, "-c", STDERR_WITHOUT_FD], capture_output=True,
-                         text=True, timeout=50,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[0, 1, 2, 3]"
+    assert run_script(STDERR_WITHOUT_FD, timeout=50).strip() == "[0, 1, 2, 3]"
 
 
 def test_one_argument_tasks_travel_as_the_arguments_themselves():
@@ -555,12 +557,8 @@ stop.set()
 """
 
 
-@pytest.mark.skipif("forkserver" not in __import__("multiprocessing").get_all_start_methods(),
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
                     reason="needs forkserver")
 @pytest.mark.timeout(60)
 def test_workers_from_the_forkserver_see_the_callers_environment_of_now():
-    out = subprocess.run([sys.executable, "-c", ENV_AFTER_FORKSERVER], capture_output=True,
-                         text=True, timeout=50,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "['2', None]"
+    assert run_script(ENV_AFTER_FORKSERVER, timeout=50).strip() == "['2', None]"

@@ -7,23 +7,9 @@ import os
 import numpy as np
 import pytest
 
-import parmap.process.shm as shm
 from parmap import Parallel, delayed, shared_array
 
 from .conftest import shm_entries
-
-
-@pytest.fixture
-def count_placements(monkeypatch):
-    calls = []
-    original = shm.ArgumentPlacer._place
-
-    def spy(self, root):
-        calls.append(root.nbytes)
-        return original(self, root)
-
-    monkeypatch.setattr(shm.ArgumentPlacer, "_place", spy)
-    return calls
 
 
 def part_sum(arr, i, parts):

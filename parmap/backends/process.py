@@ -211,51 +211,38 @@ class NestedThreads(ThreadingBackend):
         return super().configure(n_jobs, options)
 
 
-def make_process_backend(nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
-                         initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                         start_method: str | None = None,
-                         finalizer: Callable[[], Any] | None = None,
-                         max_tasks_per_child: int | None = None,
-                         max_memory_per_child: int | str | None = None
-                         ) -> ParallelBackendBase:
-    """A process backend at the top level; threads inside a task (no fork bombs)."""
-    return _make(nesting_level, None, initializer, initargs, idle_timeout, start_method,
-                 finalizer, max_tasks_per_child, max_memory_per_child)
+class _Factory:
+    """The factory of a name of the process backend: ``"processes"``, and joblib's
+    ``"loky"`` and ``"multiprocessing"``, which warn as joblib does when nested where
+    joblib would refuse processes. Its ``make`` is what the registry calls; its keyword
+    parameters are the backend's (the registry checks a call's keywords against them)."""
+
+    def __init__(self, joblib_name: str | None):
+        self.joblib_name = joblib_name
+
+    def make(self, nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
+             initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+             start_method: str | None = None, finalizer: Callable[[], Any] | None = None,
+             max_tasks_per_child: int | None = None,
+             max_memory_per_child: int | str | None = None) -> ParallelBackendBase:
+        """A process backend at the top level; threads inside a task (no fork bombs)."""
+        if nesting_level > 0:
+            return NestedThreads(nesting_level, self._nested_warning())
+        return ProcessBackend(nesting_level, initializer, initargs, idle_timeout,
+                              start_method, finalizer, max_tasks_per_child,
+                              max_memory_per_child)
+
+    def _nested_warning(self) -> str | None:
+        name = self.joblib_name
+        if name == "multiprocessing" or (
+                name == "loky" and threading.current_thread() is not threading.main_thread()):
+            where = "nested" if name == "multiprocessing" else "nested below threads"
+            return (f"{name.capitalize()}-backed parallel loops cannot be {where}: this "
+                    f"nested call runs on threads instead (parmap starts processes only "
+                    f"from the top level). Use backend='threading' to silence this.")
+        return None
 
 
-def _make(nesting_level: int, joblib_name: str | None, *pool_args: Any) -> ParallelBackendBase:
-    if nesting_level > 0:
-        warning = None
-        if joblib_name == "multiprocessing" or (
-                joblib_name == "loky" and threading.current_thread() is not
-                threading.main_thread()):
-            where = "nested" if joblib_name == "multiprocessing" else "nested below threads"
-            warning = (f"{joblib_name.capitalize()}-backed parallel loops cannot be {where}: "
-                       f"this nested call runs on threads instead (parmap starts processes "
-                       f"only from the top level). Use backend='threading' to silence this.")
-        return NestedThreads(nesting_level, warning)
-    return ProcessBackend(nesting_level, *pool_args)
-
-
-def make_loky_backend(nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
-                      initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                      start_method: str | None = None,
-                      finalizer: Callable[[], Any] | None = None,
-                      max_tasks_per_child: int | None = None,
-                      max_memory_per_child: int | str | None = None) -> ParallelBackendBase:
-    """``"loky"``: the process backend, with joblib's warning when nested below threads."""
-    return _make(nesting_level, "loky", initializer, initargs, idle_timeout, start_method,
-                 finalizer, max_tasks_per_child, max_memory_per_child)
-
-
-def make_multiprocessing_backend(nesting_level: int = 0,
-                                 initializer: Callable[..., Any] | None = None,
-                                 initargs: tuple = (), idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                                 start_method: str | None = None,
-                                 finalizer: Callable[[], Any] | None = None,
-                                 max_tasks_per_child: int | None = None,
-                                 max_memory_per_child: int | str | None = None
-                                 ) -> ParallelBackendBase:
-    """``"multiprocessing"``: the process backend, with joblib's warning when nested."""
-    return _make(nesting_level, "multiprocessing", initializer, initargs, idle_timeout,
-                 start_method, finalizer, max_tasks_per_child, max_memory_per_child)
+make_process_backend = _Factory(None).make
+make_loky_backend = _Factory("loky").make
+make_multiprocessing_backend = _Factory("multiprocessing").make

@@ -43,37 +43,19 @@ import threading
 import weakref
 from typing import Any, Protocol
 
+from .._shm_files import SHM_DIR, shm_has_room, track
 from .lifetime import pid_alive
 
 __all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
            "choose_folder", "dumps_with", "track", "unlink", "write_all", "shm_has_room",
            "SHM_DIR"]
 
-SHM_DIR = "/dev/shm"
-#: /dev/shm must keep this much room free after a placement, or the temp folder is used
-SHM_MARGIN = 64 * 1024 ** 2
 #: arrays at least this big are remapped in place (glibc always gives them their own
 #: mmap, so the pages around them belong to no other object)
 REMAP_MIN_BYTES = 32 * 1024 ** 2
 REMAP_CHUNK = 64 * 1024 ** 2
 _counter = itertools.count()
 _open_placers: weakref.WeakSet = weakref.WeakSet()
-
-
-def track(path: str, register: bool) -> None:
-    """(Un)register a /dev/shm file with multiprocessing's resource tracker."""
-    if os.path.dirname(path) != SHM_DIR:
-        return
-    from multiprocessing import resource_tracker
-
-    name = "/" + os.path.basename(path)
-    try:
-        if register:
-            resource_tracker.register(name, "shared_memory")
-        else:
-            resource_tracker.unregister(name, "shared_memory")
-    except Exception:  # the tracker is a safety net, never a reason to fail a call
-        pass
 
 
 def unlink(path: str) -> None:
@@ -228,16 +210,6 @@ def choose_folder(temp_folder: str | None, nbytes: int) -> str:
     os.makedirs(base, exist_ok=True)
     _sweep_stale_folders(base)
     return tempfile.mkdtemp(prefix=f"parmap_{os.getpid()}_", dir=base)
-
-
-def shm_has_room(nbytes: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False  # elsewhere POSIX shared memory is not a folder of files
-    try:
-        stat = os.statvfs(SHM_DIR)
-    except OSError:
-        return False
-    return stat.f_bavail * stat.f_frsize >= nbytes + SHM_MARGIN
 
 
 def _sweep_stale_folders(base: str) -> None:
