@@ -158,6 +158,13 @@ def parmap_keys(client) -> list:
         lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("parmap")])
 
 
+def key_states(client, prefix: str) -> dict:
+    """The scheduler's state of each task whose key starts with ``prefix``, and who wants it."""
+    return client.run_on_scheduler(lambda dask_scheduler, prefix=prefix: {
+        str(k): (ts.state, sorted(c.client_key for c in ts.who_wants))
+        for k, ts in dask_scheduler.tasks.items() if str(k).startswith(prefix)})
+
+
 def square(x):
     return x * x
 
@@ -504,7 +511,10 @@ def test_timeout_raises_task_timeout_error(client):
         assert time.monotonic() - t0 < 5
     finally:
         release.set()  # Dask cannot stop the task: let it end
-    assert wait_until(lambda: not parmap_keys(client))
+    # the stuck task ends once it sees the event (20 s at most); then nothing of this call
+    # may stay on the scheduler
+    assert wait_until(lambda: not key_states(client, "parmap-stuck-"), timeout=30), \
+        key_states(client, "parmap-stuck-")
 
 
 def test_timeout_not_triggered_by_fast_tasks(client):
