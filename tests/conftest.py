@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
@@ -171,3 +173,13 @@ def count_placements(monkeypatch):
 
     monkeypatch.setattr(shm.ArgumentPlacer, "_place", spy)
     return calls
+
+
+def run_script(code: str, timeout: float) -> str:
+    """Run ``code`` in a fresh interpreter (a process with no thread of pytest's); its
+    standard output, once it exited with 0."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

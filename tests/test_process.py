@@ -20,7 +20,7 @@ from parmap import (Parallel, RemoteTaskError, SerializationError, TaskTimeoutEr
 from parmap.backends.process import ProcessBackend
 from parmap.process.spawn import THREAD_CAP_VARS
 
-from .conftest import child_pids, recording, shm_entries
+from .conftest import child_pids, recording, run_script, shm_entries
 
 
 def identity(x):
@@ -353,9 +353,6 @@ print(out, flush=True)
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path, method):
-    import subprocess
-    import sys
-
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -384,8 +381,6 @@ def test_batches_travel_compactly_and_errors_still_name_the_task():
 def test_functions_of_main_travel_by_value(tmp_path):
     """Plain pickle is used for importable functions; __main__ ones go by value."""
     import pickle
-    import subprocess
-    import sys
 
     from parmap._delayed import Batch
     from parmap.process.protocol import encode_request
@@ -430,16 +425,6 @@ def test_a_crash_in_one_call_leaves_a_concurrent_call_whole():
 def sleep_then_identity(x):
     time.sleep(0.005)
     return x
-
-
-def run_script(code: str, timeout: float) -> str:
-    """Run ``code`` in a fresh interpreter (a process with no thread of pytest's); its
-    standard output, once it exited with 0."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
 
 
 OPENMP_THEN_FORK = """

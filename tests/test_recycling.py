@@ -3,6 +3,7 @@ state and ids, the finalizer, and how a SIGKILLed worker is reported."""
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import parmap
 from parmap import Parallel, WorkerCrashedError, delayed, parallel_config
 from parmap._batching import fit_to_limit
 
-from .conftest import child_pids
+from .conftest import child_pids, run_script
 
 
 def counted(i, marks):
@@ -239,3 +240,35 @@ def test_a_sigkilled_worker_is_reported_as_a_likely_oom_kill_with_its_last_rss()
     assert rss and float(rss.group(1)) >= 120, message
     assert "max_memory_per_child" in message
     assert info.value.exitcode == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------------- start cost
+
+RECYCLED_WORKERS_FIND_CLOUDPICKLE = """
+import os, sys, tempfile, threading
+from parmap import Parallel, delayed
+
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()  # as in a notebook: forkserver
+folder = tempfile.mkdtemp()
+with open(os.path.join(folder, "probe.py"), "w") as f:  # a function sent by reference
+    f.write("import os, sys\\ndef probe(i):\\n    return 'cloudpickle' in sys.modules, os.getpid()\\n")
+sys.path.insert(0, folder)
+from probe import probe
+
+seen = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=2)(delayed(probe)(i) for i in range(8))
+print(all(loaded for loaded, _ in seen), len({pid for _, pid in seen}))
+stop.set()
+"""
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
+                    reason="needs forkserver")
+@pytest.mark.timeout(60)
+def test_recycled_workers_come_with_cloudpickle_imported():
+    # a replacement must not import cloudpickle itself (~25 ms each): the forkserver of a
+    # recycling pool preloads it. The probe travels by reference, so nothing else would
+    # import cloudpickle in the worker before it runs.
+    loaded, workers = run_script(RECYCLED_WORKERS_FIND_CLOUDPICKLE, timeout=50).split()
+    assert loaded == "True"
+    assert int(workers) >= 4  # workers were replaced

@@ -3,7 +3,12 @@
 The death signal (``prctl(PR_SET_PDEATHSIG)``) kills a worker the moment its parent
 dies, even mid-task; it is not inherited across fork and is not sent if the parent died
 before it was set, so the worker checks its parent right after setting it. Elsewhere
-(and as a backstop) a daemon thread polls the parent every ``PARENT_POLL`` seconds.
+a daemon thread polls the parent every ``PARENT_POLL`` seconds.
+
+With the signal set, no thread is started (its start is ~1 ms of every worker's start, which
+recycling pays again and again). A forkserver's child gets the signal when the forkserver
+exits, and the forkserver exits when the process that owns the pool dies (it watches a pipe
+whose write end that process holds). An idle worker also leaves when its task pipe reaches EOF.
 """
 from __future__ import annotations
 
@@ -36,18 +41,21 @@ def die_with_parent(parent_pid: int) -> None:
     ``parent_pid`` is the process that owns the pool. Our direct parent is either that
     process (fork) or the forkserver, which exits as soon as the owner is gone.
     """
+    signalled = False
     if sys.platform.startswith("linux"):
         try:
             import ctypes  # stdlib, but ~2 ms: only where the death signal exists
 
             libc = ctypes.CDLL(None, use_errno=True)
             pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+            signalled = libc.prctl(pr_set_pdeathsig, signal.SIGKILL) == 0
         except Exception:
             pass
     direct_parent = os.getppid()  # read after prctl: a parent that died before is seen
     if not pid_alive(parent_pid) or (direct_parent == 1 != parent_pid):
         os._exit(1)
+    if signalled:  # the signal comes when our direct parent dies: no thread to start
+        return
     threading.Thread(target=_watch_parent, args=(parent_pid, direct_parent), daemon=True,
                      name="parmap-parent-watch").start()
 

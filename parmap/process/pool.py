@@ -66,6 +66,12 @@ class PoolOptions(NamedTuple):
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None  # bytes of RSS
 
+    @property
+    def warm_cloudpickle(self) -> bool:
+        """Whether the forkserver should import cloudpickle for these workers: they come
+        again and again (recycling), or unpickle an initializer (see ``spawn.prestart``)."""
+        return bool(self.max_tasks_per_child or self.max_memory_per_child or self.initializer)
+
 
 class _Worker(WorkerSlot):
     """A worker process and its two pipe ends, as the pool holds it."""
@@ -132,7 +138,7 @@ class WorkerPool:
         options = self.options
         process, task_w, result_r, status = start_worker(
             options.start_method, self.size, options.inner_max_num_threads,
-            options.initializer, inherited, wid, options.finalizer)
+            options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle)
         return _Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:
@@ -184,7 +190,7 @@ class WorkerPool:
     def prestart(self) -> None:
         """Before the first batch: start what the workers will come from (a forkserver)."""
         if self._manager is None and not self.closed:
-            prestart(self.options.start_method)
+            prestart(self.options.start_method, self.options.warm_cloudpickle)
 
     def will_fork(self) -> bool:
         """The workers are not started yet and will be forked from this thread."""

@@ -119,26 +119,36 @@ def exit_description(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def _preload() -> list[str]:
+def _preload(cloudpickle: bool = False) -> list[str]:
     """What the forkserver imports once for all its children: the worker module, the
-    two multiprocessing modules every child needs (12 -> 5 ms of a child's start), and
-    numpy when the caller uses it (its arrays, arguments or results, need it in every
-    worker: ~0.1 s per worker otherwise, paid after the worker starts)."""
+    two multiprocessing modules every child needs (12 -> 5 ms of a child's start), numpy
+    when the caller uses it (its arrays, arguments or results, need it in every worker:
+    ~0.1 s per worker otherwise, paid after the worker starts), and cloudpickle when
+    asked (see :func:`prestart`)."""
     return ["parmap.process.worker", "multiprocessing.sharedctypes",
-            "multiprocessing.popen_forkserver"] + (["numpy"] if "numpy" in sys.modules else [])
+            "multiprocessing.popen_forkserver"] + (
+        ["numpy"] if "numpy" in sys.modules else []) + (["cloudpickle"] if cloudpickle else [])
 
 
-def prestart(start_method: str | None) -> None:
+def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     """Start the forkserver now if the workers will come from it, without waiting for it.
 
     It takes a fresh interpreter and the preload (100-200 ms); started when a call
     configures its pool rather than when its first batch is ready, that start-up overlaps
     the caller's own work (reading and pickling tasks, copying large arrays into shared
     memory). ``forkserver.ensure_running`` only launches the process and returns.
+
+    ``cloudpickle``: the server imports cloudpickle too, for pools whose workers come
+    again and again (recycling) or unpickle an initializer. Functions from a script or a
+    notebook, lambdas and closures arrive by value, and unpickling them imports
+    cloudpickle: ~25 ms of CPU in each new worker, which on 10k tasks recycled every 100
+    was most of recycling's cost. Other pools leave it out: their workers start once,
+    and importable functions never need it (the server would start ~25 ms later).
+    Whichever pool starts the server decides, for the life of the process.
     """
     if choose_start_method(start_method) != "forkserver":
         return
-    mp.get_context("forkserver").set_forkserver_preload(_preload())
+    mp.get_context("forkserver").set_forkserver_preload(_preload(cloudpickle))
     from multiprocessing import forkserver
 
     _spawning.active = True  # the server must not import __main__ either
@@ -150,13 +160,14 @@ def prestart(start_method: str | None) -> None:
 
 def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
                  initializer: bytes | None, inherited: list[Connection], wid: int = 0,
-                 finalizer: bytes | None = None
+                 finalizer: bytes | None = None, cloudpickle: bool = False
                  ) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
     siblings' and the pool's): a worker holds only its own. ``wid`` is the worker's id
-    (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops.
+    (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops;
+    ``cloudpickle`` as for :func:`prestart`.
     """
     caps = str(inner_max_num_threads or max(cpu_count() // pool_size, 1))
     # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
@@ -166,7 +177,7 @@ def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads
     method = choose_start_method(start_method, 1 if one_thread else None)
     ctx: Any = mp.get_context(method)  # a context of any start method
     if method == "forkserver":
-        ctx.set_forkserver_preload(_preload())
+        ctx.set_forkserver_preload(_preload(cloudpickle))
     elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
         # workers must share our resource tracker to send arrays through /dev/shm
         from multiprocessing import resource_tracker

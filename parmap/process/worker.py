@@ -78,7 +78,9 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     if whole:  # the caller's whole environment now, not the forkserver's at its start
         for key in set(os.environ) - set(env):
             del os.environ[key]
-    os.environ.update(env)  # thread caps: the caller's values already resolved in them
+    for key, value in env.items():  # thread caps: the caller's values already in them
+        if os.environ.get(key) != value:  # each write is a putenv: only what differs
+            os.environ[key] = value
     if cap_openmp:
         _cap_gnu_openmp()
     enter_process(wid)  # parmap.worker_state() / worker_id(), before the initializer
