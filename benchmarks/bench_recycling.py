@@ -1,6 +1,6 @@
 """What worker recycling costs: 10,000 tasks of ~1 ms, recycling every 100 tasks vs none.
 
-Usage: python benchmarks/bench_recycling.py [--reps 3] [--n 10000] [--every 100]
+Usage: python benchmarks/bench_recycling.py [--reps 7] [--n 10000] [--every 100]
 
 One interpreter runs both modes, interleaved (rep 1 of each, then rep 2, ...), on
 ``Parallel(n_jobs=2)`` with the process backend: ``none`` (no recycling) and
@@ -8,9 +8,13 @@ One interpreter runs both modes, interleaved (rep 1 of each, then rep 2, ...), o
 The task is ``benchmarks.tasks.spin``, pure-Python CPU work calibrated to ~1 ms here.
 Before timing, each mode runs once untimed (its pool starts; for recycling, the
 forkserver that starts replacement workers once the caller has threads, a one-time cost
-per process, is started too). Reported: the median wall time of each mode, and the
-overhead of recycling in percent (target: < 10 %). Results also go to
-benchmarks/results/recycling.json.
+per process, is started too). The runs come in pairs, one of each mode, in alternating
+order. Reported: the overhead of recycling in percent (target: < 10 %) as the median of
+the pairs' ratios (the speed of a shared machine drifts by tens of percent within a
+minute; within a pair, less); and as other views, the ratio of the modes' median and
+best (minimum) times, and, on Linux, of the CPU time the whole machine spent per run
+(from /proc/stat: the caller, the workers, the forkserver and the exits). Results also
+go to benchmarks/results/recycling.json.
 """
 from __future__ import annotations
 
@@ -39,18 +43,30 @@ def calibrate(seconds: float = 0.001) -> int:
         loops *= 2
 
 
-def run(n: int, loops: int, every: int | None) -> float:
+def machine_cpu() -> float:
+    """Seconds of CPU time the whole machine has spent (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def run(n: int, loops: int, every: int | None) -> tuple[float, float]:
+    """(wall seconds, machine CPU seconds) of one call."""
     options = {} if every is None else {"max_tasks_per_child": every}
-    t0 = time.perf_counter()
+    c0, t0 = machine_cpu(), time.perf_counter()
     results = Parallel(n_jobs=2, **options)(delayed(spin)(loops) for _ in range(n))
-    took = time.perf_counter() - t0
+    took, cpu = time.perf_counter() - t0, machine_cpu() - c0
     assert len(results) == n
-    return took
+    return took, cpu
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=100)
     args = parser.parse_args()
@@ -59,23 +75,37 @@ def main() -> int:
     for every in modes.values():  # warm up: pools, forkserver, imports
         run(min(args.n, 20 * args.every), loops, every)
     times: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(args.reps):
-        for mode, every in modes.items():
-            times[mode].append(run(args.n, loops, every))
+    cpus: dict[str, list[float]] = {mode: [] for mode in modes}
+    for rep in range(args.reps):  # pairs, in alternating order: drift cancels out
+        for mode in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
+            took, cpu = run(args.n, loops, modes[mode])
+            times[mode].append(took)
+            cpus[mode].append(cpu)
+    paired = statistics.median(
+        100 * (r / n - 1) for r, n in zip(times["recycling"], times["none"]))
     medians = {mode: statistics.median(ts) for mode, ts in times.items()}
+    cpu_medians = {mode: statistics.median(cs) for mode, cs in cpus.items()}
     overhead = 100 * (medians["recycling"] / medians["none"] - 1)
+    best = 100 * (min(times["recycling"]) / min(times["none"]) - 1)
+    cpu_overhead = 100 * (cpu_medians["recycling"] / cpu_medians["none"] - 1) \
+        if cpu_medians["none"] else float("nan")
     print(f"{args.n} tasks of ~1 ms ({loops} loops of spin), n_jobs=2, median of "
           f"{args.reps}:")
     for mode, ts in times.items():
-        print(f"  {mode:10} {medians[mode]:7.3f} s   (runs: "
-              f"{', '.join(f'{t:.3f}' for t in ts)})")
+        print(f"  {mode:10} {medians[mode]:7.3f} s   best {min(ts):.3f} s   machine CPU "
+              f"{cpu_medians[mode]:.2f} s   (runs: {', '.join(f'{t:.3f}' for t in ts)})")
     print(f"  recycling every {args.every} tasks ({args.n // args.every} replacements): "
-          f"{overhead:+.1f} % (target < 10 %)")
+          f"{paired:+.1f} % (median of the {args.reps} pairs' ratios; target < 10 %)")
+    print(f"  other views: medians {overhead:+.1f} %, best runs {best:+.1f} %, machine CPU "
+          f"{cpu_overhead:+.1f} %")
     out = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "recycling.json"), "w") as f:
         json.dump({"n": args.n, "every": args.every, "loops": loops, "times": times,
-                   "medians": medians, "overhead_percent": overhead}, f, indent=1)
+                   "machine_cpu": cpus, "medians": medians, "paired_overhead_percent": paired,
+                   "overhead_percent": overhead,
+                   "best_overhead_percent": best, "cpu_overhead_percent": cpu_overhead},
+                  f, indent=1)
     return 0
 
 

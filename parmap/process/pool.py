@@ -45,6 +45,7 @@ from multiprocessing.process import BaseProcess
 from time import monotonic
 from typing import Any, Callable, NamedTuple
 
+from .._cpu import cpu_count
 from . import protocol, shm_results
 from .manager import STOP_GRACE, Manager
 from .launcher import Launcher
@@ -100,6 +101,7 @@ class WorkerPool:
         self.workers: list[_Worker] = []
         self.scheduler = Scheduler()
         self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
+        self.cpus = cpu_count()  # once: the thread caps of every worker it starts
         self._launcher: Launcher | None = None  # started with the first retirement
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
         self.last_active = monotonic()
@@ -138,7 +140,8 @@ class WorkerPool:
         options = self.options
         process, task_w, result_r, status = start_worker(
             options.start_method, self.size, options.inner_max_num_threads,
-            options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle)
+            options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle,
+            self.cpus)
         return _Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:
