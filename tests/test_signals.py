@@ -30,10 +30,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path):
+def _start(tmp_path, start_method: str = "auto"):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "PARMAP_START_METHOD": start_method}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             text=True, env=env)
     line = proc.stdout.readline()
@@ -76,8 +77,11 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
-def test_workers_exit_when_parent_is_killed(tmp_path):
-    proc, workers = _start(tmp_path)
+@pytest.mark.parametrize("start_method", ["auto", "forkserver"])
+def test_workers_exit_when_parent_is_killed(tmp_path, start_method):
+    # forked workers get the death signal from the caller; a forkserver's children from
+    # the forkserver, which exits when the caller is gone
+    proc, workers = _start(tmp_path, start_method)
     time.sleep(0.3)  # workers are in the middle of 60 s tasks
     proc.kill()
     proc.communicate()
