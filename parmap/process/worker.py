@@ -90,9 +90,12 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     global _shm_results, _ready_since
     _ready_since = time.time()
     if sys.platform.startswith("linux"):
-        from multiprocessing import resource_tracker
-
-        _shm_results = getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+        # a tracker we share is one the parent started before forking us, or the one the
+        # forkserver hands its children: either way its module is imported here already
+        # (importing it now would only make a tracker of our own, at ~7 ms a worker)
+        tracker_module = sys.modules.get("multiprocessing.resource_tracker")
+        tracker = getattr(tracker_module, "_resource_tracker", None)
+        _shm_results = getattr(tracker, "_fd", None) is not None
     try:
         _serve(task_conn, result_conn, status, init_error, parent_pid, rss)
     except (EOFError, OSError):
