@@ -175,7 +175,7 @@ def compact(tasks: list) -> tuple[Callable[..., Any] | None, list]:
     fast loop of :meth:`Batch.__call__` runs it.
     """
     func = tasks[0][0]
-    args = [a for f, a, k in tasks if f is func and not k]
+    args = [a for f, a, k in tasks if f is func and type(k) is dict and not k]
     if len(args) == len(tasks):
         return func, args
     return None, tasks

@@ -103,10 +103,13 @@ def nested_settings(backend: ParallelBackendBase) -> Mapping[str, object] | None
 def _checked_compact(tasks: list, start: int) -> tuple[Callable[..., Any] | None, list]:
     """``tasks`` (the first of them has index ``start``) in compact form, when the usual
     ``delayed(f)(x)`` (the batch's fast loop); an item that is not a task is named."""
-    if set(map(type, tasks)) != {tuple} or set(map(len, tasks)) != {3}:
-        for offset, task in enumerate(tasks):
-            check_task(task, start + offset)
-    return compact(tasks)
+    if set(map(type, tasks)) == {tuple} and set(map(len, tasks)) == {3}:
+        func, compacted = compact(tasks)
+        if func is not None:
+            return func, compacted
+    for offset, task in enumerate(tasks):  # the general form: each must be a task
+        check_task(task, start + offset)
+    return None, tasks
 
 
 class Dispatcher:

@@ -53,7 +53,7 @@ class LockedIterator:
         for task in islice(it, n - 1):
             if type(task) is tup and len(task) == 3:  # a str of 3 would unpack too
                 f, a, k = task  # one unpacking: ~30 % faster than three subscripts
-                if f is func and not k and type(a) is tup and type(k) is dct:
+                if f is func and type(a) is tup and type(k) is dct and not k:
                     append(a)
                     continue
             # another function, keywords, or not a task: the general form

@@ -226,7 +226,14 @@ def test_batches_read_one_task_at_a_time_keep_every_kind_of_task(position):
         assert got == expected
 
 
-@pytest.mark.parametrize("bad", [abs, "abc", (double, 1)])
+class _NoTruth:
+    """Like a numpy array of several items: asking for its truth value raises."""
+
+    def __bool__(self):
+        raise ValueError("the truth value is ambiguous")
+
+
+@pytest.mark.parametrize("bad", [abs, "abc", (double, 1), (double, (1,), _NoTruth())])
 def test_an_item_that_is_not_a_task_after_the_first_batch_is_named(bad):
     items = [delayed(double)(i) for i in range(30)]
     items[20] = bad
