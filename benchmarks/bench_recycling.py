@@ -88,7 +88,7 @@ def main() -> int:
     overhead = 100 * (medians["recycling"] / medians["none"] - 1)
     best = 100 * (min(times["recycling"]) / min(times["none"]) - 1)
     cpu_overhead = 100 * (cpu_medians["recycling"] / cpu_medians["none"] - 1) \
-        if cpu_medians["none"] else float("nan")
+        if cpu_medians["none"] else None  # no /proc/stat
     print(f"{args.n} tasks of ~1 ms ({loops} loops of spin), n_jobs=2, median of "
           f"{args.reps}:")
     for mode, ts in times.items():
@@ -96,8 +96,9 @@ def main() -> int:
               f"{cpu_medians[mode]:.2f} s   (runs: {', '.join(f'{t:.3f}' for t in ts)})")
     print(f"  recycling every {args.every} tasks ({args.n // args.every} replacements): "
           f"{paired:+.1f} % (median of the {args.reps} pairs' ratios; target < 10 %)")
+    cpu_text = "unknown" if cpu_overhead is None else f"{cpu_overhead:+.1f} %"
     print(f"  other views: medians {overhead:+.1f} %, best runs {best:+.1f} %, machine CPU "
-          f"{cpu_overhead:+.1f} %")
+          f"{cpu_text}")
     out = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "recycling.json"), "w") as f:

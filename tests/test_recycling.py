@@ -245,20 +245,19 @@ def test_a_sigkilled_worker_is_reported_as_a_likely_oom_kill_with_its_last_rss()
 # ---------------------------------------------------------------------- start cost
 
 RECYCLED_WORKERS_FIND_CLOUDPICKLE = """
-import os, sys, tempfile, threading
+import os, sys, tempfile
 from parmap import Parallel, delayed
 
-stop = threading.Event()
-threading.Thread(target=stop.wait, daemon=True).start()  # as in a notebook: forkserver
-folder = tempfile.mkdtemp()
-with open(os.path.join(folder, "probe.py"), "w") as f:  # a function sent by reference
-    f.write("import os, sys\\ndef probe(i):\\n    return 'cloudpickle' in sys.modules, os.getpid()\\n")
-sys.path.insert(0, folder)
-from probe import probe
+with tempfile.TemporaryDirectory() as folder:
+    with open(os.path.join(folder, "probe.py"), "w") as f:  # a function sent by reference
+        f.write("import os, sys\\ndef probe(i):\\n"
+                "    return 'cloudpickle' in sys.modules, os.getpid()\\n")
+    sys.path.insert(0, folder)
+    from probe import probe
 
-seen = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=2)(delayed(probe)(i) for i in range(8))
+    seen = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=2, start_method="forkserver")(
+        delayed(probe)(i) for i in range(8))
 print(all(loaded for loaded, _ in seen), len({pid for _, pid in seen}))
-stop.set()
 """
 
 

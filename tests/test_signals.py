@@ -79,10 +79,20 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 @pytest.mark.parametrize("start_method", ["auto", "forkserver"])
 def test_workers_exit_when_parent_is_killed(tmp_path, start_method):
-    # forked workers get the death signal from the caller; a forkserver's children from
-    # the forkserver, which exits when the caller is gone
+    # forked workers get the death signal from the caller; a forkserver's children watch
+    # it (the forkserver outlives it while they live). The caller is checked before it is
+    # reaped: a killed process stays a zombie until then, and must count as dead.
     proc, workers = _start(tmp_path, start_method)
-    time.sleep(0.3)  # workers are in the middle of 60 s tasks
-    proc.kill()
-    proc.communicate()
-    assert _wait_gone(workers, 5.0) == []
+    try:
+        time.sleep(0.3)  # workers are in the middle of 60 s tasks
+        proc.kill()
+        left = _wait_gone(workers, 5.0)  # not reaped yet: the caller is a zombie
+    finally:
+        for pid in workers:  # survivors would hold its stdout and outlive the test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert left == []

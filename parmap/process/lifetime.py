@@ -30,20 +30,43 @@ def pid_alive(pid: int) -> bool:
 
     A killed process stays a zombie until its own parent reaps it, and a zombie can
     still be signalled: on Linux its state in /proc tells it apart (a forkserver's
-    children would otherwise outlive a killed owner until someone reaped it)."""
+    children would otherwise outlive a killed owner until someone reaped it). /proc is
+    read only when it is this process's own (not another PID namespace's), and a pid it
+    does not show (hidden, or gone meanwhile) is asked about again with a signal."""
+    if not _signals_pid(pid):
+        return False
+    if not _own_proc():
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except FileNotFoundError:  # gone meanwhile, or hidden from us (hidepid)
+        return _signals_pid(pid)
+    except (OSError, IndexError):  # unreadable: the signal's answer stands
+        return True
+
+
+def _signals_pid(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # exists, but not ours to signal
         pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except FileNotFoundError:  # gone meanwhile (or no /proc entry for it)
-        return not os.path.isdir("/proc/self")
-    except (OSError, IndexError):  # /proc unreadable: kill's answer stands
-        return True
+    return True
+
+
+_proc_is_ours: list[bool] = []  # computed once; the same for forked children
+
+
+def _own_proc() -> bool:
+    """Whether /proc shows this process's PID namespace."""
+    if not _proc_is_ours:
+        try:
+            _proc_is_ours.append(os.readlink("/proc/self") == str(os.getpid()))
+        except OSError:
+            _proc_is_ours.append(False)
+    return _proc_is_ours[0]
 
 
 def die_with_parent(parent_pid: int) -> None:

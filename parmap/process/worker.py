@@ -92,7 +92,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     if sys.platform.startswith("linux"):
         # a tracker we share is one the parent started before forking us, or the one the
         # forkserver hands its children: either way its module is imported here already
-        # (importing it now would only make a tracker of our own, at ~7 ms a worker)
+        # (importing it now would only build an idle tracker object, at ~7 ms a worker)
         tracker_module = sys.modules.get("multiprocessing.resource_tracker")
         tracker = getattr(tracker_module, "_resource_tracker", None)
         _shm_results = getattr(tracker, "_fd", None) is not None
