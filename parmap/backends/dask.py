@@ -28,9 +28,6 @@ from uuid import uuid4
 
 try:
     import distributed
-
-    from ._dask_support import (ArgumentScatter, dask_error, drop_frames, find_unpicklable,
-                                first_line, span, with_note)
 except ImportError as _exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(
         "backend='dask' needs the dask and distributed packages, which are not installed: "
@@ -41,6 +38,8 @@ from .._delayed import compact
 from .._errors import (CapturedError, PoolError, SerializationError, WorkerCrashedError,
                        timeout_error)
 from ._base import CallOptions, ParallelBackendBase
+from ._dask_support import (ArgumentScatter, dask_error, drop_frames, find_unpicklable,
+                            first_line, span, with_note)
 from ._dask_worker import rejoin, run_batch, secede_if_in_task
 
 __all__ = ["DaskBackend"]

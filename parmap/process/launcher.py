@@ -6,13 +6,10 @@ which replacements use: the caller has threads by then).
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
-from .manager import STOP_GRACE
+from .manager import STOP_GRACE, PoolView
+from .scheduler import Worker
 from .spawn import choose_start_method
-
-if TYPE_CHECKING:  # for annotations only: the pool imports this module
-    from .pool import WorkerPool, _Worker
 
 __all__ = ["Launcher"]
 
@@ -27,7 +24,7 @@ class Launcher(threading.Thread):
     siblings' pipe ends, which must not change meanwhile); otherwise outside it.
     """
 
-    def __init__(self, pool: WorkerPool):
+    def __init__(self, pool: PoolView):
         super().__init__(name="parmap-pool-launcher", daemon=True)
         self.pool = pool
         self.due = threading.Condition(pool.lock)  # notified on retirement and close
@@ -45,7 +42,7 @@ class Launcher(threading.Thread):
         pool = self.pool
         forking = choose_start_method(pool.options.start_method) == "fork"
         while True:
-            started: list[_Worker] = []
+            started: list[Worker] = []
             with pool.lock:
                 self.due.wait_for(lambda: bool(pool.recycler.replacing) or pool.closed)
                 if pool.closed:
@@ -74,7 +71,7 @@ class Launcher(threading.Thread):
             pool.wake()  # the manager must wait on the new workers too
 
 
-def _discard(worker: _Worker) -> None:
+def _discard(worker: Worker) -> None:
     worker.process.kill()
     worker.process.join(timeout=STOP_GRACE)
     worker.task_conn.close()

@@ -19,20 +19,18 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 from .._errors import PoolError, WorkerCrashedError, timeout_error
 from . import protocol, shm_results
-from .recycling import RSS, format_bytes
-from .scheduler import PoolJob, Scheduler
+from .options import PoolOptions
+from .recycling import RSS, Recycler, format_bytes
+from .scheduler import PoolJob, Scheduler, Worker
 from .spawn import exit_description
 
-if TYPE_CHECKING:  # for annotations only: the pool imports this module
-    from .pool import WorkerPool, _Worker
-
-__all__ = ["Manager", "STOP_GRACE", "DEADLINE_POLL"]
+__all__ = ["Manager", "PoolView", "STOP_GRACE", "DEADLINE_POLL"]
 
 #: seconds a worker gets to exit after a polite stop before it is killed
 STOP_GRACE = 1.0
@@ -44,8 +42,40 @@ DEADLINE_POLL = 0.05
 _Finished = list[tuple[PoolJob | None, Any]]
 
 
+class PoolView(Protocol):
+    """What the manager and launcher threads use of their ``pool.WorkerPool`` (which
+    imports both modules: they name it through this protocol, not by import)."""
+
+    lock: threading.Lock
+    closed: bool
+    private: bool
+    active_calls: int
+    last_active: float
+    rounds: int
+    round_done: threading.Condition
+    options: PoolOptions
+    recycler: Recycler
+    scheduler: Scheduler
+    workers: list[Worker]
+    wake_r: Connection
+    wake_w: Connection
+    on_close: Callable[[Any], None] | None
+
+    def assign_pending(self) -> None: ...
+
+    def launch(self, wid: int) -> Worker: ...
+
+    def retire(self, worker: Worker) -> None: ...
+
+    def kill(self, worker: Worker) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def close_locked(self) -> None: ...
+
+
 class Manager(threading.Thread):
-    def __init__(self, pool: WorkerPool):
+    def __init__(self, pool: PoolView):
         super().__init__(name="parmap-pool-manager", daemon=True)
         self.pool = pool
 
@@ -113,7 +143,7 @@ class Manager(threading.Thread):
             return max(0.0, pool.last_active + pool.options.idle_timeout - monotonic())
         return None
 
-    def _collect(self, worker: _Worker, finished: _Finished) -> None:
+    def _collect(self, worker: Worker, finished: _Finished) -> None:
         try:
             data = worker.result_conn.recv_bytes()
         except (EOFError, OSError):
@@ -130,7 +160,7 @@ class Manager(threading.Thread):
         else:  # a cancelled batch: only its shared-memory files need handling
             finished.append((None, data))
 
-    def _reap(self, worker: _Worker, finished: _Finished) -> None:
+    def _reap(self, worker: Worker, finished: _Finished) -> None:
         pool = self.pool
         if worker.jobs and not worker.result_conn.closed:
             try:  # a result sent just before the worker died still counts
@@ -188,7 +218,7 @@ class Manager(threading.Thread):
                 pass
 
 
-def _crash_error(worker: _Worker, job: PoolJob) -> WorkerCrashedError:
+def _crash_error(worker: Worker, job: PoolJob) -> WorkerCrashedError:
     code = worker.process.exitcode
     rss = worker.status[RSS]
     memory = f"; its memory use (RSS) when it last reported, after its previous batch, " \

@@ -40,52 +40,20 @@ import multiprocessing as mp
 import os
 import sys
 import threading
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait
 from time import monotonic
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 from .._cpu import cpu_count
 from . import protocol, shm_results
 from .manager import STOP_GRACE, Manager
 from .launcher import Launcher
+from .options import PoolOptions
 from .recycling import Recycler
-from .scheduler import PoolJob, Scheduler, WorkerSlot
+from .scheduler import PoolJob, Scheduler, Worker
 from .spawn import choose_start_method, prestart, start_worker
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
-
-
-class PoolOptions(NamedTuple):
-    """What makes two pools interchangeable (n_jobs is not: a pool resizes)."""
-
-    start_method: str | None = None
-    initializer: bytes | None = None  # cloudpickle of (initializer, initargs)
-    inner_max_num_threads: int | None = None
-    idle_timeout: float = 300.0
-    finalizer: bytes | None = None  # pickle (or cloudpickle) of the finalizer
-    max_tasks_per_child: int | None = None
-    max_memory_per_child: int | None = None  # bytes of RSS
-
-    @property
-    def warm_cloudpickle(self) -> bool:
-        """Whether the forkserver should import cloudpickle for these workers: they come
-        again and again (recycling), or unpickle an initializer (see ``spawn.prestart``)."""
-        return bool(self.max_tasks_per_child or self.max_memory_per_child or self.initializer)
-
-
-class _Worker(WorkerSlot):
-    """A worker process and its two pipe ends, as the pool holds it."""
-
-    __slots__ = ("process", "task_conn", "result_conn", "wid")
-
-    def __init__(self, process: BaseProcess, task_conn: Connection, result_conn: Connection,
-                 status: Any, wid: int, budget: float):
-        super().__init__(status, budget)
-        self.process = process
-        self.task_conn = task_conn
-        self.result_conn = result_conn
-        self.wid = wid  # parmap.worker_id() in the worker
 
 
 class WorkerPool:
@@ -98,7 +66,7 @@ class WorkerPool:
         self.closed = False
         self.active_calls = 0
         self.lock = threading.Lock()
-        self.workers: list[_Worker] = []
+        self.workers: list[Worker] = []
         self.scheduler = Scheduler()
         self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
         self.cpus = cpu_count()  # once: the thread caps of every worker it starts
@@ -126,13 +94,13 @@ class WorkerPool:
         self._manager.start()
 
     # ------------------------------------------------------------------ workers
-    def spawn(self, wid: int | None = None) -> _Worker:
+    def spawn(self, wid: int | None = None) -> Worker:
         """Start one worker (with the lowest free id by default). Lock held."""
         worker = self.launch(self._free_id() if wid is None else wid)
         self.workers.append(worker)
         return worker
 
-    def launch(self, wid: int) -> _Worker:
+    def launch(self, wid: int) -> Worker:
         """Start a worker process; the caller adds it to ``workers`` (lock held then).
         Without the lock only when no fork is involved (nothing to inherit)."""
         inherited = [self.wake_r, self.wake_w] + [
@@ -142,13 +110,13 @@ class WorkerPool:
             options.start_method, self.size, options.inner_max_num_threads,
             options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle,
             self.cpus)
-        return _Worker(process, task_w, result_r, status, wid, self.recycler.budget)
+        return Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:
         taken = {w.wid for w in self.workers if not w.dead} | set(self.recycler.replacing)
         return next(i for i in range(len(taken) + 1) if i not in taken)
 
-    def retire(self, worker: _Worker) -> None:
+    def retire(self, worker: Worker) -> None:
         """Recycle ``worker``: it stops after the jobs it holds, and the launcher thread
         starts its replacement now (see ``recycling``). Lock held."""
         self.stop(worker)
@@ -159,14 +127,14 @@ class WorkerPool:
                 self._launcher.start()
             self._launcher.due.notify()
 
-    def kill(self, worker: _Worker) -> None:
+    def kill(self, worker: Worker) -> None:
         worker.dead = True
         try:
             worker.process.kill()
         except Exception:  # already gone
             pass
 
-    def stop(self, worker: _Worker) -> None:
+    def stop(self, worker: Worker) -> None:
         """Ask an idle worker to exit; the manager reaps it. Lock held."""
         worker.dead = True
         try:

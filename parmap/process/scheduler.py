@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from collections import deque
 from math import inf
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any, Callable, Iterable, Sequence
 
 from .._delayed import Batch
 from .._errors import call_repr
 
-__all__ = ["PoolJob", "WorkerSlot", "Scheduler", "PREFETCH", "PREFETCH_MAX"]
+__all__ = ["PoolJob", "WorkerSlot", "Worker", "Scheduler", "PREFETCH", "PREFETCH_MAX"]
 
 #: jobs a worker may hold: the running one and the next, queued in its pipe
 PREFETCH = 2
@@ -97,6 +99,20 @@ class WorkerSlot:
                 return False
             self.after = None  # done: drop it (a chain of predecessors would pile up)
         return not self.dead
+
+
+class Worker(WorkerSlot):
+    """A worker process and its two pipe ends, as the pool holds it."""
+
+    __slots__ = ("process", "task_conn", "result_conn", "wid")
+
+    def __init__(self, process: BaseProcess, task_conn: Connection, result_conn: Connection,
+                 status: Any, wid: int, budget: float):
+        super().__init__(status, budget)
+        self.process = process
+        self.task_conn = task_conn
+        self.result_conn = result_conn
+        self.wid = wid  # parmap.worker_id() in the worker
 
     def running(self) -> PoolJob | None:
         """The job the worker is running (or about to): the oldest it holds."""
