@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import threading
+import time
 import warnings
 from collections import Counter, defaultdict
 
@@ -168,6 +169,23 @@ def test_finalizer_runs_as_each_worker_exits(tmp_path):
     ran = Counter(pids)
     assert all(ran[int(pid)] == int(n) for pid, _, n in lines)  # saw the worker's state
     assert {wid for _, wid, _ in lines} <= {"0", "1"}
+
+
+def slow_note_exit(path):
+    time.sleep(0.3)  # still in its finalizer when the pool shuts down
+    note_exit(path)
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_lets_retired_workers_finish_their_finalizer(tmp_path):
+    path = str(tmp_path / "exits.txt")
+    pids = Parallel(n_jobs=2, max_tasks_per_child=1, batch_size=1,
+                    finalizer=functools.partial(slow_note_exit, path))(
+        delayed(count_task)(i) for i in range(2))
+    parmap._shutdown_pools()  # both workers are retired and in their finalizers now
+    with open(path) as f:
+        noted = {int(line.split()[0]) for line in f}
+    assert set(pids) <= noted  # none was killed on its way out
 
 
 # ---------------------------------------------------------------------- memory

@@ -255,18 +255,21 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ shutdown
     def close_locked(self) -> None:
-        """Stop idle workers, kill busy ones, forget pending jobs. Lock held."""
+        """Stop idle workers, kill busy ones, forget pending jobs. Lock held.
+
+        A worker already told to stop, with no job left (retired by recycling), is left
+        to exit on its own, running its finalizer; the manager reaps it."""
         self.closed = True
         self.scheduler.clear()
         if self._launcher is not None:
             self._launcher.due.notify()  # it exits
         for worker in self.workers:
-            if not worker.jobs and not worker.dead:
-                self.stop(worker)
-            else:
+            if worker.jobs:
                 for job in worker.jobs:
                     job.cancelled = True
                 self.kill(worker)
+            elif not worker.dead:
+                self.stop(worker)
 
     def shutdown(self, wait_for_workers: bool = True) -> None:
         """Stop every worker (killing busy ones) and the manager thread."""
