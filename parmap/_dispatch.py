@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
-from operator import length_hint
+from operator import itemgetter, length_hint
 from queue import Empty, SimpleQueue
 from time import monotonic, perf_counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
@@ -102,14 +102,17 @@ def nested_settings(backend: ParallelBackendBase) -> Mapping[str, object] | None
 
 def _checked_compact(tasks: list, start: int) -> tuple[Callable[..., Any] | None, list]:
     """``tasks`` (the first of them has index ``start``) in compact form, when the usual
-    ``delayed(f)(x)`` (the batch's fast loop); an item that is not a task is named."""
-    if set(map(type, tasks)) == {tuple} and set(map(len, tasks)) == {3}:
-        func, compacted = compact(tasks)
-        if func is not None:
-            return func, compacted
-    for offset, task in enumerate(tasks):  # the general form: each must be a task
-        check_task(task, start + offset)
-    return None, tasks
+    ``delayed(f)(x)`` (the batch's fast loop); an item that is not a task is named. The
+    shape checks run at C speed; only a batch that fails them is checked task by task."""
+    if not (set(map(type, tasks)) == {tuple} and set(map(len, tasks)) == {3}
+            and set(map(type, map(_ARGS, tasks))) == {tuple}
+            and set(map(type, map(_KWARGS, tasks))) == {dict}):
+        for offset, task in enumerate(tasks):
+            check_task(task, start + offset)
+    return compact(tasks)
+
+
+_ARGS, _KWARGS = itemgetter(1), itemgetter(2)
 
 
 class Dispatcher:
