@@ -107,9 +107,8 @@ class WorkerPool:
             conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
         options = self.options
         process, task_w, result_r, status = start_worker(
-            options.start_method, self.size, options.inner_max_num_threads,
-            options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle,
-            self.cpus)
+            options.start_method, self.size, self.cpus, options.inner_max_num_threads,
+            options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle)
         return Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:

@@ -23,7 +23,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .._cpu import cpu_count
 from . import worker
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
@@ -158,19 +157,19 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
         _spawning.active = False
 
 
-def start_worker(start_method: str | None, pool_size: int, inner_max_num_threads: int | None,
-                 initializer: bytes | None, inherited: list[Connection], wid: int = 0,
-                 finalizer: bytes | None = None, cloudpickle: bool = False,
-                 cpus: int | None = None) -> tuple[BaseProcess, Connection, Connection, Any]:
+def start_worker(start_method: str | None, pool_size: int, cpus: int,
+                 inner_max_num_threads: int | None, initializer: bytes | None,
+                 inherited: list[Connection], wid: int = 0, finalizer: bytes | None = None,
+                 cloudpickle: bool = False) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
     siblings' and the pool's): a worker holds only its own. ``wid`` is the worker's id
     (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops;
-    ``cloudpickle`` as for :func:`prestart`. ``cpus``: the CPU count, when the caller
-    has it (reading the cgroup quota is ~0.7 ms, paid again for every recycled worker).
+    ``cloudpickle`` as for :func:`prestart`. ``cpus``: the CPU count, which the pool
+    reads once (the cgroup quota is ~0.7 ms to read, again for every recycled worker).
     """
-    caps = str(inner_max_num_threads or max((cpus or cpu_count()) // pool_size, 1))
+    caps = str(inner_max_num_threads or max(cpus // pool_size, 1))
     # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
     env = {var: os.environ[var] if var in os.environ and not inner_max_num_threads else caps
            for var in THREAD_CAP_VARS}
