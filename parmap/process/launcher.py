@@ -1,7 +1,9 @@
 """The launcher thread of a pool that recycles its workers: it starts the replacements of
 retired workers (see ``recycling.py``), so that neither a caller submitting work nor the
-manager thread collecting results waits for a process to start (~10 ms with forkserver,
-which replacements use: the caller has threads by then).
+manager thread collecting results waits for a process to start. The caller has threads
+by then, so replacements are not forked from it: they come from the pool's zygote
+(``zygote.py``, started with the first replacement), or where there is none from the
+forkserver or spawn.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import threading
 from .manager import STOP_GRACE, PoolView
 from .scheduler import Worker
 from .spawn import choose_start_method
+from .zygote import Zygote, usable
 
 __all__ = ["Launcher"]
 
@@ -28,6 +31,9 @@ class Launcher(threading.Thread):
         super().__init__(name="parmap-pool-launcher", daemon=True)
         self.pool = pool
         self.due = threading.Condition(pool.lock)  # notified on retirement and close
+        #: forks the replacements (None: not started yet, or not usable here)
+        self.zygote: Zygote | None = None
+        self._try_zygote = usable(pool.options.start_method)
 
     def run(self) -> None:
         try:
@@ -37,6 +43,32 @@ class Launcher(threading.Thread):
                 self.pool.recycler.replacing.clear()
             self.pool.wake()
             raise
+        finally:
+            if self.zygote is not None:
+                self.zygote.close()
+
+    def join_zygote(self, timeout: float) -> None:
+        """After the pool's shutdown: wait for the zygote to exit (it does once its
+        children have)."""
+        if self.zygote is not None:
+            self.zygote.join(timeout)
+
+    def _launch(self, wid: int) -> Worker:
+        """Start a replacement: from the zygote, started now if need be; should it fail
+        (it cannot start, or died), from the forkserver from then on."""
+        if self.zygote is None and self._try_zygote:
+            try:
+                self.zygote = Zygote(self.pool.options.warm_cloudpickle)
+            except Exception:
+                self._try_zygote = False
+        if self.zygote is not None:
+            try:
+                return self.pool.launch(wid, self.zygote)
+            except (OSError, EOFError):
+                self.zygote.close()
+                self._try_zygote = False
+                self.zygote = None
+        return self.pool.launch(wid)
 
     def _loop(self) -> None:
         pool = self.pool
@@ -52,7 +84,7 @@ class Launcher(threading.Thread):
                 if forking:
                     started = [pool.launch(wid) for wid in wids]
             if not forking:
-                started = [pool.launch(wid) for wid in wids]
+                started = [self._launch(wid) for wid in wids]
             with pool.lock:
                 closed = pool.closed
                 for worker in started:

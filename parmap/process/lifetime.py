@@ -18,8 +18,9 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
-__all__ = ["pid_alive", "die_with_parent", "PARENT_POLL"]
+__all__ = ["pid_alive", "die_with_parent", "prepare_children", "PARENT_POLL"]
 
 #: how often a worker checks that its parent is still alive (the portable fallback)
 PARENT_POLL = 0.5
@@ -69,26 +70,51 @@ def _own_proc() -> bool:
     return _proc_is_ours[0]
 
 
-def die_with_parent(parent_pid: int) -> None:
+_libc: list = []  # [prctl or None], looked up once (a zygote does it for its children)
+
+
+def _prctl() -> Any:
+    """libc's ``prctl`` (Linux), or None."""
+    if not _libc:
+        _libc.append(None)
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes  # stdlib, but ~2 ms: only where the death signal exists
+
+                _libc[0] = ctypes.CDLL(None, use_errno=True).prctl
+            except Exception:
+                pass
+    return _libc[0]
+
+
+def prepare_children() -> None:
+    """In a process that will fork workers (a zygote): what ``die_with_parent`` needs,
+    done once here instead of in each child (~2 ms: ctypes and libc)."""
+    _prctl()
+    _own_proc()
+
+
+def die_with_parent(parent_pid: int, guardian: int | None = None) -> None:
     """Exit when ``parent_pid`` dies, even in the middle of a task.
 
     ``parent_pid`` is the process that owns the pool. Our direct parent is either that
-    process (fork, spawn) or the forkserver, which may outlive it (see the module doc).
+    process (fork, spawn), the forkserver, which may outlive it (see the module doc), or
+    ``guardian``: a pool's zygote (``zygote.py``), which exits as the owner dies, so that
+    its death signal reaches us then.
     """
     signalled = False
-    if sys.platform.startswith("linux"):
+    prctl = _prctl()
+    if prctl is not None:
         try:
-            import ctypes  # stdlib, but ~2 ms: only where the death signal exists
-
-            libc = ctypes.CDLL(None, use_errno=True)
             pr_set_pdeathsig = 1
-            signalled = libc.prctl(pr_set_pdeathsig, signal.SIGKILL) == 0
+            signalled = prctl(pr_set_pdeathsig, signal.SIGKILL) == 0
         except Exception:
             pass
     direct_parent = os.getppid()  # read after prctl: a parent that died before is seen
-    if not pid_alive(parent_pid) or (direct_parent == 1 != parent_pid):
+    if not pid_alive(parent_pid) or (direct_parent == 1 != parent_pid) or (
+            guardian is not None and direct_parent != guardian):
         os._exit(1)
-    if signalled and direct_parent == parent_pid:  # the signal comes as the owner dies
+    if signalled and direct_parent in (parent_pid, guardian):  # comes as the owner dies
         return
     threading.Thread(target=_watch_parent, args=(parent_pid, direct_parent), daemon=True,
                      name="parmap-parent-watch").start()

@@ -29,6 +29,7 @@ from .options import PoolOptions
 from .recycling import RSS, Recycler, format_bytes
 from .scheduler import PoolJob, Scheduler, Worker
 from .spawn import exit_description
+from .zygote import Zygote
 
 __all__ = ["Manager", "PoolView", "STOP_GRACE", "DEADLINE_POLL"]
 
@@ -63,7 +64,7 @@ class PoolView(Protocol):
 
     def assign_pending(self) -> None: ...
 
-    def launch(self, wid: int) -> Worker: ...
+    def launch(self, wid: int, zygote: Zygote | None = None) -> Worker: ...
 
     def retire(self, worker: Worker) -> None: ...
 

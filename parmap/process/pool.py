@@ -50,8 +50,9 @@ from .manager import STOP_GRACE, Manager
 from .launcher import Launcher
 from .options import PoolOptions
 from .recycling import Recycler
-from .scheduler import PoolJob, Scheduler, Worker
+from .scheduler import PoolJob, ProcessHandle, Scheduler, Worker
 from .spawn import choose_start_method, prestart, start_worker
+from .zygote import Zygote
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
 
@@ -100,15 +101,23 @@ class WorkerPool:
         self.workers.append(worker)
         return worker
 
-    def launch(self, wid: int) -> Worker:
-        """Start a worker process; the caller adds it to ``workers`` (lock held then).
-        Without the lock only when no fork is involved (nothing to inherit)."""
-        inherited = [self.wake_r, self.wake_w] + [
-            conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
+    def launch(self, wid: int, zygote: Zygote | None = None) -> Worker:
+        """Start a worker process (forked by ``zygote`` if given: a replacement, see
+        ``zygote.py``); the caller adds it to ``workers`` (lock held then). Without the
+        lock only when no fork is involved (nothing to inherit)."""
         options = self.options
-        process, task_w, result_r, status = start_worker(
-            options.start_method, self.size, self.cpus, options.inner_max_num_threads,
-            options.initializer, inherited, wid, options.finalizer, options.warm_cloudpickle)
+        process: ProcessHandle
+        if zygote is not None:
+            process, task_w, result_r, status = zygote.start_worker(
+                self.size, self.cpus, options.inner_max_num_threads, options.initializer,
+                wid, options.finalizer)
+        else:
+            inherited = [self.wake_r, self.wake_w] + [
+                conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
+            process, task_w, result_r, status = start_worker(
+                options.start_method, self.size, self.cpus, options.inner_max_num_threads,
+                options.initializer, inherited, wid, options.finalizer,
+                options.warm_cloudpickle)
         return Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:
@@ -292,3 +301,5 @@ class WorkerPool:
                     self.kill(worker)
                     worker.process.join(timeout=STOP_GRACE)
             manager.join(timeout=STOP_GRACE)
+            if launcher is not None and threading.current_thread() is not launcher:
+                launcher.join_zygote(STOP_GRACE)  # it exits once its children have

@@ -30,13 +30,13 @@ from __future__ import annotations
 from collections import deque
 from math import inf
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from .._delayed import Batch
 from .._errors import call_repr
 
-__all__ = ["PoolJob", "WorkerSlot", "Worker", "Scheduler", "PREFETCH", "PREFETCH_MAX"]
+__all__ = ["PoolJob", "WorkerSlot", "Worker", "ProcessHandle", "Scheduler", "PREFETCH",
+           "PREFETCH_MAX"]
 
 #: jobs a worker may hold: the running one and the next, queued in its pipe
 PREFETCH = 2
@@ -101,12 +101,30 @@ class WorkerSlot:
         return not self.dead
 
 
+class ProcessHandle(Protocol):
+    """What the pool uses of a worker's process: a ``multiprocessing`` process, or a
+    ``zygote.ZygoteChild``."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def sentinel(self) -> int: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 class Worker(WorkerSlot):
     """A worker process and its two pipe ends, as the pool holds it."""
 
     __slots__ = ("process", "task_conn", "result_conn", "wid")
 
-    def __init__(self, process: BaseProcess, task_conn: Connection, result_conn: Connection,
+    def __init__(self, process: ProcessHandle, task_conn: Connection, result_conn: Connection,
                  status: Any, wid: int, budget: float):
         super().__init__(status, budget)
         self.process = process

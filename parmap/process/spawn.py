@@ -26,7 +26,7 @@ from typing import Any
 from . import worker
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
-           "prestart"]
+           "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -129,6 +129,13 @@ def _preload(cloudpickle: bool = False) -> list[str]:
         ["numpy"] if "numpy" in sys.modules else []) + (["cloudpickle"] if cloudpickle else [])
 
 
+def forkserver_context(cloudpickle: bool = False) -> Any:
+    """multiprocessing's forkserver context, with parmap's preload (see :func:`prestart`)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_preload(cloudpickle))
+    return ctx
+
+
 def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     """Start the forkserver now if the workers will come from it, without waiting for it.
 
@@ -147,7 +154,7 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     """
     if choose_start_method(start_method) != "forkserver":
         return
-    mp.get_context("forkserver").set_forkserver_preload(_preload(cloudpickle))
+    forkserver_context(cloudpickle)
     from multiprocessing import forkserver
 
     _spawning.active = True  # the server must not import __main__ either
@@ -155,6 +162,15 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
         forkserver.ensure_running()
     finally:
         _spawning.active = False
+
+
+def thread_caps(pool_size: int, cpus: int, inner_max_num_threads: int | None
+                ) -> dict[str, str]:
+    """The thread-pool variables of a worker: its share of the CPUs. The caller's own
+    values win, unless ``inner_max_num_threads`` is given (as in joblib)."""
+    caps = str(inner_max_num_threads or max(cpus // pool_size, 1))
+    return {var: os.environ[var] if var in os.environ and not inner_max_num_threads else caps
+            for var in THREAD_CAP_VARS}
 
 
 def start_worker(start_method: str | None, pool_size: int, cpus: int,
@@ -169,15 +185,12 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     ``cloudpickle`` as for :func:`prestart`. ``cpus``: the CPU count, which the pool
     reads once (the cgroup quota is ~0.7 ms to read, again for every recycled worker).
     """
-    caps = str(inner_max_num_threads or max(cpus // pool_size, 1))
-    # the caller's own values win, unless inner_max_num_threads is given (as in joblib)
-    env = {var: os.environ[var] if var in os.environ and not inner_max_num_threads else caps
-           for var in THREAD_CAP_VARS}
+    env = thread_caps(pool_size, cpus, inner_max_num_threads)
     one_thread = env["OMP_NUM_THREADS"] == "1"
     method = choose_start_method(start_method, 1 if one_thread else None)
     ctx: Any = mp.get_context(method)  # a context of any start method
     if method == "forkserver":
-        ctx.set_forkserver_preload(_preload(cloudpickle))
+        ctx = forkserver_context(cloudpickle)
     elif method == "fork" and "numpy" in sys.modules and os.name == "posix":
         # workers must share our resource tracker to send arrays through /dev/shm
         from multiprocessing import resource_tracker
@@ -192,12 +205,28 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     # a forkserver's child has the environment of the server's start: give it the
     # caller's current one, as fork and spawn do (thread caps on top)
     environ = None if method == "fork" else {**os.environ, **env}
-    setup = pickle.dumps((environ or env, initializer, cap_openmp, (wid, finalizer),
-                          environ is not None))
-    process = ctx.Process(
-        target=worker.worker_main, name="parmap-worker", daemon=False,
-        args=(task_r, result_w, status, os.getpid(), setup,
-              inherited if method == "fork" else []))
+    setup = setup_bytes(environ or env, initializer, cap_openmp, wid, finalizer,
+                        environ is not None)
+    try:
+        process = start_process(ctx, worker.worker_main, "parmap-worker", (
+            task_r, result_w, status, os.getpid(), setup, inherited if method == "fork" else []))
+    finally:
+        task_r.close()
+        result_w.close()
+    return process, task_w, result_r, status
+
+
+def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: bool,
+                wid: int, finalizer: bytes | None, whole: bool) -> bytes:
+    """A worker's set-up, as ``worker.worker_main`` reads it."""
+    return pickle.dumps((environ, initializer, cap_openmp, (wid, finalizer), whole))
+
+
+def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
+    """Start a process of parmap's (a worker, a zygote) with the context ``ctx``: SIGINT
+    ignored while it starts (it inherits that; Ctrl-C is the caller's), without
+    multiprocessing's re-import of ``__main__``."""
+    process: BaseProcess = ctx.Process(target=target, name=name, daemon=False, args=args)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     _spawning.active = True
@@ -210,6 +239,4 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
         _spawning.active = False
         if in_main:
             signal.signal(signal.SIGINT, previous)
-        task_r.close()
-        result_w.close()
-    return process, task_w, result_r, status
+    return process

@@ -1,0 +1,318 @@
+"""A recycling pool's zygote: one small process that forks the pool's replacement workers.
+
+A pool that recycles (``max_tasks_per_child``, ``max_memory_per_child``) starts workers
+all along its life. By then the caller has threads, so it cannot fork them itself, and
+through multiprocessing's forkserver each one cost ~12 ms of the machine's CPU: the
+caller pickles a ``Process`` and connects to the server anew, the server forks, the
+child unpickles it all back and starts a thread that watches the pool's owner. The
+zygote is started once, from the forkserver (it has the server's preloaded modules),
+and forks each replacement itself on a request of a few hundred bytes::
+
+    caller (launcher thread)           zygote                          its child
+    request: set-up, sys.path, cwd ──> fork ──────────────────────────> keeps only its fds,
+      + fds: task pipe, result pipe,   reply: the pid                   worker_main(...)
+      status memfd, exit pipe          SIGCHLD: reap the child, write
+    handle: pid, sentinel (the exit      its exit code to its exit pipe
+      pipe's read end), exitcode
+
+Lifetime: the zygote exits when the pool's owner dies (its socket reaches EOF, and it
+looks at the owner every ``PARENT_POLL`` seconds), and its children's death signal is
+tied to the zygote (``lifetime.die_with_parent``'s guardian): they need no thread of
+their own to watch the owner. Closed by the pool (the socket closes), it first waits for
+its children to exit: retired workers may still run their last jobs and finalizer.
+
+Linux only (a memfd holds the worker's status; /proc/self/fd lists what a child must
+close), and only where workers would come from the forkserver; elsewhere, and if the
+zygote fails, the pool starts replacements as any other worker (``spawn.start_worker``).
+"""
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import weakref
+from multiprocessing import current_process
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from . import worker
+from .lifetime import PARENT_POLL, pid_alive, prepare_children
+from .spawn import choose_start_method, forkserver_context, setup_bytes, start_process, \
+    thread_caps
+
+__all__ = ["Zygote", "ZygoteChild", "usable", "zygote_main"]
+
+_INT = struct.Struct("i")
+#: the bytes of the status a worker shares with the pool: (task index, start time, RSS)
+_STATUS_BYTES = 3 * 8
+#: exit code reported when the zygote died before it could report one (as multiprocessing)
+UNKNOWN_EXIT = 255
+
+
+def usable(start_method: str | None) -> bool:
+    """Whether replacements can come from a zygote (see the module doc)."""
+    return (sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+            and choose_start_method(start_method) == "forkserver")
+
+
+class ZygoteChild:
+    """A worker the zygote forked, as the pool handles a process: ``pid``, ``sentinel``
+    (readable once it exited), ``exitcode``, ``join``, ``kill``."""
+
+    def __init__(self, pid: int, sentinel: int):
+        self.pid = pid
+        self.sentinel = sentinel
+        self._exitcode: int | None = None
+        weakref.finalize(self, os.close, sentinel)
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._exitcode is None and wait([self.sentinel], 0):
+            self._read()
+        return self._exitcode
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.sentinel, _INT.size)
+        except OSError:
+            data = b""
+        self._exitcode = _INT.unpack(data)[0] if len(data) == _INT.size else UNKNOWN_EXIT
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._exitcode is None and wait([self.sentinel], timeout):
+            self._read()
+
+    def kill(self) -> None:
+        if self.exitcode is None:  # not reaped: the pid is still the worker's
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+
+class Zygote:
+    """The caller's side: starts the zygote, asks it for workers, closes it."""
+
+    def __init__(self, cloudpickle: bool):
+        ours, theirs = socket.socketpair()
+        try:
+            self.process: BaseProcess = start_process(
+                forkserver_context(cloudpickle), zygote_main, "parmap-zygote",
+                (theirs, os.getpid()))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+
+    def start_worker(self, pool_size: int, cpus: int, inner_max_num_threads: int | None,
+                     initializer: bytes | None, wid: int, finalizer: bytes | None
+                     ) -> tuple[ZygoteChild, Connection, Connection, Any]:
+        """Like ``spawn.start_worker`` (same return); OSError if the zygote is gone."""
+        environ = {**os.environ, **thread_caps(pool_size, cpus, inner_max_num_threads)}
+        try:
+            cwd: str | None = os.getcwd()
+        except OSError:  # the caller's directory was removed: the worker keeps its own
+            cwd = None
+        request = pickle.dumps((setup_bytes(environ, initializer, False, wid, finalizer, True),
+                                sys.path, cwd))
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        status_fd = os.memfd_create("parmap-worker-status", os.MFD_CLOEXEC)
+        theirs = [task_r, result_w, status_fd, exit_w]
+        try:
+            os.ftruncate(status_fd, _STATUS_BYTES)
+            status = _status_view(status_fd)
+            socket.send_fds(self.sock, [_INT.pack(len(request))], theirs)
+            self.sock.sendall(request)
+            pid = _INT.unpack(_receive_exactly(self.sock, _INT.size))[0]
+            if pid <= 0:
+                raise OSError(-pid, f"parmap's zygote could not fork a worker: "
+                                    f"{os.strerror(-pid)}")
+        except BaseException:
+            for fd in (task_w, result_r, exit_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return (ZygoteChild(pid, exit_r), Connection(task_w, readable=False),
+                Connection(result_r, writable=False), status)
+
+    def close(self) -> None:
+        """No more workers: the zygote exits once its children have."""
+        self.sock.close()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the zygote to exit (after :meth:`close`); kill it after ``timeout``."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(timeout)
+
+
+def _status_view(fd: int) -> Any:
+    """The worker's status as three doubles, in shared memory (``fd``: its memfd)."""
+    return memoryview(mmap.mmap(fd, _STATUS_BYTES)).cast("d")
+
+
+def _receive_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("parmap's zygote closed its socket")
+        data += chunk
+    return data
+
+
+# ---------------------------------------------------------------------- the zygote itself
+def zygote_main(sock: socket.socket, owner: int) -> None:
+    """Entry point of the zygote process (see the module doc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    me = os.getpid()
+    prepare_children()
+    gc.freeze()  # what is here now stays out of the children's collections: fewer
+    # pages written, so fewer copied, in each child
+    sig_r, sig_w = os.pipe()
+    os.set_blocking(sig_r, False)
+    os.set_blocking(sig_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the select below
+    signal.set_wakeup_fd(sig_w)
+    exits: dict[int, int] = {}  # child pid -> the write end of its exit pipe
+    listening = True
+    while listening or exits:
+        waiting: list[Any] = [sock, sig_r] if listening else [sig_r]
+        ready = select.select(waiting, [], [], PARENT_POLL)[0]
+        if sig_r in ready:
+            while os.read(sig_r, 512) == 512:
+                pass
+            _reap(exits)
+        if not ready and not pid_alive(owner):
+            os._exit(0)  # the owner is gone: the children's death signal fires now
+        if listening and sock in ready:
+            try:
+                request = _request(sock)
+            except (OSError, EOFError, ValueError):
+                request = None
+            if request is None:  # the pool closed us, or its owner died
+                listening = False
+                sock.close()
+                if not pid_alive(owner):
+                    os._exit(0)
+                continue
+            fds, payload = request
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                sock.sendall(_INT.pack(-(exc.errno or 1)))
+                continue
+            if pid == 0:
+                _child(fds, payload, owner, me)  # never returns
+            for fd in fds[:3]:
+                os.close(fd)
+            exits[pid] = fds[3]
+            sock.sendall(_INT.pack(pid))
+
+
+def _request(sock: socket.socket) -> tuple[list[int], bytes] | None:
+    header, fds, _flags, _address = socket.recv_fds(sock, _INT.size, 4)
+    if not header:
+        return None
+    if len(fds) != 4:
+        raise ValueError("a zygote request without its four descriptors")
+    header += _receive_exactly(sock, _INT.size - len(header))
+    return fds, _receive_exactly(sock, _INT.unpack(header)[0])
+
+
+def _reap(exits: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = exits.pop(pid, None)
+        if fd is not None:
+            try:
+                os.write(fd, _INT.pack(os.waitstatus_to_exitcode(status)))
+            except OSError:
+                pass
+            os.close(fd)
+
+
+def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
+    """In the forked child: become a worker, then exit. Its death signal is tied to
+    ``zygote`` (the pid it had before the fork: should the zygote die before the signal is
+    set, the worker sees another parent and exits)."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        task_r, result_w, status_fd, exit_w = fds
+        os.close(exit_w)
+        _close_all_but({task_r, result_w, status_fd})
+        setup, path, cwd = pickle.loads(payload)
+        if sys.path != path:
+            sys.path[:] = path
+        if cwd is not None:
+            os.chdir(cwd)
+        status = _status_view(status_fd)
+        os.close(status_fd)
+        current_process().name = "parmap-worker"
+        worker.worker_main(Connection(task_r, writable=False),
+                           Connection(result_w, readable=False), status, owner, setup, [],
+                           guardian=zygote)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback  # stdlib; only on a failure
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close the zygote's descriptors a worker must not hold (the zygote's socket, its
+    other children's exit pipes, the forkserver's alive pipe), keeping the standard
+    streams and the resource tracker's pipe (the worker's result files use it)."""
+    keep = keep | {0, 1, 2}
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        try:
+            keep.add(stream.fileno())
+        except (AttributeError, ValueError, OSError):
+            pass
+    tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"),
+                      "_resource_tracker", None)
+    tracker_fd = getattr(tracker, "_fd", None)
+    if tracker_fd is not None:
+        keep.add(tracker_fd)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:  # the listing's own descriptor, already closed
+                pass

@@ -1,0 +1,137 @@
+"""A recycling pool's zygote (``parmap/process/zygote.py``): it forks the replacement
+workers, reports how they exit, dies with the pool's owner, and a pool whose zygote is
+gone goes on without it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from parmap import Parallel, WorkerCrashedError, delayed
+from parmap.process import registry
+
+from .conftest import helper_pids, shutdown_pools
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the zygote is Linux's"),
+    pytest.mark.timeout(60),
+]
+
+#: batches of one task, one task per worker: every task after the first two runs in a
+#: replacement
+RECYCLING = dict(n_jobs=2, batch_size=1, max_tasks_per_child=1, start_method="forkserver")
+
+
+def where(i):
+    return (i, os.getpid(), os.getppid(),
+            sorted(t.name for t in threading.enumerate()), sys.path[:], os.getcwd())
+
+
+def _zygote_of(results) -> int:
+    parents = {r[2] for r in results[2:]}
+    assert len(parents) == 1, results  # every replacement has the same parent
+    return parents.pop()
+
+
+def test_replacements_are_forked_by_the_pools_zygote():
+    results = Parallel(**RECYCLING)(delayed(where)(i) for i in range(8))
+    assert [r[0] for r in results] == list(range(8))
+    assert len({r[1] for r in results}) == 8  # a new worker for each task
+    zygote = _zygote_of(results)
+    assert zygote not in (os.getpid(), *helper_pids())
+    assert psutil.Process(zygote).ppid() in helper_pids()  # the forkserver's child
+    for r in results[2:]:
+        # its death signal is tied to the zygote, which dies with us: no watch thread
+        assert "parmap-parent-watch" not in r[3], r[3]
+        assert r[4] == sys.path and r[5] == os.getcwd()
+    shutdown_pools()
+    assert not psutil.pid_exists(zygote) or \
+        psutil.Process(zygote).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_replacement_sees_the_callers_current_sys_path_and_directory(tmp_path, monkeypatch):
+    Parallel(**RECYCLING)(delayed(abs)(i) for i in range(4))  # the zygote runs now
+    (tmp_path / "probe_zygote.py").write_text(
+        "import os\ndef probe(i):\n    return i, os.getcwd()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    from probe_zygote import probe  # sent by reference: the worker must import it
+
+    # the two idle workers, started before, take tasks 0 and 1; every later task runs
+    # in a worker started since
+    results = Parallel(**RECYCLING)(
+        delayed(probe)(i) if i > 1 else delayed(abs)(i) for i in range(6))
+    assert results == [0, 1] + [(i, str(tmp_path)) for i in range(2, 6)]
+
+
+def kill_in_a_replacement(i):
+    if i == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def test_the_exit_of_a_replacement_is_reported_through_the_zygote():
+    with pytest.raises(WorkerCrashedError) as info:
+        Parallel(**RECYCLING)(delayed(kill_in_a_replacement)(i) for i in range(10))
+    assert info.value.exitcode == -signal.SIGKILL
+    assert "killed by SIGKILL" in str(info.value) and "task 5" in str(info.value)
+
+
+def test_a_pool_whose_zygote_died_starts_replacements_without_it():
+    zygote = _zygote_of(Parallel(**RECYCLING)(delayed(where)(i) for i in range(6)))
+    pool = registry._shared[0]
+    os.kill(zygote, signal.SIGKILL)  # its idle workers die with it
+    deadline = time.monotonic() + 10
+    while any(not w.dead for w in pool.workers) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the pool's manager has seen them die
+    results = Parallel(**RECYCLING)(delayed(where)(i) for i in range(8))
+    assert [r[0] for r in results] == list(range(8))
+    assert zygote not in {r[2] for r in results}
+
+
+KILLED_OWNER = textwrap.dedent("""
+    import os, time
+    from parmap import Parallel, delayed
+
+    def task(seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+    options = dict(n_jobs=2, batch_size=1, max_tasks_per_child=1, start_method="forkserver")
+    Parallel(**options)(delayed(task)(0.01) for _ in range(6))  # the zygote runs now
+    print("ready", flush=True)
+    Parallel(**options)(delayed(task)(60) for _ in range(10))
+""")
+
+
+def test_the_zygote_and_its_workers_die_with_the_pools_owner(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(KILLED_OWNER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    family: list[psutil.Process] = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # the second call's first tasks run in zygote's children
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 4  # forkserver, zygote, two workers (and the tracker)
+        proc.kill()
+        _, alive = psutil.wait_procs(family, timeout=5)  # not reaped: the owner is a zombie
+        left = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in family:  # survivors would outlive the test
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert left == []
