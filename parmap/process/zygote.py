@@ -96,9 +96,6 @@ class ZygoteChild:
             except ProcessLookupError:
                 pass
 
-    def is_alive(self) -> bool:
-        return self.exitcode is None
-
 
 class Zygote:
     """The caller's side: starts the zygote, asks it for workers, closes it."""
