@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import parmap
-from parmap import Parallel, WorkerCrashedError, delayed, parallel_config
+from parmap import Parallel, TaskTimeoutError, WorkerCrashedError, delayed, parallel_config
 from parmap._batching import fit_to_limit
 
 from .conftest import child_pids, run_script
@@ -196,6 +196,48 @@ _hoard: list = []
 def leak(i, mb=50):
     _hoard.append(b"x" * (mb << 20))  # bytes, written: resident at once
     return os.getpid()
+
+
+LARGE_RESULTS_OF_SHORT_LIVED_WORKERS = """
+import os
+import numpy as np
+from parmap import Parallel, delayed
+
+def full(i):
+    return np.full(300_000, i, dtype=float)  # 2.4 MB: through /dev/shm above max_nbytes
+
+before = set(os.listdir("/dev/shm"))
+results = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=1, max_nbytes="1M")(
+    delayed(full)(i) for i in range(20))
+print([float(r[0]) for r in results] == list(map(float, range(20))))
+import parmap; parmap._shutdown_pools()
+print(sorted(set(os.listdir("/dev/shm")) - before))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_large_results_of_a_worker_that_exits_right_after_arrive():
+    # each worker runs one task, replies with its result in a /dev/shm file, and exits:
+    # the sweep of a dead worker's files must not take a file it handed over (in a fresh
+    # interpreter, where the first workers are forked and quick to exit)
+    arrived, left = run_script(LARGE_RESULTS_OF_SHORT_LIVED_WORKERS, timeout=50).splitlines()
+    assert arrived == "True"
+    assert left == "[]"
+
+
+def sleep_long_on(i, slow):
+    time.sleep(20 if i == slow else 0.01)
+    return i
+
+
+def test_a_timeout_applies_to_the_last_batch_of_a_retiring_worker():
+    # with one task per worker, every batch is its worker's last: the worker is retired
+    # (told to stop) as it gets the batch, and its task's deadline must still count
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError):
+        Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=1, timeout=1)(
+            delayed(sleep_long_on)(i, 5) for i in range(10))
+    assert time.monotonic() - t0 < 15
 
 
 def tree_pss() -> int:

@@ -102,6 +102,7 @@ class Manager(threading.Thread):
             waitables += [w.process.sentinel for w in workers]
             ready = set(wait(waitables, timeout))
             finished: _Finished = []
+            reaped: list[int | None] = []  # workers that exited: their files to sweep
             with pool.lock:
                 if pool.wake_r in ready:
                     while pool.wake_r.poll():
@@ -111,7 +112,7 @@ class Manager(threading.Thread):
                         self._collect(worker, finished)
                 for worker in workers:
                     if worker.process.sentinel in ready:
-                        self._reap(worker, finished)
+                        reaped.append(self._reap(worker, finished))
                 self._check_deadlines(finished)
                 if not pool.closed:
                     pool.assign_pending()
@@ -127,6 +128,11 @@ class Manager(threading.Thread):
                 # goes when the caller drops the array)
                 callback, job.batch = job.callback, None  # type: ignore[assignment]
                 callback(outcome)
+            # result files the reaped workers made and did not hand over; those they did
+            # hand over were taken above (mapped and unlinked), so the sweep comes after
+            for pid in reaped:
+                if pid is not None:
+                    shm_results.sweep_worker_results(os.getpid(), pid)
             # the last batch's tasks (their arguments: large arrays) must not stay alive
             # in this frame until the next round, which may come minutes later
             finished = job = outcome = callback = None  # type: ignore[assignment]
@@ -161,7 +167,9 @@ class Manager(threading.Thread):
         else:  # a cancelled batch: only its shared-memory files need handling
             finished.append((None, data))
 
-    def _reap(self, worker: Worker, finished: _Finished) -> None:
+    def _reap(self, worker: Worker, finished: _Finished) -> int | None:
+        """A worker exited: its last replies and its crash error go to ``finished``;
+        returns its pid (the caller sweeps its result files once the replies are read)."""
         pool = self.pool
         if worker.jobs and not worker.result_conn.closed:
             try:  # a result sent just before the worker died still counts
@@ -170,7 +178,6 @@ class Manager(threading.Thread):
             except (EOFError, OSError):
                 pass
         worker.process.join(timeout=STOP_GRACE)
-        shm_results.sweep_worker_results(os.getpid(), worker.process.pid)  # type: ignore[arg-type]
         job = worker.running()
         if job is not None and not job.cancelled and not pool.closed:
             finished.append((job, _crash_error(worker, job)))
@@ -182,6 +189,7 @@ class Manager(threading.Thread):
         for conn in (worker.task_conn, worker.result_conn):
             conn.close()
         pool.workers.remove(worker)
+        return worker.process.pid
 
     def _check_deadlines(self, finished: _Finished) -> None:
         for worker, job, index in Scheduler.expired(self.pool.workers, monotonic()):

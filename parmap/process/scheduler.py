@@ -200,16 +200,19 @@ class Scheduler:
     @staticmethod
     def expired(workers: Iterable[WorkerSlot], now: float
                 ) -> list[tuple[WorkerSlot, PoolJob, int]]:
-        """``(worker, job, task index)`` for each running task past its job's timeout."""
+        """``(worker, job, task index)`` for each running task past its job's timeout.
+
+        A worker told to stop still runs the jobs it holds (a retired worker's last ones)
+        and is checked too; one that was killed holds only cancelled jobs."""
         found = []
         for worker in workers:
             started = worker.status[1]
-            if worker.dead or not worker.jobs or not started:
+            if not worker.jobs or not started:
                 continue
             index = int(worker.status[0])
-            job = next((j for j in worker.jobs
-                        if j.batch.start <= index < j.batch.start + len(j.batch)), None)
-            if job is None or job.timeout is None or job.cancelled:
+            job = next((j for j in worker.jobs if not j.cancelled  # (its batch may be gone)
+                        and j.batch.start <= index < j.batch.start + len(j.batch)), None)
+            if job is None or job.timeout is None:
                 continue
             if now - started > job.timeout:
                 found.append((worker, job, index))
