@@ -1,6 +1,7 @@
 """What worker recycling costs: 10,000 tasks of ~1 ms, recycling every 100 tasks vs none.
 
 Usage: python benchmarks/bench_recycling.py [--reps 7] [--n 10000] [--every 100]
+                                           [--against-forkserver]
 
 One interpreter runs both modes, interleaved (rep 1 of each, then rep 2, ...), on
 ``Parallel(n_jobs=2)`` with the process backend: ``none`` (no recycling) and
@@ -15,6 +16,12 @@ minute; within a pair, less); and as other views, the ratio of the modes' median
 best (minimum) times, and, on Linux, of the CPU time the whole machine spent per run
 (from /proc/stat: the caller, the workers, the forkserver and the exits). Results also
 go to benchmarks/results/recycling.json.
+
+``--against-forkserver`` compares instead, in pairs again, recycling pools whose
+replacements come from the pool's zygote (the default on Linux) and ones whose
+replacements come from multiprocessing's forkserver, as before the zygote (the pool's
+launcher is told that no zygote is usable); each run then starts a new pool, warmed up
+by a short call first. Results go to benchmarks/results/recycling_zygote.json.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.tasks import spin  # noqa: E402  (importable by the workers)
+import parmap  # noqa: E402
+import parmap.process.launcher as launcher  # noqa: E402  (--against-forkserver)
 from parmap import Parallel, delayed  # noqa: E402
 
 
@@ -64,13 +73,56 @@ def run(n: int, loops: int, every: int | None) -> tuple[float, float]:
     return took, cpu
 
 
+def against_forkserver(args: argparse.Namespace, loops: int) -> int:
+    """Pairs of recycling runs: replacements from the zygote, and from the forkserver."""
+    usable = launcher.usable
+    times: dict[str, list[float]] = {"zygote": [], "forkserver": []}
+    cpus: dict[str, list[float]] = {"zygote": [], "forkserver": []}
+    for rep in range(args.reps):
+        for mode in (list(times) if rep % 2 == 0 else list(times)[::-1]):
+            launcher.usable = usable if mode == "zygote" else (lambda method: False)
+            parmap._shutdown_pools()  # a new pool, whose launcher sees the mode
+            run(20 * args.every, loops, args.every)
+            took, cpu = run(args.n, loops, args.every)
+            times[mode].append(took)
+            cpus[mode].append(cpu)
+    launcher.usable = usable
+    ratios = {"time": statistics.median(z / f for z, f in zip(*times.values())),
+              "machine_cpu": statistics.median(z / f for z, f in zip(*cpus.values()))
+              if all(cpus["forkserver"]) else None}
+    print(f"{args.n} tasks of ~1 ms, n_jobs=2, recycling every {args.every} tasks, "
+          f"replacements from the pool's zygote or from the forkserver, {args.reps} pairs:")
+    for mode, ts in times.items():
+        print(f"  {mode:10} {statistics.median(ts):7.3f} s   machine CPU "
+              f"{statistics.median(cpus[mode]):.2f} s   (runs: "
+              f"{', '.join(f'{t:.3f}' for t in ts)})")
+    cpu_text = "unknown" if ratios["machine_cpu"] is None else \
+        f"{100 * (ratios['machine_cpu'] - 1):+.1f} %"
+    print(f"  zygote against forkserver (medians of the pairs' ratios): time "
+          f"{100 * (ratios['time'] - 1):+.1f} %, machine CPU {cpu_text}")
+    _save("recycling_zygote.json", {"n": args.n, "every": args.every, "loops": loops,
+                                    "times": times, "machine_cpu": cpus, "ratios": ratios})
+    return 0
+
+
+def _save(name: str, data: dict) -> None:
+    out = os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--against-forkserver", action="store_true",
+                        help="compare replacements from the zygote and the forkserver")
     args = parser.parse_args()
     loops = calibrate()
+    if args.against_forkserver:
+        return against_forkserver(args, loops)
     modes = {"none": None, "recycling": args.every}
     for every in modes.values():  # warm up: pools, forkserver, imports
         run(min(args.n, 20 * args.every), loops, every)
@@ -99,14 +151,11 @@ def main() -> int:
     cpu_text = "unknown" if cpu_overhead is None else f"{cpu_overhead:+.1f} %"
     print(f"  other views: medians {overhead:+.1f} %, best runs {best:+.1f} %, machine CPU "
           f"{cpu_text}")
-    out = os.path.join(ROOT, "benchmarks", "results")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "recycling.json"), "w") as f:
-        json.dump({"n": args.n, "every": args.every, "loops": loops, "times": times,
-                   "machine_cpu": cpus, "medians": medians, "paired_overhead_percent": paired,
-                   "overhead_percent": overhead,
-                   "best_overhead_percent": best, "cpu_overhead_percent": cpu_overhead},
-                  f, indent=1)
+    _save("recycling.json", {
+        "n": args.n, "every": args.every, "loops": loops, "times": times,
+        "machine_cpu": cpus, "medians": medians, "paired_overhead_percent": paired,
+        "overhead_percent": overhead, "best_overhead_percent": best,
+        "cpu_overhead_percent": cpu_overhead})
     return 0
 
 
