@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -18,8 +19,18 @@ SCRIPT = textwrap.dedent("""
         time.sleep(seconds)
         return os.getpid()
 
-    # warm the pool and report its workers
-    pids = set(Parallel(n_jobs=2, batch_size=1)(delayed(task)(0.05) for _ in range(8)))
+    def warm():  # warm the pool and report its workers
+        pids.update(Parallel(n_jobs=2, batch_size=1)(delayed(task)(0.05) for _ in range(8)))
+
+    pids = set()
+    if os.environ.get("WARM_IN_A_THREAD"):  # a thread that ends before the pool does
+        import threading
+
+        starter = threading.Thread(target=warm)
+        starter.start()
+        starter.join()
+    else:
+        warm()
     print(" ".join(map(str, sorted(pids))), flush=True)
     t0 = time.monotonic()
     try:
@@ -30,11 +41,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path, start_method: str = "auto"):
+def _start(tmp_path, start_method: str = "auto", in_a_thread: bool = False):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-           "PARMAP_START_METHOD": start_method}
+           "PARMAP_START_METHOD": start_method, "WARM_IN_A_THREAD": "1" if in_a_thread else ""}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             text=True, env=env)
     line = proc.stdout.readline()
@@ -77,12 +88,15 @@ def test_ctrl_c_stops_workers_and_raises_keyboard_interrupt(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
-@pytest.mark.parametrize("start_method", ["auto", "forkserver"])
-def test_workers_exit_when_parent_is_killed(tmp_path, start_method):
+@pytest.mark.parametrize("start_method, in_a_thread", [
+    ("auto", False), ("forkserver", False), ("spawn", True), ("fork", True)])
+def test_workers_exit_when_parent_is_killed(tmp_path, start_method, in_a_thread):
     # forked workers get the death signal from the caller; a forkserver's children watch
-    # it (the forkserver outlives it while they live). The caller is checked before it is
-    # reaped: a killed process stays a zombie until then, and must count as dead.
-    proc, workers = _start(tmp_path, start_method)
+    # it (the forkserver outlives it while they live), and so do workers that a thread
+    # started, which ended since (the death signal would have come as it ended). The
+    # caller is checked before it is reaped: a killed process stays a zombie until then,
+    # and must count as dead.
+    proc, workers = _start(tmp_path, start_method, in_a_thread)
     try:
         time.sleep(0.3)  # workers are in the middle of 60 s tasks
         proc.kill()
@@ -96,3 +110,33 @@ def test_workers_exit_when_parent_is_killed(tmp_path, start_method):
         proc.kill()
         proc.communicate(timeout=10)
     assert left == []
+
+
+def worker_pid(i):
+    time.sleep(0.05)
+    return os.getpid()
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+@pytest.mark.timeout(60)
+def test_workers_started_by_a_thread_outlive_it(start_method):
+    # Linux's death signal comes when the thread that forked the worker exits: a pool
+    # started by a short-lived thread (a server's request thread) must keep its workers
+    from parmap import Parallel, delayed
+
+    from .conftest import shutdown_pools
+
+    shutdown_pools()  # a new pool, started by the thread below
+    first: set = set()
+
+    def call():
+        first.update(Parallel(n_jobs=2, start_method=start_method)(
+            delayed(worker_pid)(i) for i in range(4)))
+
+    starter = threading.Thread(target=call)
+    starter.start()
+    starter.join()
+    time.sleep(0.3)  # time for a death signal to kill them (it takes microseconds)
+    later = set(Parallel(n_jobs=2, start_method=start_method)(
+        delayed(worker_pid)(i) for i in range(4)))
+    assert later == first

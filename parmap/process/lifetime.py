@@ -2,8 +2,10 @@
 
 The death signal (``prctl(PR_SET_PDEATHSIG)``) kills a worker the moment its parent
 dies, even mid-task; it is not inherited across fork and is not sent if the parent died
-before it was set, so the worker checks its parent right after setting it. Elsewhere
-a daemon thread polls the parent every ``PARENT_POLL`` seconds.
+before it was set, so the worker checks its parent right after setting it. It is sent
+when the *thread* that started the worker exits, so a worker forked or spawned by a
+thread that may end first (not the main thread, nor a pool's own) goes without it.
+Elsewhere a daemon thread polls the parent every ``PARENT_POLL`` seconds.
 
 A worker whose direct parent is the pool's owner (fork, spawn) starts no thread once the
 signal is set (its start is ~0.6 ms of a worker's start). A forkserver's child gets the
@@ -94,16 +96,19 @@ def prepare_children() -> None:
     _own_proc()
 
 
-def die_with_parent(parent_pid: int, guardian: int | None = None) -> None:
+def die_with_parent(parent_pid: int, guardian: int | None = None,
+                    death_signal: bool = True) -> None:
     """Exit when ``parent_pid`` dies, even in the middle of a task.
 
     ``parent_pid`` is the process that owns the pool. Our direct parent is either that
     process (fork, spawn), the forkserver, which may outlive it (see the module doc), or
     ``guardian``: a pool's zygote (``zygote.py``), which exits as the owner dies, so that
-    its death signal reaches us then.
+    its death signal reaches us then. ``death_signal=False``: the thread that started us
+    may end before the pool does (the signal comes when that *thread* exits, not its
+    process), so only the watch thread may end us.
     """
     signalled = False
-    prctl = _prctl()
+    prctl = _prctl() if death_signal else None
     if prctl is not None:
         try:
             pr_set_pdeathsig = 1

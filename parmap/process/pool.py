@@ -117,7 +117,8 @@ class WorkerPool:
             process, task_w, result_r, status = start_worker(
                 options.start_method, self.size, self.cpus, options.inner_max_num_threads,
                 options.initializer, inherited, wid, options.finalizer,
-                options.warm_cloudpickle)
+                options.warm_cloudpickle,
+                threading.current_thread() in (self._manager, self._launcher))
         return Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:

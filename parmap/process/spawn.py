@@ -176,7 +176,8 @@ def thread_caps(pool_size: int, cpus: int, inner_max_num_threads: int | None
 def start_worker(start_method: str | None, pool_size: int, cpus: int,
                  inner_max_num_threads: int | None, initializer: bytes | None,
                  inherited: list[Connection], wid: int = 0, finalizer: bytes | None = None,
-                 cloudpickle: bool = False) -> tuple[BaseProcess, Connection, Connection, Any]:
+                 cloudpickle: bool = False, steady_thread: bool = False
+                 ) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
     ``inherited`` are the caller's pipe ends a forked child must close at once (its
@@ -184,6 +185,9 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops;
     ``cloudpickle`` as for :func:`prestart`. ``cpus``: the CPU count, which the pool
     reads once (the cgroup quota is ~0.7 ms to read, again for every recycled worker).
+    ``steady_thread``: the calling thread lives as long as the pool (one of the pool's
+    own); a worker forked or spawned by another thread than that or the main thread
+    does without the death signal (see ``lifetime``).
     """
     env = thread_caps(pool_size, cpus, inner_max_num_threads)
     one_thread = env["OMP_NUM_THREADS"] == "1"
@@ -207,9 +211,12 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     environ = None if method == "fork" else {**os.environ, **env}
     setup = setup_bytes(environ or env, initializer, cap_openmp, wid, finalizer,
                         environ is not None)
+    death_signal = method == "forkserver" or steady_thread or \
+        threading.current_thread() is threading.main_thread()
     try:
         process = start_process(ctx, worker.worker_main, "parmap-worker", (
-            task_r, result_w, status, os.getpid(), setup, inherited if method == "fork" else []))
+            task_r, result_w, status, os.getpid(), setup, inherited if method == "fork" else [],
+            None, death_signal))
     finally:
         task_r.close()
         result_w.close()

@@ -67,13 +67,14 @@ def _enable_faulthandler() -> None:
 
 
 def worker_main(task_conn: Connection, result_conn: Connection, status: Any, parent_pid: int,
-                setup: bytes, close_conns: list[Connection], guardian: int | None = None
-                ) -> None:
-    """Entry point of a worker process (``guardian``: see ``lifetime.die_with_parent``)."""
+                setup: bytes, close_conns: list[Connection], guardian: int | None = None,
+                death_signal: bool = True) -> None:
+    """Entry point of a worker process (``guardian``, ``death_signal``: see
+    ``lifetime.die_with_parent``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     for conn in close_conns:  # other workers' pipe ends inherited through fork
         conn.close()
-    die_with_parent(parent_pid, guardian)
+    die_with_parent(parent_pid, guardian, death_signal)
     _enable_faulthandler()
     env, init, cap_openmp, (wid, finalizer), whole = pickle.loads(setup)
     if whole:  # the caller's whole environment now, not the forkserver's at its start
