@@ -54,6 +54,9 @@ _INT = struct.Struct("i")
 _STATUS_BYTES = 3 * 8
 #: exit code reported when the zygote died before it could report one (as multiprocessing)
 UNKNOWN_EXIT = 255
+#: seconds the caller waits for the zygote's answer (a fork takes milliseconds) before
+#: it gives up on the zygote and starts workers through the forkserver
+ANSWER_TIMEOUT = 30.0
 
 
 def usable(start_method: str | None) -> bool:
@@ -111,6 +114,7 @@ class Zygote:
             raise
         finally:
             theirs.close()
+        ours.settimeout(ANSWER_TIMEOUT)  # a zygote that does not answer counts as gone
         self.sock = ours
 
     def start_worker(self, pool_size: int, cpus: int, inner_max_num_threads: int | None,
@@ -194,36 +198,45 @@ def zygote_main(sock: socket.socket, owner: int) -> None:
         waiting: list[Any] = [sock, sig_r] if listening else [sig_r]
         ready = select.select(waiting, [], [], PARENT_POLL)[0]
         if sig_r in ready:
-            while os.read(sig_r, 512) == 512:
+            while len(os.read(sig_r, 512)) == 512:
                 pass
             _reap(exits)
         if not ready and not pid_alive(owner):
             os._exit(0)  # the owner is gone: the children's death signal fires now
-        if listening and sock in ready:
-            try:
-                request = _request(sock)
-            except (OSError, EOFError, ValueError):
-                request = None
-            if request is None:  # the pool closed us, or its owner died
-                listening = False
-                sock.close()
-                if not pid_alive(owner):
-                    os._exit(0)
-                continue
-            fds, payload = request
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                for fd in fds:
-                    os.close(fd)
-                sock.sendall(_INT.pack(-(exc.errno or 1)))
-                continue
-            if pid == 0:
-                _child(fds, payload, owner, me)  # never returns
-            for fd in fds[:3]:
-                os.close(fd)
-            exits[pid] = fds[3]
-            sock.sendall(_INT.pack(pid))
+        if listening and sock in ready and not _serve(sock, owner, me, exits):
+            listening = False  # the pool closed us, or its owner died
+            sock.close()
+            if not pid_alive(owner):
+                os._exit(0)
+
+
+def _serve(sock: socket.socket, owner: int, me: int, exits: dict[int, int]) -> bool:
+    """Answer one request: fork the worker, reply with its pid (or -errno). False when
+    the socket is closed (or broken: the pool stopped listening)."""
+    try:
+        request = _request(sock)
+    except (OSError, EOFError, ValueError):
+        return False
+    if request is None:
+        return False
+    fds, payload = request
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        pid = -(exc.errno or 1)
+    else:
+        if pid == 0:
+            _child(fds, payload, owner, me)  # never returns
+        for fd in fds[:3]:
+            os.close(fd)
+        exits[pid] = fds[3]
+    try:
+        sock.sendall(_INT.pack(pid))
+    except OSError:
+        return False
+    return True
 
 
 def _request(sock: socket.socket) -> tuple[list[int], bytes] | None:
@@ -231,6 +244,8 @@ def _request(sock: socket.socket) -> tuple[list[int], bytes] | None:
     if not header:
         return None
     if len(fds) != 4:
+        for fd in fds:
+            os.close(fd)
         raise ValueError("a zygote request without its four descriptors")
     header += _receive_exactly(sock, _INT.size - len(header))
     return fds, _receive_exactly(sock, _INT.unpack(header)[0])
