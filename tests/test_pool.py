@@ -1,0 +1,359 @@
+"""The process backend's pool: reuse across calls, resizing, idle exit, initializers,
+thread caps, start methods, concurrent calls, and what travels to the workers."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import parmap
+from parmap import Parallel, WorkerCrashedError, delayed
+from parmap.process.spawn import THREAD_CAP_VARS
+
+from .conftest import child_pids, run_script, shm_entries
+from .process_helpers import exit_on, healthy, identity, pid_of
+
+
+# --------------------------------------------------------------------------- pool
+
+def test_workers_are_reused_across_calls_and_instances():
+    first = set(Parallel(n_jobs=2, batch_size=1)(delayed(pid_of)(i) for i in range(20)))
+    second = set(Parallel(n_jobs=2, batch_size=1)(delayed(pid_of)(i) for i in range(20)))
+    assert first | second <= child_pids()
+    assert len(child_pids()) == 2
+
+
+def test_pool_resizes_with_n_jobs():
+    Parallel(n_jobs=2)(delayed(identity)(i) for i in range(4))
+    assert len(child_pids()) == 2
+    Parallel(n_jobs=3)(delayed(identity)(i) for i in range(4))
+    assert len(child_pids()) == 3
+    Parallel(n_jobs=1, backend="processes")  # one worker means inline: no change
+    Parallel(n_jobs=2)(delayed(identity)(i) for i in range(4))
+    deadline = time.monotonic() + 5
+    while len(child_pids()) != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the stopped worker is reaped by the manager thread
+    assert len(child_pids()) == 2
+
+
+def test_idle_workers_exit_after_idle_timeout():
+    Parallel(n_jobs=2, idle_timeout=0.3)(delayed(identity)(i) for i in range(4))
+    assert child_pids()
+    deadline = time.monotonic() + 5
+    while child_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not child_pids()
+    healthy()  # and a new pool starts on demand
+
+
+def initialize(value):
+    os.environ["PARMAP_TEST_INIT"] = str(int(os.environ.get("PARMAP_TEST_INIT", "0")) + value)
+
+
+def read_init(_):
+    return os.getpid(), os.environ.get("PARMAP_TEST_INIT")
+
+
+def test_initializer_runs_once_per_worker():
+    out = Parallel(n_jobs=2, batch_size=1, initializer=initialize, initargs=(1,))(
+        delayed(read_init)(i) for i in range(20))
+    assert {value for _, value in out} == {"1"}
+
+
+def failing_initializer():
+    raise RuntimeError("initializer broke")
+
+
+def test_initializer_error_reaches_caller():
+    with pytest.raises(RuntimeError, match="initializer broke"):
+        Parallel(n_jobs=2, initializer=failing_initializer)(
+            delayed(identity)(i) for i in range(4))
+
+
+def thread_caps(_):
+    return {var: os.environ.get(var) for var in THREAD_CAP_VARS}
+
+
+def test_workers_get_thread_caps():
+    caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    expected = str(max(parmap.cpu_count() // 2, 1))
+    assert caps == {var: expected for var in THREAD_CAP_VARS}
+
+
+def test_user_settings_win_and_inner_max_num_threads_over_them(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    assert caps["OMP_NUM_THREADS"] == "7"
+    assert caps["OPENBLAS_NUM_THREADS"] == str(max(parmap.cpu_count() // 2, 1))
+    with parmap.parallel_config(inner_max_num_threads=3):  # explicit: wins, as in joblib
+        caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
+    assert caps["OMP_NUM_THREADS"] == caps["OPENBLAS_NUM_THREADS"] == "3"
+
+
+def nested(x):
+    inner = Parallel(n_jobs=2)(delayed(pid_of)(i) for i in range(4))
+    explicit = Parallel(n_jobs=2, backend="loky")(delayed(pid_of)(i) for i in range(4))
+    return set(inner) | set(explicit) == {os.getpid()}
+
+
+def test_nested_calls_use_threads_not_processes():
+    assert Parallel(n_jobs=2)(delayed(nested)(i) for i in range(4)) == [True] * 4
+
+
+def test_concurrent_calls_from_eight_threads():
+    results = {}
+
+    def run(k):
+        results[k] = Parallel(n_jobs=2)(delayed(identity)(k * 100 + i) for i in range(50))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == {k: [k * 100 + i for i in range(50)] for k in range(8)}
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_start_methods(method):
+    out = Parallel(n_jobs=2, start_method=method)(delayed(lambda x: x * 3)(i)
+                                                  for i in range(10))
+    assert out == [3 * i for i in range(10)]
+
+
+def test_bad_backend_arguments():
+    with pytest.raises(ValueError, match="start_method"):
+        Parallel(n_jobs=2, start_method="teleport")
+    with pytest.raises(ValueError, match="idle_timeout"):
+        Parallel(n_jobs=2, idle_timeout=0)
+    with pytest.raises(TypeError, match="initializer"):
+        Parallel(n_jobs=2, initializer=3)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(120)
+def test_thousand_calls_do_not_leak():
+    healthy()
+    fds, threads, children = open_fds(), threading.active_count(), child_pids()
+    shm = shm_entries()  # parmap's only: other programs on the machine may come and go
+    for i in range(1000):
+        Parallel(n_jobs=2)(delayed(identity)(j) for j in range(3))
+    assert open_fds() <= fds
+    assert threading.active_count() <= threads
+    assert child_pids() == children
+    assert shm_entries() <= shm
+
+
+UNGUARDED = """
+import sys
+from parmap import Parallel, delayed
+print("top-level ran", flush=True)
+out = Parallel(n_jobs=2, start_method=sys.argv[1])(delayed(lambda x: x + 1)(i) for i in range(4))
+print(out, flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path, method):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, str(script), method], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["top-level ran", "[1, 2, 3, 4]"]
+
+
+def test_batches_travel_compactly_and_errors_still_name_the_task():
+    from parmap._delayed import Batch, compact
+
+    tasks = [delayed(identity)(i) for i in range(3)]
+    assert compact(tasks) == (identity, [(0,), (1,), (2,)])
+    mixed = tasks + [delayed(identity)(x=3)]
+    assert compact(mixed) == (None, mixed)
+    batch = Batch(10, [(1,), (0,)], func=lambda x: 1 / x)
+    with pytest.raises(ZeroDivisionError) as info:
+        batch()
+    assert "task 11" in "\n".join(getattr(info.value, "__notes__", [])) or \
+        "task 11" in str(getattr(info.value, "__cause__", ""))
+    with pytest.raises(ZeroDivisionError):
+        Parallel(n_jobs=2)(delayed(lambda x: 1 / x)(i - 5) for i in range(10))
+
+
+def test_functions_of_main_travel_by_value(tmp_path):
+    """Plain pickle is used for importable functions; __main__ ones go by value."""
+    import pickle
+
+    from parmap._delayed import Batch
+    from parmap.process.protocol import encode_request
+
+    namespace = {"__name__": "__main__"}
+    exec("def scaled(x):\n    return 10 * x\n", namespace)
+    payload = encode_request(Batch(0, [(namespace["scaled"], (4,), {})]), False)
+    assert b"scaled" in payload
+    reader = ("import pickle, sys\n"
+              "start, func, tasks, unary, track, nbytes, nested = "
+              "pickle.loads(sys.stdin.buffer.read())\n"
+              "print(func(tasks[0]) if unary else func(*tasks[0]))")
+    out = subprocess.run([sys.executable, "-c", reader], input=payload, capture_output=True,
+                         timeout=30, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == b"40", out.stderr
+    importable = encode_request(Batch(0, [(identity, (4,), {})]), False)
+    assert b"cloudpickle" not in importable  # by reference, with plain pickle
+    assert pickle.loads(importable)[1] is identity
+
+
+def test_a_crash_in_one_call_leaves_a_concurrent_call_whole():
+    results, errors = {}, {}
+
+    def run(name, func):
+        try:
+            results[name] = Parallel(n_jobs=2, batch_size=1)(
+                delayed(func)(i) for i in range(40))
+        except WorkerCrashedError as exc:
+            errors[name] = exc
+
+    threads = [threading.Thread(target=run, args=("crash", exit_on)),
+               threading.Thread(target=run, args=("ok", sleep_then_identity))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results["ok"] == list(range(40))
+    assert "crash" in errors
+    healthy()
+
+
+def sleep_then_identity(x):
+    time.sleep(0.005)
+    return x
+
+
+OPENMP_THEN_FORK = """
+import os, threading
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+from parmap import Parallel, delayed, parallel_config
+
+X = np.random.RandomState(0).rand(500, 4)
+y = (X[:, 0] > 0.5).astype(int)
+HistGradientBoostingClassifier(max_iter=3).fit(X, y)   # GNU OpenMP's pool now exists
+assert threading.active_count() == 1                  # no Python thread: fork looked safe
+
+def fit(seed):
+    model = HistGradientBoostingClassifier(max_iter=3, random_state=seed).fit(X, y)
+    return model.n_iter_, os.getppid()
+
+# one thread per worker (n_jobs=-1): forked, OpenMP capped; more: from the forkserver
+for threads in (None, 2):
+    with parallel_config(inner_max_num_threads=threads):
+        out = Parallel(n_jobs=-1, timeout=50)(delayed(fit)(s) for s in range(4))
+    print([n for n, _ in out], all(ppid == os.getpid() for _, ppid in out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.timeout(150)
+def test_workers_do_not_hang_after_the_caller_ran_gnu_openmp():
+    # a child forked after libgomp built its thread pool hangs at its first parallel
+    # region: parmap forks and caps OpenMP to one thread, or starts from the forkserver
+    pytest.importorskip("sklearn")
+    out = run_script(OPENMP_THEN_FORK, timeout=130)
+    assert out.splitlines() == ["[3, 3, 3, 3] True", "[3, 3, 3, 3] False"], out
+
+
+STDERR_WITHOUT_FD = """
+import io, sys
+real = sys.stderr
+sys.stderr = io.StringIO()   # pythonw, some IDEs and services: no file descriptor
+from parmap import Parallel, delayed
+print(Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4)))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_workers_start_when_the_callers_stderr_has_no_file_descriptor():
+    assert run_script(STDERR_WITHOUT_FD, timeout=50).strip() == "[0, 1, 2, 3]"
+
+
+def test_one_argument_tasks_travel_as_the_arguments_themselves():
+    """delayed(f)(x) batches go to workers as [x, ...] (no 1-tuples); others as tuples."""
+    import pickle
+
+    from parmap._delayed import Batch
+    from parmap.process.protocol import Request, encode_request
+
+    batch = Batch(3, [(identity, (i,), {}) for i in range(4)])
+    request = Request(*pickle.loads(encode_request(batch, False)))
+    assert request.unary and request.func is identity and request.tasks == [0, 1, 2, 3]
+    assert batch.task(1) == (identity, (1,), {})  # the caller's batch keeps its tuples
+    pair = Batch(0, [(identity, (1, 2), {}), (identity, (3,), {})])
+    request = Request(*pickle.loads(encode_request(pair, False)))
+    assert not request.unary and request.tasks == [(1, 2), (3,)]
+
+
+def _inverse(x):
+    return 1 / x
+
+
+def test_a_unary_batch_names_the_failing_task_and_runs_the_general_ways():
+    from parmap._delayed import Batch
+
+    batch = Batch(10, [1, 2, 0, 4], _inverse)
+    batch.unary = True
+    with pytest.raises(ZeroDivisionError) as info:
+        batch()
+    assert batch.failed == 2 and batch.task(2) == (_inverse, (0,), {})
+    assert "task 12" in " ".join(info.value.__notes__)
+    marks = []
+
+    class Tracker:
+        def mark(self, index, started):
+            marks.append(index)
+
+    batch = Batch(5, [1, 2, 4], _inverse)
+    batch.unary = True
+    batch.tracker, batch.transform = Tracker(), str
+    assert batch() == ["1.0", "0.5", "0.25"] and marks == [5, 6, 7]
+
+
+def test_one_argument_tasks_in_workers_keep_order_and_error_index():
+    assert Parallel(n_jobs=2)(delayed(_inverse)(i) for i in range(1, 3001)) == \
+        [1 / i for i in range(1, 3001)]
+    with pytest.raises(ZeroDivisionError) as info:
+        Parallel(n_jobs=2)(delayed(_inverse)(i - 2000) for i in range(3000))
+    assert "task 2000" in " ".join(info.value.__notes__)
+
+
+ENV_AFTER_FORKSERVER = """
+import os, threading
+from parmap import Parallel, delayed
+from parmap.process.registry import shutdown_all
+
+stop = threading.Event()
+threading.Thread(target=stop.wait, daemon=True).start()  # as in a notebook: no fork
+os.environ["PARMAP_TEST_GONE"] = "1"
+Parallel(n_jobs=2)(delayed(abs)(i) for i in range(4))  # the forkserver starts now
+shutdown_all()
+os.environ["PARMAP_TEST_NEW"] = "2"
+del os.environ["PARMAP_TEST_GONE"]
+seen = Parallel(n_jobs=2, batch_size=1)(
+    delayed(os.getenv)(name) for name in ["PARMAP_TEST_NEW", "PARMAP_TEST_GONE"])
+print(seen)
+stop.set()
+"""
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
+                    reason="needs forkserver")
+@pytest.mark.timeout(60)
+def test_workers_from_the_forkserver_see_the_callers_environment_of_now():
+    assert run_script(ENV_AFTER_FORKSERVER, timeout=50).strip() == "['2', None]"
