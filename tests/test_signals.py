@@ -11,6 +11,10 @@ import time
 
 import pytest
 
+from parmap import Parallel, delayed
+
+from .conftest import shutdown_pools
+
 SCRIPT = textwrap.dedent("""
     import os, sys, time
     from parmap import Parallel, delayed
@@ -122,10 +126,6 @@ def worker_pid(i):
 def test_workers_started_by_a_thread_outlive_it(start_method):
     # Linux's death signal comes when the thread that forked the worker exits: a pool
     # started by a short-lived thread (a server's request thread) must keep its workers
-    from parmap import Parallel, delayed
-
-    from .conftest import shutdown_pools
-
     shutdown_pools()  # a new pool, started by the thread below
     first: set = set()
 
