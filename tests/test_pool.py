@@ -2,6 +2,7 @@
 thread caps, start methods, concurrent calls, and what travels to the workers."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import subprocess
@@ -93,6 +94,39 @@ def test_user_settings_win_and_inner_max_num_threads_over_them(monkeypatch):
     with parmap.parallel_config(inner_max_num_threads=3):  # explicit: wins, as in joblib
         caps = Parallel(n_jobs=2)(delayed(thread_caps)(i) for i in range(2))[0]
     assert caps["OMP_NUM_THREADS"] == caps["OPENBLAS_NUM_THREADS"] == "3"
+
+
+OPENBLAS_THREADS = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+from parmap import Parallel, delayed
+
+np.ones((64, 64)) @ np.ones((64, 64))  # the caller's OpenBLAS has started its threads
+
+def openblas_threads(_):
+    return [d["num_threads"] for d in threadpool_info() if d["internal_api"] == "openblas"]
+
+found = {"caller": openblas_threads(0)}
+found["workers"] = Parallel(n_jobs=2)(delayed(openblas_threads)(i) for i in range(2))
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["forked", "from the forkserver"])
+@pytest.mark.timeout(60)
+def test_an_openblas_loaded_before_the_workers_started_is_capped_too(thread):
+    # OpenBLAS reads its variable once, as numpy loads it: in the caller (forked workers)
+    # or in the forkserver (which preloads numpy), before any worker had its caps
+    pytest.importorskip("threadpoolctl")
+    code = OPENBLAS_THREADS.replace("import json, sys", "import json, sys, threading, time\n"
+                                    "threading.Thread(target=time.sleep, args=(60,), "
+                                    "daemon=True).start()") if thread else OPENBLAS_THREADS
+    found = json.loads(run_script(code, timeout=50))
+    if not found["caller"]:
+        pytest.skip("numpy does not use OpenBLAS here")
+    expected = max(parmap.cpu_count() // 2, 1)
+    assert found["workers"] == [[expected]] * 2, found
 
 
 def nested(x):

@@ -18,10 +18,6 @@ INTERNALS = ("inspects joblib's internal state (joblib.parallel.get_active_backe
              "and its backend), which parmap does not have")
 CUSTOM = ("defines a backend with joblib's backend contract (apply_async, configure, ...); "
           "parmap's ParallelBackendBase is its own, smaller contract (submit)")
-BLAS_BEFORE_FORK = ("a forked worker keeps the BLAS thread pool the caller had already "
-                    "started: parmap's thread caps (environment variables) take effect for "
-                    "libraries a worker loads itself (docs/backends.rst); loky's workers "
-                    "are fresh interpreters")
 LOKY = "tests loky itself (its executor, its process class), which parmap does not use"
 
 SKIPS: list[Skip] = [
@@ -53,9 +49,6 @@ SKIPS: list[Skip] = [
     Skip("test_memmapping_leaks", "expects array files in temp_folder during the call: "
          "parmap's forked workers read the caller's arrays in place at cold start, no file "
          "is written (docs/large_data.rst)"),
-    Skip("test_threadpool_limitation_in_child_context", BLAS_BEFORE_FORK),
-    Skip("test_threadpool_limitation_in_child_loky", BLAS_BEFORE_FORK + " (it passed only "
-         "when an earlier test had left a pool started by the forkserver)"),
     Skip("test_nested_parallel_warnings", "parmap's 'multiprocessing' and 'loky' name one "
          "pool, so a nested 'loky' call cannot tell that its parent used 'multiprocessing' "
          "(joblib warns there because multiprocessing's workers are daemonic); the call "
