@@ -176,13 +176,16 @@ def slow_note_exit(path):
     note_exit(path)
 
 
-@pytest.mark.timeout(30)
-def test_shutdown_lets_retired_workers_finish_their_finalizer(tmp_path):
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", [None, "spawn", "fork"])
+def test_shutdown_lets_retired_workers_finish_their_finalizer(tmp_path, start_method):
+    # the last tasks run on replacements, which the pool's launcher thread started; it
+    # ends at close, and a worker must not get its death signal (with spawn and fork)
     path = str(tmp_path / "exits.txt")
-    pids = Parallel(n_jobs=2, max_tasks_per_child=1, batch_size=1,
+    pids = Parallel(n_jobs=2, max_tasks_per_child=1, batch_size=1, start_method=start_method,
                     finalizer=functools.partial(slow_note_exit, path))(
-        delayed(count_task)(i) for i in range(2))
-    parmap._shutdown_pools()  # both workers are retired and in their finalizers now
+        delayed(count_task)(i) for i in range(4))
+    parmap._shutdown_pools()  # the last workers are retired and in their finalizers now
     with open(path) as f:
         noted = {int(line.split()[0]) for line in f}
     assert set(pids) <= noted  # none was killed on its way out

@@ -118,7 +118,9 @@ class WorkerPool:
                 options.start_method, self.size, self.cpus, options.inner_max_num_threads,
                 options.initializer, inherited, wid, options.finalizer,
                 options.warm_cloudpickle,
-                threading.current_thread() in (self._manager, self._launcher))
+                # the manager outlives every worker (it reaps them); the launcher
+                # thread ends at close, before retired workers finish their finalizer
+                threading.current_thread() is self._manager)
         return Worker(process, task_w, result_r, status, wid, self.recycler.budget)
 
     def _free_id(self) -> int:
