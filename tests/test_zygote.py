@@ -3,6 +3,7 @@ workers, reports how they exit, dies with the pool's owner, and a pool whose zyg
 gone goes on without it."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -94,6 +95,26 @@ def test_a_pool_whose_zygote_died_starts_replacements_without_it():
     results = Parallel(**RECYCLING)(delayed(where)(i) for i in range(8))
     assert [r[0] for r in results] == list(range(8))
     assert zygote not in {r[2] for r in results}
+
+
+def start_a_daemonic_child(i):
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,),
+                                                        daemon=True)
+    child.start()
+    return child.pid
+
+
+def test_a_replacement_ends_the_daemonic_processes_its_tasks_started():
+    # as any multiprocessing child does on its way out; the later tasks run in
+    # replacements, which the zygote forked
+    children = Parallel(**RECYCLING)(delayed(start_a_daemonic_child)(i) for i in range(4))
+    shutdown_pools()
+    procs = [psutil.Process(pid) for pid in children if psutil.pid_exists(pid)]
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    left = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert left == []
 
 
 KILLED_OWNER = textwrap.dedent("""

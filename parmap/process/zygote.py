@@ -38,6 +38,8 @@ import struct
 import sys
 import weakref
 from multiprocessing import current_process
+from multiprocessing import process as mp_process
+from multiprocessing import util as mp_util
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -287,9 +289,15 @@ def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
         status = _status_view(status_fd)
         os.close(status_fd)
         current_process().name = "parmap-worker"
-        worker.worker_main(Connection(task_r, writable=False),
-                           Connection(result_w, readable=False), status, owner, setup, [],
-                           guardian=zygote)
+        _as_multiprocessing_child()
+        try:
+            worker.worker_main(Connection(task_r, writable=False),
+                               Connection(result_w, readable=False), status, owner, setup,
+                               [], guardian=zygote)
+        finally:
+            # as multiprocessing's children do on the way out: run its finalizers,
+            # end the daemonic processes a task started and join the others
+            mp_util._exit_function()  # type: ignore[attr-defined]
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -304,6 +312,15 @@ def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
             except Exception:
                 pass
         os._exit(code)
+
+
+def _as_multiprocessing_child() -> None:
+    """What multiprocessing does at the start of a child it forks (``_bootstrap``): the
+    child has no processes of its own yet, none of the zygote's finalizers, and its
+    after-fork hooks run (locks of ``multiprocessing`` objects are renewed)."""
+    mp_process._children = set()  # type: ignore[attr-defined]
+    mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    mp_util._run_after_forkers()  # type: ignore[attr-defined]
 
 
 def _close_all_but(keep: set[int]) -> None:
