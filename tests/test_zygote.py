@@ -156,3 +156,41 @@ def test_the_zygote_and_its_workers_die_with_the_pools_owner(tmp_path):
         proc.kill()
         proc.communicate(timeout=10)
     assert left == []
+
+
+
+FORKING_OWNER = textwrap.dedent("""
+    import os, time
+    from parmap import Parallel, delayed
+
+    Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=1, idle_timeout=0.5,
+             start_method="forkserver")(delayed(abs)(i) for i in range(6))  # a zygote
+    helper = os.fork()
+    if helper == 0:  # a helper process of the application, which outlives us
+        time.sleep(30)
+        os._exit(0)
+    print(helper, flush=True)
+    time.sleep(1.5)  # the pool idles out meanwhile
+""")
+
+
+def test_a_process_forked_by_the_owner_does_not_keep_the_zygote_alive(tmp_path):
+    # the zygote exits when its socket's last copy closes; a forked child holding one
+    # made the owner's exit wait (joining the zygote) until that child ended
+    script = tmp_path / "forking_owner.py"
+    script.write_text(FORKING_OWNER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    helper = None
+    try:
+        helper = int(proc.stdout.readline())
+        proc.wait(timeout=20)
+        took = time.monotonic() - started
+    finally:
+        if helper is not None:
+            os.kill(helper, signal.SIGKILL)  # it holds our end of the pipe too
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert took < 15, took

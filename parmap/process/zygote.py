@@ -118,6 +118,7 @@ class Zygote:
             theirs.close()
         ours.settimeout(ANSWER_TIMEOUT)  # a zygote that does not answer counts as gone
         self.sock = ours
+        _open.add(self)
 
     def start_worker(self, pool_size: int, cpus: int, inner_max_num_threads: int | None,
                      initializer: bytes | None, wid: int, finalizer: bytes | None
@@ -164,6 +165,21 @@ class Zygote:
         if self.process.exitcode is None:
             self.process.kill()
             self.process.join(timeout)
+
+
+#: the zygotes of this process's pools, whose sockets a process it forks must not keep:
+#: a zygote exits when its socket's last copy closes
+_open: weakref.WeakSet[Zygote] = weakref.WeakSet()
+
+
+def _close_in_forked_child() -> None:
+    for zygote in list(_open):
+        zygote.sock.close()
+    _open.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 def _status_view(fd: int) -> Any:
