@@ -143,9 +143,9 @@ def _loaded_libraries(marker: str) -> list[Any]:
     """The shared libraries loaded in this process whose file name contains ``marker``,
     opened with ctypes (Linux: read from /proc/self/maps; elsewhere none)."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps
-                     if marker in line.rpartition("/")[2]}
+        with open("/proc/self/maps") as maps:  # the 6th field, the path, may have spaces
+            paths = {fields[5].rstrip("\n") for fields in (line.split(None, 5) for line in maps)
+                     if len(fields) == 6 and marker in fields[5].rpartition("/")[2]}
     except OSError:
         return []
     if not paths:
