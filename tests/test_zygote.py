@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from parmap import Parallel, WorkerCrashedError, delayed
-from parmap.process import registry
+from parmap.process import registry, zygote
 
 from .conftest import helper_pids, shutdown_pools
 
@@ -45,16 +45,16 @@ def test_replacements_are_forked_by_the_pools_zygote():
     results = Parallel(**RECYCLING)(delayed(where)(i) for i in range(8))
     assert [r[0] for r in results] == list(range(8))
     assert len({r[1] for r in results}) == 8  # a new worker for each task
-    zygote = _zygote_of(results)
-    assert zygote not in (os.getpid(), *helper_pids())
-    assert psutil.Process(zygote).ppid() in helper_pids()  # the forkserver's child
+    forker = _zygote_of(results)
+    assert forker not in (os.getpid(), *helper_pids())
+    assert psutil.Process(forker).ppid() in helper_pids()  # the forkserver's child
     for r in results[2:]:
         # its death signal is tied to the zygote, which dies with us: no watch thread
         assert "parmap-parent-watch" not in r[3], r[3]
         assert r[4] == sys.path and r[5] == os.getcwd()
     shutdown_pools()
-    assert not psutil.pid_exists(zygote) or \
-        psutil.Process(zygote).status() == psutil.STATUS_ZOMBIE
+    assert not psutil.pid_exists(forker) or \
+        psutil.Process(forker).status() == psutil.STATUS_ZOMBIE
 
 
 def test_a_replacement_sees_the_callers_current_sys_path_and_directory(tmp_path, monkeypatch):
@@ -86,15 +86,15 @@ def test_the_exit_of_a_replacement_is_reported_through_the_zygote():
 
 
 def test_a_pool_whose_zygote_died_starts_replacements_without_it():
-    zygote = _zygote_of(Parallel(**RECYCLING)(delayed(where)(i) for i in range(6)))
+    forker = _zygote_of(Parallel(**RECYCLING)(delayed(where)(i) for i in range(6)))
     pool = registry._shared[0]
-    os.kill(zygote, signal.SIGKILL)  # its idle workers die with it
+    os.kill(forker, signal.SIGKILL)  # its idle workers die with it
     deadline = time.monotonic() + 10
     while any(not w.dead for w in pool.workers) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the pool's manager has seen them die
     results = Parallel(**RECYCLING)(delayed(where)(i) for i in range(8))
     assert [r[0] for r in results] == list(range(8))
-    assert zygote not in {r[2] for r in results}
+    assert forker not in {r[2] for r in results}
 
 
 def start_a_daemonic_child(i):
@@ -115,6 +115,25 @@ def test_a_replacement_ends_the_daemonic_processes_its_tasks_started():
     for p in alive:
         p.kill()
     assert left == []
+
+
+def test_a_zygote_that_stopped_answering_is_replaced_and_killed_at_shutdown(monkeypatch):
+    monkeypatch.setattr(zygote, "ANSWER_TIMEOUT", 1.0)  # read as the zygote starts
+    shutdown_pools()
+    stopped = _zygote_of(Parallel(**RECYCLING)(delayed(where)(i) for i in range(6)))
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        results = Parallel(**RECYCLING)(delayed(where)(i) for i in range(6))
+        assert [r[0] for r in results] == list(range(6))  # from the forkserver meanwhile
+        started = time.monotonic()
+        shutdown_pools()
+        took = time.monotonic() - started
+        assert not psutil.pid_exists(stopped) or \
+            psutil.Process(stopped).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if psutil.pid_exists(stopped):
+            os.kill(stopped, signal.SIGKILL)
+    assert took < 3, took
 
 
 KILLED_OWNER = textwrap.dedent("""

@@ -34,6 +34,8 @@ class Launcher(threading.Thread):
         #: forks the replacements (None: not started yet, or not usable here)
         self.zygote: Zygote | None = None
         self._try_zygote = usable(pool.options.start_method)
+        #: zygotes given up on (they stopped answering): killed at the pool's shutdown
+        self._dropped: list[Zygote] = []
 
     def run(self) -> None:
         try:
@@ -46,6 +48,12 @@ class Launcher(threading.Thread):
         finally:
             if self.zygote is not None:
                 self.zygote.close()
+
+    def kill_dropped(self) -> None:
+        """At the pool's shutdown: end the zygotes given up on. Their workers die with
+        them; such a zygote would neither report their exits nor exit itself."""
+        for zygote in self._dropped:
+            zygote.kill(STOP_GRACE)
 
     def join_zygote(self, timeout: float) -> None:
         """After the pool's shutdown: wait for the zygote to exit (it does once its
@@ -64,8 +72,9 @@ class Launcher(threading.Thread):
         if self.zygote is not None:
             try:
                 return self.pool.launch(wid, self.zygote)
-            except (OSError, EOFError):
+            except (OSError, EOFError):  # gone, or no answer (its workers may still run)
                 self.zygote.close()
+                self._dropped.append(self.zygote)
                 self._try_zygote = False
                 self.zygote = None
         return self.pool.launch(wid)

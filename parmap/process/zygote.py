@@ -162,6 +162,10 @@ class Zygote:
     def join(self, timeout: float) -> None:
         """Wait for the zygote to exit (after :meth:`close`); kill it after ``timeout``."""
         self.process.join(timeout)
+        self.kill(timeout)
+
+    def kill(self, timeout: float) -> None:
+        """Kill the zygote now (its children die with it) and reap it."""
         if self.process.exitcode is None:
             self.process.kill()
             self.process.join(timeout)
