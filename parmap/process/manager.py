@@ -117,22 +117,24 @@ class Manager(threading.Thread):
                 if not pool.closed:
                     pool.assign_pending()
                     self._maybe_idle_out()
-            for job, outcome in finished:
-                if job is None:
-                    protocol.discard_reply(outcome)
-                    continue
-                if not isinstance(outcome, BaseException):
-                    outcome = protocol.decode_reply(outcome, job.batch, job.describe)
-                # The caller may return as soon as it has the outcome: from then on nothing
-                # here may hold the batch's arguments (large arrays; a shared array's file
-                # goes when the caller drops the array)
-                callback, job.batch = job.callback, None  # type: ignore[assignment]
-                callback(outcome)
-            # result files the reaped workers made and did not hand over; those they did
-            # hand over were taken above (mapped and unlinked), so the sweep comes after
-            for pid in reaped:
-                if pid is not None:
-                    shm_results.sweep_worker_results(os.getpid(), pid)
+            try:
+                for job, outcome in finished:
+                    if job is None:
+                        protocol.discard_reply(outcome)
+                        continue
+                    if not isinstance(outcome, BaseException):
+                        outcome = protocol.decode_reply(outcome, job.batch, job.describe)
+                    # The caller may return as soon as it has the outcome: from then on
+                    # nothing here may hold the batch's arguments (large arrays; a shared
+                    # array's file goes when the caller drops the array)
+                    callback, job.batch = job.callback, None  # type: ignore[assignment]
+                    callback(outcome)
+            finally:  # (a failing callback ends this thread: the files go all the same)
+                # result files the reaped workers made and did not hand over; those they
+                # did hand over were taken above (mapped and unlinked): the sweep comes after
+                for pid in reaped:
+                    if pid is not None:
+                        shm_results.sweep_worker_results(os.getpid(), pid)
             # the last batch's tasks (their arguments: large arrays) must not stay alive
             # in this frame until the next round, which may come minutes later
             finished = job = outcome = callback = None  # type: ignore[assignment]

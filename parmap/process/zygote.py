@@ -220,7 +220,10 @@ def zygote_main(sock: socket.socket, owner: int) -> None:
         waiting: list[Any] = [sock, sig_r] if listening else [sig_r]
         ready = select.select(waiting, [], [], PARENT_POLL)[0]
         if sig_r in ready:
-            while len(os.read(sig_r, 512)) == 512:
+            try:
+                while len(os.read(sig_r, 512)) == 512:
+                    pass
+            except BlockingIOError:  # exactly 512 bytes were there
                 pass
             _reap(exits)
         if not ready and not pid_alive(owner):
