@@ -102,7 +102,7 @@ class Parallel:
             # one worker runs every task inline: the process backend would only cost
             # its import (multiprocessing and the pool's modules, ~30 ms of cold start)
             spec = "sequential"
-        backend = make_backend(spec, nesting_level, **params)
+        backend = make_backend(spec, nesting_level, implicit=not named, **params)
         if self.require == "sharedmem" and not backend.supports_sharedmem:
             if named:
                 raise ValueError(f"backend {spec!r} does not share memory with the "

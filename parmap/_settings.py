@@ -161,7 +161,8 @@ class parallel_config:
             new["backend_params"] = {}  # the params of an outer block were for its backend
         if backend_params:
             spec = check_backend(new.get("backend", _context.CONFIG.get().get("backend")))
-            check_backend_kwargs(spec, backend_params, "parallel_config")
+            check_backend_kwargs(spec, backend_params, "parallel_config",
+                                 implicit="backend" not in new)
             old = _context.CONFIG.get().get("backend_params", {}) if "backend" not in new else {}
             new["backend_params"] = {**old, **backend_params}
         self.settings = {**_context.CONFIG.get(), **new}

@@ -148,6 +148,23 @@ def test_unknown_keyword_is_a_type_error_naming_it_and_the_valid_ones():
     assert Parallel(n_jobs=2, idle_timeout=30)._backend.idle_timeout == 30
 
 
+def test_process_pool_keywords_are_dropped_by_a_backend_the_caller_did_not_name():
+    # library code asking for recycling runs under the backend its user chose, as in
+    # joblib (nested calls in a task run on threads too); a typo is still an error
+    with parallel_config(backend="threading"):
+        parallel = Parallel(n_jobs=2, max_tasks_per_child=3, start_method="spawn")
+        assert type(parallel._backend).__name__ == "ThreadingBackend"
+        assert parallel(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+        with parallel_config(max_tasks_per_child=3):
+            assert Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+        with pytest.raises(TypeError, match=r"'max_task_per_child'.*spelling"):
+            Parallel(n_jobs=2, max_task_per_child=3)
+        with pytest.raises(TypeError, match=r"'max_task_per_child'.*spelling"):
+            parallel_config(max_task_per_child=3)
+    assert type(Parallel(prefer="threads", max_tasks_per_child=3)._backend).__name__ == \
+        "ThreadingBackend"
+
+
 def test_backend_params_of_a_config_block_reach_its_backend_only():
     with parallel_config(backend="processes", idle_timeout=12):
         assert Parallel()._backend.idle_timeout == 12

@@ -95,6 +95,19 @@ def test_the_threading_backend_does_not_take_recycling_arguments():
         Parallel(n_jobs=2, backend="threading", max_tasks_per_child=3)
 
 
+def recycling_inside(i):
+    # what library code run as a task may do: nested calls run on threads, which take
+    # no recycling argument, and must still run
+    with parallel_config(max_tasks_per_child=2):
+        first = Parallel(n_jobs=2)(delayed(abs)(-j) for j in range(4))
+    return first + Parallel(n_jobs=2, max_tasks_per_child=2)(delayed(abs)(-j) for j in range(4))
+
+
+def test_recycling_arguments_of_a_nested_call_are_dropped_on_its_threads():
+    assert Parallel(n_jobs=2)(delayed(recycling_inside)(i) for i in range(2)) == \
+        [[0, 1, 2, 3] * 2] * 2
+
+
 # ---------------------------------------------------------------------- state and ids
 
 def where(i):

@@ -145,10 +145,16 @@ def _parameters(factory: Factory) -> tuple[set[str], bool] | None:
 
 
 def check_backend_kwargs(backend: BackendSpec, kwargs: Mapping[str, object],
-                         where: str = "Parallel()") -> None:
-    """TypeError naming any keyword the backend ``backend`` would not accept."""
+                         where: str = "Parallel()", implicit: bool = False
+                         ) -> dict[str, object]:
+    """The keywords to pass to the backend ``backend``; a TypeError names any it would not
+    accept. ``implicit``: the caller did not name the backend (it comes from a
+    ``parallel_config`` block, the nesting level or ``prefer``): then the keywords of the
+    process backend (``max_tasks_per_child``, ``start_method``...) that it does not take
+    are dropped, as joblib ignores them: library code that asks for them must run under
+    the backend its user chose, and as a task (nested calls run on threads)."""
     if not kwargs:
-        return
+        return {}
     if isinstance(backend, ParallelBackendBase):
         raise TypeError(f"{where} got keyword arguments {sorted(kwargs)} for a backend "
                         f"instance ({type(backend).__name__}); pass them to its constructor")
@@ -157,19 +163,30 @@ def check_backend_kwargs(backend: BackendSpec, kwargs: Mapping[str, object],
     name = _default[0] if backend is None else backend
     params = _parameters(_factory(name))
     if params is None or params[1]:
-        return  # takes anything: the backend checks for itself
+        return dict(kwargs)  # takes anything: the backend checks for itself
     accepted = params[0] - {"nesting_level"}
-    unknown = sorted(set(kwargs) - accepted)
+    unknown = set(kwargs) - accepted
+    if unknown and implicit and name != "processes":
+        unknown -= _keywords_of("processes")
+        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
     if unknown:
         takes = ", ".join(sorted(accepted)) or "none"
         raise TypeError(f"{where} got unexpected keyword argument(s) "
-                        f"{', '.join(map(repr, unknown))}: not a setting, and backend "
-                        f"{name!r} accepts these keywords: {takes}. Check the spelling.")
+                        f"{', '.join(map(repr, sorted(unknown)))}: not a setting, and "
+                        f"backend {name!r} accepts these keywords: {takes}. Check the "
+                        f"spelling.")
+    return dict(kwargs)
 
 
-def make_backend(backend: BackendSpec, nesting_level: int = 0,
+def _keywords_of(name: str) -> set[str]:
+    params = _parameters(_factory(name))
+    return params[0] - {"nesting_level"} if params is not None else set()
+
+
+def make_backend(backend: BackendSpec, nesting_level: int = 0, *, implicit: bool = False,
                  **kwargs: object) -> ParallelBackendBase:
-    """A backend instance from a spec (an instance is returned as it is)."""
+    """A backend instance from a spec (an instance is returned as it is). ``implicit``:
+    as for :func:`check_backend_kwargs`."""
     if isinstance(backend, ParallelBackendBase):
         return backend
     backend = joblib_builtin(backend) or backend
@@ -180,7 +197,7 @@ def make_backend(backend: BackendSpec, nesting_level: int = 0,
     name = _default[0] if backend is None else backend
     assert isinstance(name, str)
     check_backend(name)
-    check_backend_kwargs(name, kwargs)
+    kwargs = check_backend_kwargs(name, kwargs, implicit=implicit)
     factory = _factory(name)
     params = _parameters(factory)
     if params is not None and ("nesting_level" in params[0] or params[1]):
