@@ -3,51 +3,73 @@
 >>> from parmap import Parallel, delayed
 >>> Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4))
 [0, 1, 2, 3]
+
+The public names are imported on first use (PEP 562): a worker process imports this
+package (it runs ``parmap.process.worker``) but never the front end (``Parallel``, the
+dispatcher, the settings, the backends), which was about a third of a worker's imports:
+the forkserver's start, and every worker's with spawn.
 """
-from ._cpu import cpu_count
-from ._delayed import delayed
-from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
-                      SerializationError, TaskTimeoutError, TerminatedWorkerError,
-                      WorkerCrashedError)
-from ._parallel import Parallel
-from ._settings import effective_n_jobs, parallel_backend, parallel_config
-from ._shared import shared_array
-from ._worker_state import worker_id, worker_state
-from .backends import ParallelBackendBase, register_parallel_backend
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._cpu import cpu_count
+    from ._delayed import delayed
+    from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
+                          SerializationError, TaskTimeoutError, TerminatedWorkerError,
+                          WorkerCrashedError)
+    from ._parallel import Parallel
+    from ._settings import effective_n_jobs, parallel_backend, parallel_config
+    from ._shared import shared_array
+    from ._worker_state import worker_id, worker_state
+    from .backends import ParallelBackendBase, register_parallel_backend
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Parallel",
-    "delayed",
-    "parallel_config",
-    "parallel_backend",
-    "register_parallel_backend",
-    "effective_n_jobs",
-    "cpu_count",
-    "shared_array",
-    "worker_state",
-    "worker_id",
-    "ParallelBackendBase",
-    "ParmapError",
-    "PoolError",
-    "WorkerCrashedError",
-    "TerminatedWorkerError",
-    "TaskTimeoutError",
-    "SerializationError",
-    "RemoteTaskError",
-    "RemoteTraceback",
-]
+#: the module that defines each public name
+LAZY = {
+    "Parallel": "parmap._parallel",
+    "delayed": "parmap._delayed",
+    "parallel_config": "parmap._settings",
+    "parallel_backend": "parmap._settings",
+    "register_parallel_backend": "parmap.backends",
+    "effective_n_jobs": "parmap._settings",
+    "cpu_count": "parmap._cpu",
+    "shared_array": "parmap._shared",
+    "worker_state": "parmap._worker_state",
+    "worker_id": "parmap._worker_state",
+    "ParallelBackendBase": "parmap.backends",
+    "ParmapError": "parmap._errors",
+    "PoolError": "parmap._errors",
+    "WorkerCrashedError": "parmap._errors",
+    "TerminatedWorkerError": "parmap._errors",
+    "TaskTimeoutError": "parmap._errors",
+    "SerializationError": "parmap._errors",
+    "RemoteTaskError": "parmap._errors",
+    "RemoteTraceback": "parmap._errors",
+}
 
-# Users see parmap.Parallel, not parmap._parallel.Parallel.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("parmap."):
-        try:
-            _obj.__module__ = "parmap"
+__all__ = list(LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'parmap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    if getattr(value, "__module__", "").startswith("parmap."):
+        try:  # users see parmap.Parallel, not parmap._parallel.Parallel
+            value.__module__ = "parmap"
         except (AttributeError, TypeError):
             pass
-del _name, _obj
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def _shutdown_pools() -> None:

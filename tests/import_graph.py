@@ -1,7 +1,8 @@
 """Check parmap's module structure: ``python tests/import_graph.py`` (exit 1 on a problem).
 
 * every import of a parmap module, top-level or inside a function, is an edge; so are
-  the lazily imported backends the registry names by module path (``backends.LAZY``);
+  the modules imported on first use, named by module path in a literal ``LAZY`` dict
+  (the backend registry's, and the public names' in ``parmap/__init__.py``);
   imports under ``if TYPE_CHECKING:`` are for annotations only and never run;
 * no cycle among parmap's modules, and no import of a parmap module inside a function;
 * ``parmap.process`` imports nothing from the front end (only the leaf modules);
@@ -83,17 +84,24 @@ class _Imports(ast.NodeVisitor):
 
 
 def _lazy_edges(known: set[str]) -> dict[str, set[str]]:
-    """The registry's module paths, read from the literal ``LAZY`` dict."""
-    source = modules()["parmap.backends"]
-    edges: set[str] = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict):
-            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-            if isinstance(target, ast.Name) and target.id == "LAZY":
-                for value in node.value.values:
-                    if isinstance(value, ast.Constant):
-                        edges.add(str(value.value).partition(":")[0])
-    return {"parmap.backends": edges & known}
+    """The module paths of the literal ``LAZY`` dicts: the backend registry's, and the
+    package's public names (``parmap/__init__.py``, imported on first use)."""
+    found: dict[str, set[str]] = {}
+    for name in ("parmap", "parmap.backends"):
+        source = modules().get(name)
+        if source is None:
+            continue
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and \
+                    isinstance(node.value, ast.Dict):
+                target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+                if isinstance(target, ast.Name) and target.id == "LAZY":
+                    for value in node.value.values:
+                        if isinstance(value, ast.Constant):
+                            edges.add(str(value.value).partition(":")[0])
+        found[name] = edges & known
+    return found
 
 
 def graph() -> tuple[dict[str, set[str]], list[str]]:
