@@ -34,7 +34,7 @@ class Launcher(threading.Thread):
         #: forks the replacements (None: not started yet, or not usable here)
         self.zygote: Zygote | None = None
         self._try_zygote = usable(pool.options.start_method)
-        #: zygotes given up on (they stopped answering): killed at the pool's shutdown
+        #: zygotes given up on (gone, or no answer): ended as this thread ends
         self._dropped: list[Zygote] = []
 
     def run(self) -> None:
@@ -45,21 +45,23 @@ class Launcher(threading.Thread):
                 self.pool.recycler.replacing.clear()
             self.pool.wake()
             raise
-        finally:
-            if self.zygote is not None:
-                self.zygote.close()
-
-    def kill_dropped(self) -> None:
-        """At the pool's shutdown: end the zygotes given up on. Their workers die with
-        them; such a zygote would neither report their exits nor exit itself."""
-        for zygote in self._dropped:
-            zygote.kill(STOP_GRACE)
+        finally:  # the pool closed (shut down or idled out)
+            zygote = self.zygote
+            if zygote is not None:
+                zygote.close()
+            for dropped in self._dropped:
+                # its socket is closed: a running zygote exits once its children have
+                # (retired workers in their finalizer); one that stopped answering
+                # would never exit (and the interpreter's exit would wait on it), so it
+                # is killed after the same grace
+                dropped.join(STOP_GRACE)
 
     def join_zygote(self, timeout: float) -> None:
         """After the pool's shutdown: wait for the zygote to exit (it does once its
         children have)."""
-        if self.zygote is not None:
-            self.zygote.join(timeout)
+        zygote = self.zygote  # once: a launcher still starting a worker may drop it
+        if zygote is not None:
+            zygote.join(timeout)
 
     def _launch(self, wid: int) -> Worker:
         """Start a replacement: from the zygote, started now if need be; should it fail

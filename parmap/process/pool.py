@@ -297,7 +297,6 @@ class WorkerPool:
         launcher = self._launcher
         if launcher is not None and threading.current_thread() is not launcher:
             launcher.join(timeout=2 * STOP_GRACE)  # it starts no worker after this
-            launcher.kill_dropped()
         if wait_for_workers and threading.current_thread() is not manager:
             manager.join(timeout=2 * STOP_GRACE)
             with self.lock:

@@ -107,6 +107,7 @@ class Zygote:
 
     def __init__(self, cloudpickle: bool):
         ours, theirs = socket.socketpair()
+        _open.update((ours, theirs))  # from now on, not inherited by os.fork()
         try:
             self.process: BaseProcess = start_process(
                 forkserver_context(cloudpickle), zygote_main, "parmap-zygote",
@@ -116,9 +117,9 @@ class Zygote:
             raise
         finally:
             theirs.close()
+            _open.discard(theirs)
         ours.settimeout(ANSWER_TIMEOUT)  # a zygote that does not answer counts as gone
         self.sock = ours
-        _open.add(self)
 
     def start_worker(self, pool_size: int, cpus: int, inner_max_num_threads: int | None,
                      initializer: bytes | None, wid: int, finalizer: bytes | None
@@ -162,23 +163,19 @@ class Zygote:
     def join(self, timeout: float) -> None:
         """Wait for the zygote to exit (after :meth:`close`); kill it after ``timeout``."""
         self.process.join(timeout)
-        self.kill(timeout)
-
-    def kill(self, timeout: float) -> None:
-        """Kill the zygote now (its children die with it) and reap it."""
-        if self.process.exitcode is None:
+        if self.process.exitcode is None:  # its children die with it
             self.process.kill()
             self.process.join(timeout)
 
 
-#: the zygotes of this process's pools, whose sockets a process it forks must not keep:
-#: a zygote exits when its socket's last copy closes
-_open: weakref.WeakSet[Zygote] = weakref.WeakSet()
+#: the sockets to this process's zygotes, which a process it forks must not keep: a
+#: zygote exits when its socket's last copy closes
+_open: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
 def _close_in_forked_child() -> None:
-    for zygote in list(_open):
-        zygote.sock.close()
+    for sock in list(_open):
+        sock.close()
     _open.clear()
 
 
