@@ -97,6 +97,19 @@ def test_a_pool_whose_zygote_died_starts_replacements_without_it():
     assert forker not in {r[2] for r in results}
 
 
+def as_a_multiprocessing_child(i):
+    parent = multiprocessing.parent_process()
+    return parent.pid, parent.is_alive(), multiprocessing.current_process()._identity
+
+
+def test_a_replacement_is_a_multiprocessing_child_of_the_owner():
+    # parent_process() is the pool's owner, alive, as in a worker the forkserver
+    # started; identities stay distinct
+    seen = Parallel(**RECYCLING)(delayed(as_a_multiprocessing_child)(i) for i in range(6))
+    assert [s[:2] for s in seen] == [(os.getpid(), True)] * 6
+    assert len({s[2] for s in seen}) == 6
+
+
 def start_a_daemonic_child(i):
     child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,),
                                                         daemon=True)

@@ -28,6 +28,7 @@ zygote fails, the pool starts replacements as any other worker (``spawn.start_wo
 from __future__ import annotations
 
 import gc
+import itertools
 import mmap
 import os
 import pickle
@@ -131,7 +132,7 @@ class Zygote:
         except OSError:  # the caller's directory was removed: the worker keeps its own
             cwd = None
         request = pickle.dumps((setup_bytes(environ, initializer, False, wid, finalizer, True),
-                                sys.path, cwd))
+                                sys.path, cwd, current_process().name))
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
         exit_r, exit_w = os.pipe()
@@ -242,6 +243,7 @@ def _serve(sock: socket.socket, owner: int, me: int, exits: dict[int, int]) -> b
     if request is None:
         return False
     fds, payload = request
+    number = next(mp_process._process_counter)  # type: ignore[attr-defined]
     try:
         pid = os.fork()
     except OSError as exc:
@@ -250,7 +252,7 @@ def _serve(sock: socket.socket, owner: int, me: int, exits: dict[int, int]) -> b
         pid = -(exc.errno or 1)
     else:
         if pid == 0:
-            _child(fds, payload, owner, me)  # never returns
+            _child(fds, payload, owner, me, number)  # never returns
         for fd in fds[:3]:
             os.close(fd)
         exits[pid] = fds[3]
@@ -290,10 +292,11 @@ def _reap(exits: dict[int, int]) -> None:
             os.close(fd)
 
 
-def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
+def _child(fds: list[int], payload: bytes, owner: int, zygote: int, number: int) -> None:
     """In the forked child: become a worker, then exit. Its death signal is tied to
     ``zygote`` (the pid it had before the fork: should the zygote die before the signal is
-    set, the worker sees another parent and exits)."""
+    set, the worker sees another parent and exits); ``number``: the zygote's count of
+    its children."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -301,7 +304,7 @@ def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
         task_r, result_w, status_fd, exit_w = fds
         os.close(exit_w)
         _close_all_but({task_r, result_w, status_fd})
-        setup, path, cwd = pickle.loads(payload)
+        setup, path, cwd, owner_name = pickle.loads(payload)
         if sys.path != path:
             sys.path[:] = path
         if cwd is not None:
@@ -309,7 +312,7 @@ def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
         status = _status_view(status_fd)
         os.close(status_fd)
         current_process().name = "parmap-worker"
-        _as_multiprocessing_child()
+        _as_multiprocessing_child(owner, owner_name, number)
         try:
             worker.worker_main(Connection(task_r, writable=False),
                                Connection(result_w, readable=False), status, owner, setup,
@@ -334,11 +337,23 @@ def _child(fds: list[int], payload: bytes, owner: int, zygote: int) -> None:
         os._exit(code)
 
 
-def _as_multiprocessing_child() -> None:
+def _as_multiprocessing_child(owner: int, owner_name: str, number: int) -> None:
     """What multiprocessing does at the start of a child it forks (``_bootstrap``): the
-    child has no processes of its own yet, none of the zygote's finalizers, and its
-    after-fork hooks run (locks of ``multiprocessing`` objects are renewed)."""
+    child has an identity of its own (a child's of the zygote), no processes of its own
+    yet, none of the zygote's finalizers, and its after-fork hooks run (locks of
+    ``multiprocessing`` objects are renewed). Its ``parent_process()`` is the pool's
+    owner, watched through a pidfd (none before Linux 5.3)."""
+    me: Any = current_process()
+    me._identity = me._identity + (number,)
+    mp_process._process_counter = itertools.count(1)  # type: ignore[attr-defined]
     mp_process._children = set()  # type: ignore[attr-defined]
+    try:
+        sentinel = os.pidfd_open(owner)
+    except (AttributeError, OSError):
+        mp_process._parent_process = None  # type: ignore[attr-defined]
+    else:
+        mp_process._parent_process = mp_process._ParentProcess(  # type: ignore[attr-defined]
+            owner_name, owner, sentinel)
     mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
     mp_util._run_after_forkers()  # type: ignore[attr-defined]
 
