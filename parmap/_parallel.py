@@ -84,14 +84,17 @@ class Parallel:
         self._insights: Insights | None = None
         named = not isinstance(backend, Default) and backend is not None
         params = backend_kwargs if named else {**settings["backend_params"], **backend_kwargs}
+        # the call chose its backend: named it, or asked for threads (prefer, require)
+        chosen = named or any(not isinstance(v, Default) and v is not None
+                              for v in (prefer, require))
         self._backend = self._choose_backend(settings["backend"], named, params,
-                                             settings["nesting_level"])
+                                             settings["nesting_level"], not chosen)
         self._managed = False
         self._running = False
         self._live: Dispatcher | None = None  # the call a generator is still running
 
     def _choose_backend(self, spec: BackendSpec, named: bool, params: dict[str, object],
-                        nesting_level: int) -> ParallelBackendBase:
+                        nesting_level: int, implicit: bool) -> ParallelBackendBase:
         if self.prefer == "processes" and self.require == "sharedmem":
             raise ValueError("prefer == 'processes' and require == 'sharedmem' are "
                              "inconsistent settings: processes do not share the caller's "
@@ -102,7 +105,7 @@ class Parallel:
             # one worker runs every task inline: the process backend would only cost
             # its import (multiprocessing and the pool's modules, ~30 ms of cold start)
             spec = "sequential"
-        backend = make_backend(spec, nesting_level, implicit=not named, **params)
+        backend = make_backend(spec, nesting_level, implicit=implicit, **params)
         if self.require == "sharedmem" and not backend.supports_sharedmem:
             if named:
                 raise ValueError(f"backend {spec!r} does not share memory with the "

@@ -6,6 +6,7 @@ import pytest
 import parmap
 from parmap import Parallel, delayed, effective_n_jobs, parallel_config
 from parmap._checks import check_n_jobs, parse_pre_dispatch, parse_size, resolve_n_jobs
+from parmap.backends.threading import ThreadingBackend
 
 
 @pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5])
@@ -161,8 +162,21 @@ def test_process_pool_keywords_are_dropped_by_a_backend_the_caller_did_not_name(
             Parallel(n_jobs=2, max_task_per_child=3)
         with pytest.raises(TypeError, match=r"'max_task_per_child'.*spelling"):
             parallel_config(max_task_per_child=3)
-    assert type(Parallel(prefer="threads", max_tasks_per_child=3)._backend).__name__ == \
-        "ThreadingBackend"
+    with parallel_config(backend=ThreadingBackend()):  # an instance alike
+        assert type(Parallel(n_jobs=2, idle_timeout=3)._backend).__name__ == \
+            "ThreadingBackend"
+    # chosen in the same call (prefer, require, backend): the caller's mistake
+    for chosen in ({"prefer": "threads"}, {"require": "sharedmem"},
+                   {"backend": "threading"}):
+        with pytest.raises(TypeError, match=r"'max_tasks_per_child', an option of the "
+                                            r"process backend.*'threading'"):
+            Parallel(n_jobs=2, max_tasks_per_child=3, **chosen)
+    # what tasks rely on is never dropped
+    with parallel_config(backend="threading"):
+        with pytest.raises(TypeError, match="'initializer'"):
+            Parallel(n_jobs=2, initializer=print)
+    with pytest.raises(TypeError, match="backend instance"):
+        Parallel(backend=ThreadingBackend(), max_tasks_per_child=3)
 
 
 def test_backend_params_of_a_config_block_reach_its_backend_only():

@@ -144,37 +144,48 @@ def _parameters(factory: Factory) -> tuple[set[str], bool] | None:
     return set(names), bool(code.co_flags & 0x08)
 
 
+#: keywords of the process backend that only manage its workers: a backend the caller
+#: did not name drops them (see check_backend_kwargs). Not the initializer or finalizer:
+#: tasks may depend on what they set up
+_POOL_HINTS = frozenset({"max_tasks_per_child", "max_memory_per_child", "start_method",
+                        "idle_timeout"})
+
+
 def check_backend_kwargs(backend: BackendSpec, kwargs: Mapping[str, object],
                          where: str = "Parallel()", implicit: bool = False
                          ) -> dict[str, object]:
     """The keywords to pass to the backend ``backend``; a TypeError names any it would not
-    accept. ``implicit``: the caller did not name the backend (it comes from a
-    ``parallel_config`` block, the nesting level or ``prefer``): then the keywords of the
-    process backend (``max_tasks_per_child``, ``start_method``...) that it does not take
-    are dropped, as joblib ignores them: library code that asks for them must run under
-    the backend its user chose, and as a task (nested calls run on threads)."""
+    accept. ``implicit``: the caller did not choose the backend (it comes from a
+    ``parallel_config`` block or the nesting level): then the process backend's
+    ``_POOL_HINTS`` that it does not take are dropped, as joblib ignores them: library
+    code asking for recycling must run under the backend its user chose, and as a task
+    (nested calls run on threads)."""
     if not kwargs:
         return {}
+    if implicit:
+        kwargs = {key: value for key, value in kwargs.items()
+                  if key not in _POOL_HINTS or _takes(backend, key)}
+        if not kwargs:
+            return {}
     if isinstance(backend, ParallelBackendBase):
         raise TypeError(f"{where} got keyword arguments {sorted(kwargs)} for a backend "
                         f"instance ({type(backend).__name__}); pass them to its constructor")
-    if not isinstance(backend, (str, type(None))):
-        backend = joblib_builtin(backend) or "processes"  # else a multiprocessing context
-    name = _default[0] if backend is None else backend
+    name = _name_of(backend)
     params = _parameters(_factory(name))
     if params is None or params[1]:
         return dict(kwargs)  # takes anything: the backend checks for itself
     accepted = params[0] - {"nesting_level"}
-    unknown = set(kwargs) - accepted
-    if unknown and implicit and name != "processes":
-        unknown -= _keywords_of("processes")
-        kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+    unknown = sorted(set(kwargs) - accepted)
     if unknown:
         takes = ", ".join(sorted(accepted)) or "none"
-        raise TypeError(f"{where} got unexpected keyword argument(s) "
-                        f"{', '.join(map(repr, sorted(unknown)))}: not a setting, and "
-                        f"backend {name!r} accepts these keywords: {takes}. Check the "
-                        f"spelling.")
+        listed = ", ".join(map(repr, unknown))
+        if name != "processes" and set(unknown) <= _keywords_of("processes"):
+            raise TypeError(f"{where} got {listed}, an option of the process backend, but "
+                            f"runs on backend {name!r}, which accepts these keywords: "
+                            f"{takes}. Drop it, or choose backend='processes'.")
+        raise TypeError(f"{where} got unexpected keyword argument(s) {listed}: not a "
+                        f"setting, and backend {name!r} accepts these keywords: {takes}. "
+                        f"Check the spelling.")
     return dict(kwargs)
 
 
@@ -183,11 +194,27 @@ def _keywords_of(name: str) -> set[str]:
     return params[0] - {"nesting_level"} if params is not None else set()
 
 
+def _name_of(backend: BackendSpec) -> str:
+    """The registered name a (non-instance) spec makes its backend from."""
+    if not isinstance(backend, (str, type(None))):
+        backend = joblib_builtin(backend) or "processes"  # else a multiprocessing context
+    return _default[0] if backend is None else backend
+
+
+def _takes(backend: BackendSpec, keyword: str) -> bool:
+    """Whether the backend a spec makes takes ``keyword`` (an instance takes none)."""
+    if isinstance(backend, ParallelBackendBase):
+        return False
+    params = _parameters(_factory(_name_of(backend)))
+    return params is None or params[1] or keyword in params[0]
+
+
 def make_backend(backend: BackendSpec, nesting_level: int = 0, *, implicit: bool = False,
                  **kwargs: object) -> ParallelBackendBase:
     """A backend instance from a spec (an instance is returned as it is). ``implicit``:
     as for :func:`check_backend_kwargs`."""
     if isinstance(backend, ParallelBackendBase):
+        check_backend_kwargs(backend, kwargs, implicit=implicit)  # it takes none
         return backend
     backend = joblib_builtin(backend) or backend
     start_method = start_method_of(backend)
