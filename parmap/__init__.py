@@ -28,8 +28,30 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-#: the module that defines each public name
-LAZY = {
+__all__ = [
+    "Parallel",
+    "delayed",
+    "parallel_config",
+    "parallel_backend",
+    "register_parallel_backend",
+    "effective_n_jobs",
+    "cpu_count",
+    "shared_array",
+    "worker_state",
+    "worker_id",
+    "ParallelBackendBase",
+    "ParmapError",
+    "PoolError",
+    "WorkerCrashedError",
+    "TerminatedWorkerError",
+    "TaskTimeoutError",
+    "SerializationError",
+    "RemoteTaskError",
+    "RemoteTraceback",
+]
+
+#: the module that defines each public name (each shows as ``parmap.X``: see _public)
+_LAZY = {
     "Parallel": "parmap._parallel",
     "delayed": "parmap._delayed",
     "parallel_config": "parmap._settings",
@@ -51,25 +73,18 @@ LAZY = {
     "RemoteTraceback": "parmap._errors",
 }
 
-__all__ = list(LAZY)
-
 
 def __getattr__(name: str) -> Any:
-    module = LAZY.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'parmap' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
-    if getattr(value, "__module__", "").startswith("parmap."):
-        try:  # users see parmap.Parallel, not parmap._parallel.Parallel
-            value.__module__ = "parmap"
-        except (AttributeError, TypeError):
-            pass
-    globals()[name] = value
+    globals()[name] = value  # found directly from now on
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
 
 
 def _shutdown_pools() -> None:

@@ -7,8 +7,12 @@ from __future__ import annotations
 import math
 import os
 
+from ._public import public
+
 __all__ = ["cpu_count", "cgroup_cpu_limit", "physical_core_count"]
 
+
+@public
 def cpu_count(only_physical_cores: bool = False) -> int:
     """CPUs this process may use: affinity mask and cgroup CPU quota taken into account.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any, Callable, Mapping, Protocol
 
+from ._public import public
 from . import _context
 from ._errors import add_task_note
 from ._record import BatchRecord, run_observed
@@ -35,6 +36,7 @@ class Tracker(Protocol):
 _last: tuple[Any, Any] = (None, None)  # (function, its wrapper): delayed(f) is called per task
 
 
+@public
 def delayed(function: Callable[..., Any]) -> Callable[..., Task]:
     """Capture a call: ``delayed(f)(*args, **kwargs)`` returns ``(f, args, kwargs)``.
 

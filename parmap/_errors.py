@@ -32,6 +32,8 @@ import pickle
 import reprlib
 from typing import Any, Callable
 
+from ._public import public
+
 __all__ = [
     "timeout_error", "call_repr", "func_name", "add_task_note", "CapturedError",
     "ParmapError",
@@ -45,14 +47,17 @@ __all__ = [
 ]
 
 
+@public
 class ParmapError(Exception):
     """Base class of the errors raised by parmap itself."""
 
 
+@public
 class PoolError(ParmapError):
     """The worker pool failed while running tasks (not the tasks' own code)."""
 
 
+@public
 class WorkerCrashedError(PoolError):
     """A worker process died while running tasks.
 
@@ -74,16 +79,19 @@ class WorkerCrashedError(PoolError):
 TerminatedWorkerError = WorkerCrashedError
 
 
+@public
 class TaskTimeoutError(PoolError, TimeoutError):
     """A task ran for longer than the ``timeout`` given to :class:`~parmap.Parallel`.
 
     The instances parmap raises are also ``multiprocessing.TimeoutError``, as joblib's."""
 
 
+@public
 class SerializationError(ParmapError, pickle.PicklingError):
     """A task's function, argument or result could not be pickled or unpickled."""
 
 
+@public
 class RemoteTaskError(ParmapError):
     """A task raised an exception that could not be sent back as itself.
 
@@ -100,6 +108,7 @@ class RemoteTaskError(ParmapError):
         return type(self), (self.args[0], self.exc_type, self.remote_traceback)
 
 
+@public
 class RemoteTraceback(Exception):
     """Carries the traceback text of a worker; the ``__cause__`` of a RemoteTaskError."""
 

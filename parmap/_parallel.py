@@ -23,6 +23,7 @@ from time import time
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator
 
+from ._public import public
 from ._delayed import Task, check_task
 from ._dispatch import Dispatcher
 from ._insights import Insights
@@ -35,6 +36,7 @@ from .backends import (BackendSpec, CallOptions, ParallelBackendBase, default_is
 __all__ = ["Parallel"]
 
 
+@public
 class Parallel:
     """Run ``delayed`` calls in parallel: ``Parallel(n_jobs=2)(delayed(f)(x) for x in xs)``.
 

@@ -22,6 +22,7 @@ from contextvars import Token
 from types import TracebackType
 from typing import Any, Callable, Mapping
 
+from ._public import public
 from . import _context
 from ._checks import (check_batch_size, check_insights, check_n_jobs, check_positive_int,
                       check_pre_dispatch, check_progress, check_temp_folder, check_timeout,
@@ -123,6 +124,7 @@ def get_config() -> dict[str, Any]:
             if name in SETTINGS and SETTINGS[name].configurable}
 
 
+@public
 class parallel_config:
     """Set defaults for every :class:`~parmap.Parallel` created in this context.
 
@@ -182,6 +184,7 @@ class parallel_config:
             self._token = None
 
 
+@public
 class parallel_backend(parallel_config):
     """joblib's older spelling: ``parallel_backend(backend, n_jobs=-1, ...)``."""
 
@@ -191,6 +194,7 @@ class parallel_backend(parallel_config):
                          inner_max_num_threads=inner_max_num_threads, **backend_params)
 
 
+@public
 def effective_n_jobs(n_jobs: int | str | None = -1) -> int:
     """The number of workers a :class:`~parmap.Parallel` with this ``n_jobs`` would use."""
     settings = resolve({"n_jobs": n_jobs})

@@ -20,6 +20,7 @@ import os
 import weakref
 from typing import Any
 
+from ._public import public
 from ._shm_files import SHM_DIR, shm_has_room, track
 
 __all__ = ["shared_array"]
@@ -27,6 +28,7 @@ __all__ = ["shared_array"]
 _counter = itertools.count()
 
 
+@public
 def shared_array(shape: int | tuple[int, ...] | list[int], dtype: Any = "float64") -> Any:
     """A new zero-filled, writable array of ``shape`` and ``dtype`` in shared memory.
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ._public import public
+
 __all__ = ["worker_state", "worker_id", "enter_process", "enter_thread"]
 
 #: this process's state and id (a worker process resets both when it starts)
@@ -27,6 +29,7 @@ _id = 0
 _local = threading.local()
 
 
+@public
 def worker_state() -> dict[str, Any]:
     """A dict that lives as long as the worker running the current task.
 
@@ -43,6 +46,7 @@ def worker_state() -> dict[str, Any]:
     return _state if state is None else state
 
 
+@public
 def worker_id() -> int:
     """The id of the worker running the current task: 0 … n_jobs-1.
 

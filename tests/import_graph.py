@@ -84,7 +84,7 @@ class _Imports(ast.NodeVisitor):
 
 
 def _lazy_edges(known: set[str]) -> dict[str, set[str]]:
-    """The module paths of the literal ``LAZY`` dicts: the backend registry's, and the
+    """The module paths of the literal ``LAZY`` dicts (``_LAZY`` in the package): the backend registry's, and the
     package's public names (``parmap/__init__.py``, imported on first use)."""
     found: dict[str, set[str]] = {}
     for name in ("parmap", "parmap.backends"):
@@ -96,7 +96,7 @@ def _lazy_edges(known: set[str]) -> dict[str, set[str]]:
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and \
                     isinstance(node.value, ast.Dict):
                 target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-                if isinstance(target, ast.Name) and target.id == "LAZY":
+                if isinstance(target, ast.Name) and target.id in ("LAZY", "_LAZY"):
                     for value in node.value.values:
                         if isinstance(value, ast.Constant):
                             edges.add(str(value.value).partition(":")[0])

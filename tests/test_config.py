@@ -13,6 +13,8 @@ from parmap._cpu import cgroup_cpu_limit, physical_core_count
 from parmap._settings import get_config
 from parmap.backends import _factories
 
+from .conftest import run_script
+
 DOCUMENTED_API = {
     "Parallel", "delayed", "parallel_config", "parallel_backend", "register_parallel_backend",
     "effective_n_jobs", "cpu_count", "ParallelBackendBase", "ParmapError", "PoolError",
@@ -25,6 +27,28 @@ def test_public_api_is_what_the_docs_promise():
     assert set(parmap.__all__) == DOCUMENTED_API
     assert parmap.Parallel.__module__ == "parmap"
     assert parmap.TerminatedWorkerError is parmap.WorkerCrashedError
+
+
+PUBLIC_NAMES = """
+import importlib, pickle, sys, parmap
+assert "parmap._parallel" not in sys.modules  # nothing of the front end yet
+from parmap._errors import WorkerCrashedError  # reached without going through parmap.X
+error = pickle.loads(pickle.dumps(WorkerCrashedError("x")))
+print(f"{type(error).__module__}.{type(error).__qualname__}: {error}")
+for name in parmap.__all__:
+    obj = getattr(importlib.import_module(parmap._LAZY[name]), name)
+    assert obj.__module__ == "parmap", (name, obj.__module__)
+    assert pickle.loads(pickle.dumps(obj)) is obj, name
+print([name for name in dir(parmap) if not name.startswith("__")] == sorted(parmap.__all__))
+"""
+
+
+def test_public_names_show_as_parmap_however_they_were_imported():
+    # the package resolves them on first use (PEP 562); their module is 'parmap' from
+    # the start, for tracebacks and pickles
+    assert set(parmap._LAZY) == set(parmap.__all__)
+    out = run_script(PUBLIC_NAMES, timeout=60)
+    assert out.splitlines() == ["parmap.WorkerCrashedError: x", "True"], out
 
 
 def test_config_is_undone_on_exit():

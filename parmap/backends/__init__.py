@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
+from .._public import public
 from ._base import CallOptions, ParallelBackendBase
 from .sequential import SequentialBackend
 from .threading import ThreadingBackend
@@ -86,6 +87,7 @@ def _factory(name: str) -> Factory:
     return factory
 
 
+@public
 def register_parallel_backend(name: str, factory: Factory, make_default: bool = False) -> None:
     """Register ``factory`` (a backend class or a callable returning a backend) as ``name``."""
     if not isinstance(name, str) or not name:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable, Union
 
+from .._public import public
 from .._delayed import Batch
 
 __all__ = ["ParallelBackendBase", "CallOptions", "Callback", "NestedSpec", "Outcome"]
@@ -68,6 +69,7 @@ class CallOptions:
         return f"CallOptions({fields})"
 
 
+@public
 class ParallelBackendBase(ABC):
     """Base class of parmap backends; subclass it and register with
     :func:`parmap.register_parallel_backend`."""
