@@ -16,9 +16,9 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any, Callable, Mapping, Protocol
 
-from ._public import public
 from . import _context
 from ._errors import add_task_note
+from ._public import public
 from ._record import BatchRecord, run_observed
 
 __all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact"]

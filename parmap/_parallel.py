@@ -23,12 +23,12 @@ from time import time
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator
 
-from ._public import public
 from ._delayed import Task, check_task
 from ._dispatch import Dispatcher
 from ._insights import Insights
 from ._monitor import Monitor
 from ._progress import print_line
+from ._public import public
 from ._settings import DEFAULT, Default, parse_pre_dispatch, resolve, resolve_n_jobs
 from .backends import (BackendSpec, CallOptions, ParallelBackendBase, default_is_processes,
                        make_backend)

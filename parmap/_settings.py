@@ -22,11 +22,11 @@ from contextvars import Token
 from types import TracebackType
 from typing import Any, Callable, Mapping
 
-from ._public import public
 from . import _context
 from ._checks import (check_batch_size, check_insights, check_n_jobs, check_positive_int,
                       check_pre_dispatch, check_progress, check_temp_folder, check_timeout,
                       check_verbose, one_of, parse_pre_dispatch, parse_size, resolve_n_jobs)
+from ._public import public
 from .backends import BackendSpec, check_backend, check_backend_kwargs, make_backend
 
 __all__ = ["Setting", "SETTINGS", "Default", "DEFAULT", "parallel_config", "parallel_backend",

@@ -31,8 +31,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable, Union
 
-from .._public import public
 from .._delayed import Batch
+from .._public import public
 
 __all__ = ["ParallelBackendBase", "CallOptions", "Callback", "NestedSpec", "Outcome"]
 
