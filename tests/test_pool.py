@@ -49,6 +49,16 @@ def test_idle_workers_exit_after_idle_timeout():
     healthy()  # and a new pool starts on demand
 
 
+def test_a_pool_with_an_endless_idle_timeout_stays(monkeypatch):
+    # the manager's wait had no end to compute: it crashed (OverflowError in select)
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    first = Parallel(n_jobs=2, idle_timeout=float("inf"))(delayed(pid_of)(i) for i in range(4))
+    time.sleep(0.3)  # the manager waits, idle, now
+    second = Parallel(n_jobs=2, idle_timeout=float("inf"))(delayed(pid_of)(i) for i in range(4))
+    assert set(second) == set(first) and not errors  # the same workers, reused
+
+
 def initialize(value):
     os.environ["PARMAP_TEST_INIT"] = str(int(os.environ.get("PARMAP_TEST_INIT", "0")) + value)
 

@@ -16,6 +16,7 @@ bug in this loop fails every job of the pool with a ``PoolError`` rather than ha
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -148,9 +149,15 @@ class Manager(threading.Thread):
             return DEADLINE_POLL
         if pool.closed or pool.private:
             return STOP_GRACE if pool.closed else None
+        idle = pool.options.idle_timeout
+        if not math.isfinite(idle):
+            return None  # never idles out
         if pool.active_calls == 0 and not pool.scheduler.pending:
-            return max(0.0, pool.last_active + pool.options.idle_timeout - monotonic())
-        return None
+            return max(0.0, pool.last_active + idle - monotonic())
+        # in use: it can idle out no sooner than idle_timeout after a call ends, which is
+        # later than this wait ends; so the end of a call need not wake this thread (a
+        # pipe write and a round of this loop: ~15 % of a call of 4 tiny tasks)
+        return idle
 
     def _collect(self, worker: Worker, finished: _Finished) -> None:
         try:

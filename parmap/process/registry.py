@@ -70,8 +70,8 @@ def release_pool(pool: WorkerPool) -> None:
         pool.last_active = monotonic()
     if pool.private and pool.active_calls <= 0:
         pool.shutdown()
-    else:
-        pool.wake()  # the idle timer starts now
+    # a shared pool's manager needs no wake: it already waits no longer than the idle
+    # timeout that starts now (see Manager._wait_timeout)
 
 
 def _forget(pool: WorkerPool) -> None:
