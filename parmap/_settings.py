@@ -97,22 +97,29 @@ def _given(value: object) -> bool:
     return not isinstance(value, Default)
 
 
+#: each default, checked once (the checks are pure; a call resolves every setting)
+_CHECKED_DEFAULT: dict[str, Any] = {}
+
+
 def resolve(given: Mapping[str, object]) -> dict[str, Any]:
     """Every setting for a call: explicit values in ``given`` (``Default`` markers and
     absent names count as not given), then the context, environment and defaults.
     ``backend=None`` and ``n_jobs=None`` defer to the context, as in joblib."""
     context = _context.CONFIG.get()
+    defaults = _CHECKED_DEFAULT
+    if not defaults:
+        defaults.update((name, s.check(s.default)) for name, s in SETTINGS.items())
     out: dict[str, Any] = {}
     for name, setting in SETTINGS.items():
         value = given.get(name, DEFAULT[name])
-        if _given(value) and not (value is None and name in ("backend", "n_jobs")):
+        if type(value) is not Default and not (value is None and name in ("backend", "n_jobs")):
             out[name] = setting.check(value)
         elif name in context:
             out[name] = context[name]  # checked when the block was entered
         elif setting.env and os.environ.get(setting.env):
             out[name] = setting.check(os.environ[setting.env])
         else:
-            out[name] = setting.check(setting.default)
+            out[name] = defaults[name]
     out["backend_params"] = context.get("backend_params", {})
     out["nesting_level"] = context.get("nesting_level", 0)
     return out
