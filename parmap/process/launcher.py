@@ -63,9 +63,10 @@ class Launcher(threading.Thread):
         if zygote is not None:
             zygote.join(timeout)
 
-    def _launch(self, wid: int) -> Worker:
+    def _launch(self, wid: int) -> Worker | None:
         """Start a replacement: from the zygote, started now if need be; should it fail
-        (it cannot start, or died), from the forkserver from then on."""
+        (it cannot start, or died), from the forkserver from then on. None: the pool
+        closed meanwhile (a shutdown ended the zygote this thread was waiting on)."""
         if self.zygote is None and self._try_zygote:
             try:
                 self.zygote = Zygote(self.pool.options.warm_cloudpickle)
@@ -79,6 +80,8 @@ class Launcher(threading.Thread):
                 self._dropped.append(self.zygote)
                 self._try_zygote = False
                 self.zygote = None
+                if self.pool.closed:
+                    return None
         return self.pool.launch(wid)
 
     def _loop(self) -> None:
@@ -95,7 +98,11 @@ class Launcher(threading.Thread):
                 if forking:
                     started = [pool.launch(wid) for wid in wids]
             if not forking:
-                started = [self._launch(wid) for wid in wids]
+                for wid in wids:
+                    worker = self._launch(wid) if not pool.closed else None
+                    if worker is None:
+                        break  # closed: no more workers for it
+                    started.append(worker)
             with pool.lock:
                 closed = pool.closed
                 for worker in started:
