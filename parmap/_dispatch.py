@@ -147,6 +147,7 @@ class Dispatcher:
         self._jobs: dict[int, _Job] = {}  # batch start index -> job, in dispatch order
         self.exhausted = False
         self.aborted = False
+        self._cancelled_because: str | None = None  # see abort
         self.n_dispatched = 0  # tasks read from the iterable and submitted
         self.n_batches = 0
         self.n_completed = 0  # tasks whose results the consumer has seen
@@ -317,6 +318,8 @@ class Dispatcher:
             try:
                 return get(timeout=POLL_INTERVAL)
             except Empty:
+                if self._cancelled_because is not None:
+                    raise RuntimeError(self._cancelled_because)
                 if self._track:
                     self._check_timeouts()
 
@@ -345,9 +348,12 @@ class Dispatcher:
                 self.abort()
                 raise timeout_error(index, task, self.timeout, "the call was cancelled")
 
-    def abort(self, ensure_ready: bool = True) -> None:
-        """Stop dispatching and cancel what the backend has not finished."""
+    def abort(self, ensure_ready: bool = True, why: str | None = None) -> None:
+        """Stop dispatching and cancel what the backend has not finished. ``why``: what a
+        consumer still waiting for results is told (cancelled jobs send none)."""
         self.aborted = True
+        if why is not None:
+            self._cancelled_because = why
         if not self._abort_done:
             self._abort_done = True
             self.backend.abort_everything(ensure_ready=ensure_ready)

@@ -127,7 +127,10 @@ class Parallel:
         self._managed = False
         live = self._live
         if live is not None:  # a generator of this block is still referenced: its tasks
-            live.abort(ensure_ready=False)  # must not outlive the block
+            live.abort(ensure_ready=False, why=(  # must not outlive the block
+                "the generator of this Parallel call was cancelled when its `with "
+                "Parallel(...)` block ended: read a generator's results inside the "
+                "block, or use return_as='list'"))
         self._backend.terminate()
 
     def _effective_n_jobs(self) -> int:

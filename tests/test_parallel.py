@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 
@@ -84,6 +85,22 @@ def test_context_manager_reuses_backend(parallel_backend):
         second = parallel(delayed(square)(i) for i in range(10, 20))
         assert parallel._backend._pool is workers
     assert first + second == [i * i for i in range(20)]
+
+
+def nap_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+@pytest.mark.timeout(30)
+def test_a_generator_read_after_its_with_block_ended_says_so(parallel_backend):
+    # its remaining tasks were cancelled as the block ended: no result will come
+    with Parallel(n_jobs=2, backend=parallel_backend, return_as="generator") as parallel:
+        results = parallel(delayed(nap_square)(i) for i in range(50))
+        assert next(results) == 0
+    with pytest.raises(RuntimeError, match=r"cancelled when its `with Parallel\(...\)` "
+                                           r"block ended.*inside the block"):
+        list(results)
 
 
 def test_instance_can_be_called_again(backend):
