@@ -16,6 +16,7 @@ for every call in the block.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from itertools import chain, islice
 from operator import length_hint
@@ -34,6 +35,8 @@ from .backends import (BackendSpec, CallOptions, ParallelBackendBase, default_is
                        make_backend)
 
 __all__ = ["Parallel"]
+
+_CLAIM = threading.Lock()  # held only to claim an instance for a call (_running)
 
 
 @public
@@ -156,15 +159,17 @@ class Parallel:
 
     def __call__(self, iterable: Iterable[Task]) -> Any:
         """Run the tasks: a list of results, or a generator for the generator modes."""
-        if self._running:
-            raise RuntimeError(
-                "This Parallel instance is already running: its generator was neither "
-                "exhausted nor closed. Finish or close() that generator first, or use a "
-                "separate Parallel instance for concurrent calls.")
-        started = time() if self._observe else 0.0
-        n_jobs = self._configure()
-        self._running = True
+        with _CLAIM:  # check and set as one: two threads may call the same instance
+            if self._running:
+                raise RuntimeError(
+                    "This Parallel instance is already running: a call of it in another "
+                    "thread, or its generator, which was neither exhausted nor closed. "
+                    "Finish or close() that generator first, or use a separate Parallel "
+                    "instance for concurrent calls.")
+            self._running = True
         try:
+            started = time() if self._observe else 0.0
+            n_jobs = self._configure()
             monitor = self._monitor(iterable, n_jobs, started)
             if n_jobs == 1:
                 if isinstance(self.batch_size, int) and self.batch_size > 1:

@@ -119,6 +119,28 @@ def test_call_while_generator_running_is_an_error(backend):
     assert list(parallel([delayed(square)(5)])) == [25]
 
 
+@pytest.mark.timeout(30)
+def test_one_instance_called_from_two_threads_at_once_is_an_error(parallel_backend):
+    # the second call gets the error (the two used to share the backend's pool and
+    # shared-memory files, and could hang or lose a file); the first one completes
+    parallel = Parallel(n_jobs=2, backend=parallel_backend)
+    running, release, out = threading.Event(), threading.Event(), []
+
+    def tasks():
+        running.set()
+        release.wait(10)  # the input is read in the caller's thread: the call is on
+        yield from (delayed(square)(i) for i in range(4))
+
+    first = threading.Thread(target=lambda: out.append(parallel(tasks())))
+    first.start()
+    assert running.wait(10)
+    with pytest.raises(RuntimeError, match="already running: a call of it in another thread"):
+        parallel([delayed(square)(1)])
+    release.set()
+    first.join(20)
+    assert out == [[0, 1, 4, 9]]
+
+
 def test_infinite_generator_is_read_lazily(backend):
     consumed = itertools.count()
 
