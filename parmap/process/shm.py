@@ -47,6 +47,7 @@ from .._shm_files import SHM_DIR, shm_has_room, track
 from .lifetime import pid_alive
 
 __all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
+           "byte_view", "dtype_spec",
            "choose_folder", "dumps_with", "track", "unlink", "write_all", "shm_has_room",
            "SHM_DIR"]
 
@@ -65,6 +66,20 @@ def unlink(path: str) -> None:
     except FileNotFoundError:
         return  # already removed (and unregistered) by whoever removed it
     track(path, register=False)
+
+
+def byte_view(arr: Any) -> memoryview:
+    """The bytes of a C-contiguous array, whatever its dtype (a memoryview of the array
+    itself refuses datetimes, and some structured dtypes)."""
+    import numpy as np
+
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def dtype_spec(dtype: Any) -> Any:
+    """What travels for ``dtype``: its short string, or the dtype itself where that
+    string loses something (a structured dtype's ``.str`` is ``|V12``: no fields)."""
+    return dtype if dtype.fields is not None else dtype.str
 
 
 def write_all(fd: int, data: memoryview, offset: int) -> None:
@@ -105,6 +120,7 @@ class ArgumentPlacer:
         self.can_inherit = can_inherit if self.mmap_mode == "r" else None
         self.token = os.urandom(6).hex()
         self._placed: dict[int, tuple] = {}  # id(root) -> (root, path, base address)
+        self._copies: dict[tuple, tuple] = {}  # view's geometry -> (its root, C copy)
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
         self._folder: str | None = None
@@ -127,19 +143,27 @@ class ArgumentPlacer:
             while isinstance(root.base, np.ndarray):
                 root = root.base
             if root.base is not None or not root.flags.c_contiguous:
-                arr = root = np.ascontiguousarray(arr)  # foreign buffer: place the view
+                # a foreign buffer, or another order: place a C copy of the view, made
+                # once per call however many tasks get the array
+                key = (id(root), arr.__array_interface__["data"][0], arr.shape,
+                       arr.strides, arr.dtype.str)
+                with self._lock:
+                    copy = self._copies.get(key)
+                    if copy is None:
+                        copy = self._copies[key] = (root, np.ascontiguousarray(arr))
+                arr = root = copy[1]
             pinned = self._pin(root)
             if pinned is not None:
                 offset = (arr.__array_interface__["data"][0]
                           - root.__array_interface__["data"][0])
-                return rebuild_inherited, (pinned, offset, arr.dtype.str, arr.shape,
-                                           arr.strides)
+                return rebuild_inherited, (pinned, offset, dtype_spec(arr.dtype),
+                                           arr.shape, arr.strides)
             with self._lock:
                 entry = self._placed.get(id(root))
                 if entry is None:
                     entry = self._placed[id(root)] = self._place(root)
             path, offset = entry[1], arr.__array_interface__["data"][0] - entry[2]
-        return rebuild_array, (path, offset, arr.dtype.str, arr.shape, arr.strides,
+        return rebuild_array, (path, offset, dtype_spec(arr.dtype), arr.shape, arr.strides,
                                self.mmap_mode)
 
     def _pin(self, root: Any) -> str | None:
@@ -165,10 +189,12 @@ class ArgumentPlacer:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, end - start)
-            if _can_remap(root):
+            # not with r+ (w+): the workers write to the file, and the caller's pages,
+            # mapped privately onto it, would show some of their writes
+            if _can_remap(root) and self.mmap_mode != "r+":
                 _copy_and_remap(fd, start, end)
             else:
-                write_all(fd, memoryview(root), address - start)
+                write_all(fd, byte_view(root), address - start)
         finally:
             os.close(fd)
         return root, path, start
@@ -186,6 +212,7 @@ class ArgumentPlacer:
         with self._lock:
             files, self._files = self._files, []
             self._placed.clear()
+            self._copies.clear()
             self.can_inherit = None
             for key in self._pins.values():
                 _PINNED.pop(key, None)  # the caller's array is the caller's again
@@ -348,14 +375,16 @@ def dumps_with(base: type, obj: Any, placer: Placer, protocol: int = 5) -> bytes
 def _ndarray_pickler(base: type) -> type:
     import numpy as np
 
-    ndarray = np.ndarray
+    ndarray, memmap = np.ndarray, np.memmap
     parent_override = getattr(base, "reducer_override", None)
 
     class _Pickler(base):
         placer: Any = None
 
         def reducer_override(self, obj: Any) -> Any:
-            if isinstance(obj, ndarray):
+            # an ndarray or a memmap; not other subclasses (masked arrays, matrices):
+            # a file holds only the data, they are pickled whole
+            if type(obj) is ndarray or isinstance(obj, memmap):
                 reduced = self.placer.reduce(obj)
                 if reduced is not None:
                     return reduced

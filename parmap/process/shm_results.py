@@ -19,7 +19,7 @@ import mmap
 import os
 from typing import Any
 
-from .shm import SHM_DIR, shm_has_room, track, unlink, write_all
+from .shm import SHM_DIR, byte_view, dtype_spec, shm_has_room, track, unlink, write_all
 
 __all__ = ["ResultPlacer", "early_placement", "rebuild_result", "sweep_worker_results",
            "discard_results"]
@@ -48,10 +48,10 @@ class ResultPlacer:
         track(path, register=True)
         try:
             os.ftruncate(fd, data.nbytes)
-            write_all(fd, memoryview(data), 0)
+            write_all(fd, byte_view(data), 0)
         finally:
             os.close(fd)
-        return rebuild_result, (path, data.dtype.str, data.shape)
+        return rebuild_result, (path, dtype_spec(data.dtype), data.shape)
 
 
 class _Placed:
