@@ -254,7 +254,7 @@ class Dispatcher:
             with self._count_lock:
                 self._unreleased -= 1
         self._events.put(job)
-        if self.retain and not self.aborted:
+        if self.retain and not self.aborted and self.backend.dispatch_from_callbacks:
             # Opportunistic: keeps workers fed without waiting for the consumer to wake.
             # If the lock is busy, the consumer's dispatch after this event covers it.
             self.dispatch(blocking=False)
@@ -324,14 +324,11 @@ class Dispatcher:
                     self._check_timeouts()
 
     def _handle(self, event: _Job | _InputError) -> _Job:
-        if isinstance(event, _InputError):
-            self.abort()
-            raise event.exc
-        outcome = event.outcome
-        if isinstance(outcome, BaseException):
+        outcome = event.exc if isinstance(event, _InputError) else event.outcome
+        if isinstance(outcome, BaseException):  # the input's error, or the batch's
             self.abort()
             raise outcome
-        assert outcome is not None  # an event is put once the outcome is set
+        assert isinstance(event, _Job) and outcome is not None  # put once it is set
         event.ready = True
         self.n_completed += len(outcome)
         if self.on_progress is not None:
@@ -351,9 +348,7 @@ class Dispatcher:
     def abort(self, ensure_ready: bool = True, why: str | None = None) -> None:
         """Stop dispatching and cancel what the backend has not finished. ``why``: what a
         consumer still waiting for results is told (cancelled jobs send none)."""
-        self.aborted = True
-        if why is not None:
-            self._cancelled_because = why
+        self.aborted, self._cancelled_because = True, why or self._cancelled_because
         if not self._abort_done:
             self._abort_done = True
             self.backend.abort_everything(ensure_ready=ensure_ready)

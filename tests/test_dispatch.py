@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -239,3 +240,28 @@ def test_an_item_that_is_not_a_task_after_the_first_batch_is_named(bad):
     items[20] = bad
     with pytest.raises(TypeError, match="item 20 of the iterable.*delayed"):
         Parallel(n_jobs=2, backend=SyncBackend())(iter(items))
+
+
+
+def nap_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+def tasks_that_call_parallel(n, readers):
+    for i in range(n):
+        readers.add(threading.current_thread().name)
+        # read in another thread (as it was, by the pool's manager), call Parallel there
+        if threading.current_thread() is not threading.main_thread():
+            Parallel(n_jobs=2)(delayed(nap_square)(j) for j in range(2))
+        yield delayed(nap_square)(i)
+
+
+@pytest.mark.timeout(60)
+def test_an_input_generator_is_read_by_the_callers_thread_and_may_call_parallel():
+    # read by the pool's manager thread (which delivers every call's results), an input
+    # that calls Parallel waited for itself forever, and a slow one stalled other calls
+    readers: set = set()
+    out = Parallel(n_jobs=2, batch_size=1)(tasks_that_call_parallel(10, readers))
+    assert out == [i * i for i in range(10)]
+    assert readers == {threading.current_thread().name}

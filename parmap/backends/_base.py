@@ -86,6 +86,10 @@ class ParallelBackendBase(ABC):
     #: no batch may hold more tasks than this (a process worker recycled after that many
     #: tasks); the dispatcher splits accordingly. None: no limit
     max_batch_size: int | None = None
+    #: the callback may read the next tasks from the user's input, in the thread that
+    #: calls it (a list call's workers are then fed without waiting for the caller to
+    #: wake); False where that thread serves others and must never run user code
+    dispatch_from_callbacks: bool = True
 
     def __init__(self, nesting_level: int = 0):
         #: how many parallel calls enclose the one this backend runs (0: top level)

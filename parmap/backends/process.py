@@ -43,6 +43,10 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 
 class ProcessBackend(ParallelBackendBase):
     enforces_timeout = True
+    # callbacks run in the pool's manager thread, which delivers every call's results:
+    # an input generator run there that blocks (one that calls Parallel itself, say)
+    # would stall them all, or deadlock
+    dispatch_from_callbacks = False
     target_batch_duration = 0.05  # ~0.2 ms of the caller's CPU per batch: 0.4 %
 
     def __init__(self, nesting_level: int = 0, initializer: Callable[..., Any] | None = None,
