@@ -108,7 +108,16 @@ def sweep_worker_results(parent_pid: int, worker_pid: int) -> None:
         return
     for entry in entries:
         if entry.startswith(prefix):
-            unlink(os.path.join(SHM_DIR, entry))
+            path = os.path.join(SHM_DIR, entry)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue  # removed (and unregistered) by whoever removed it
+            # the worker may have been killed between creating the file and registering
+            # it: register it here too (a second registration changes nothing), so that
+            # the tracker knows the name it is told to forget (else it prints a KeyError)
+            track(path, register=True)
+            track(path, register=False)
 
 
 def discard_results(paths: list) -> None:
