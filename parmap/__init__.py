@@ -7,24 +7,12 @@
 The public names are imported on first use (PEP 562): a worker process imports this
 package (it runs ``parmap.process.worker``) but never the front end (``Parallel``, the
 dispatcher, the settings, the backends), which was about a third of a worker's imports:
-the forkserver's start, and every worker's with spawn.
+the forkserver's start, and every worker's with spawn. Type checkers read the names
+from ``__init__.pyi``.
 """
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._cpu import cpu_count
-    from ._delayed import delayed
-    from ._errors import (ParmapError, PoolError, RemoteTaskError, RemoteTraceback,
-                          SerializationError, TaskTimeoutError, TerminatedWorkerError,
-                          WorkerCrashedError)
-    from ._parallel import Parallel
-    from ._settings import effective_n_jobs, parallel_backend, parallel_config
-    from ._shared import shared_array
-    from ._worker_state import worker_id, worker_state
-    from .backends import ParallelBackendBase, register_parallel_backend
 
 __version__ = "0.1.0"
 
@@ -74,7 +62,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'parmap' has no attribute {name!r}")

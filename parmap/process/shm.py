@@ -71,9 +71,7 @@ def unlink(path: str) -> None:
 def byte_view(arr: Any) -> memoryview:
     """The bytes of a C-contiguous array, whatever its dtype (a memoryview of the array
     itself refuses datetimes, and some structured dtypes)."""
-    import numpy as np
-
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view("u1"))
 
 
 def dtype_spec(dtype: Any) -> Any:
@@ -384,7 +382,7 @@ def _ndarray_pickler(base: type) -> type:
         def reducer_override(self, obj: Any) -> Any:
             # an ndarray or a memmap; not other subclasses (masked arrays, matrices):
             # a file holds only the data, they are pickled whole
-            if type(obj) is ndarray or isinstance(obj, memmap):
+            if isinstance(obj, ndarray) and (type(obj) is ndarray or isinstance(obj, memmap)):
                 reduced = self.placer.reduce(obj)
                 if reduced is not None:
                     return reduced
