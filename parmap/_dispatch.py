@@ -185,12 +185,12 @@ class Dispatcher:
         observer = self.observer
         read_from = perf_counter() if observer is not None else 0.0
         if start == 0:  # the first batch; its size may come from earlier calls
-            func, tasks = None, self._input.take(size)
+            func, tasks, unary = None, self._input.take(size), False
             if tasks and self._fixed_size is None and \
                     type(tasks[0]) is tuple and len(tasks[0]) == 3:
                 tasks, size = self._first_batch(tasks, size)
         else:
-            func, tasks = self._input.take_compact(size)
+            func, tasks, unary = self._input.take_compact(size)
         if tasks and func is None:
             func, tasks = _checked_compact(tasks, start)
         # only now: a consumer that sees the input exhausted with no batch left returns,
@@ -201,6 +201,7 @@ class Dispatcher:
         if not tasks:
             return
         batch = Batch(start, tasks, func, self._nested)
+        batch.unary = unary
         if self.sizer.per_task is not None:
             batch.expected = self.sizer.per_task * len(tasks)
         job = _Job(batch)

@@ -3,7 +3,8 @@
 Only :class:`LockedIterator`'s holder reads: the caller's thread, or a backend thread
 completing a batch (``_dispatch``). After the first batch, tasks are read one at a time in
 compact form (:meth:`LockedIterator.take_compact`), so each task tuple is freed as soon
-as its arguments are taken.
+as its arguments are taken. An input written ``delayed(f)(x) for x in xs`` is not run at
+all: its ``x``'s are read straight from ``xs`` (see ``_genexpr``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from itertools import chain, islice
 from typing import Any, Callable, Iterable, Iterator
 
 from ._delayed import is_task
+from ._genexpr import delayed_calls
 
 __all__ = ["LockedIterator"]
 
@@ -28,24 +30,37 @@ class LockedIterator:
 
     def __init__(self, iterable: Iterable):
         self.lock = threading.RLock()
-        self._it: Iterator = iter(iterable)
+        #: ``delayed(f)(x) for x in xs``: ``f``, and ``_it`` iterates the ``x``'s
+        self._unary: Callable[..., Any] | None = None
+        found = delayed_calls(iterable)
+        if found is not None:
+            self._unary, self._it = found
+        else:
+            self._it = iter(iterable)
 
     def take(self, n: int) -> list:
         """Up to ``n`` tasks (fewer: the input is exhausted). Lock held."""
+        func = self._unary
+        if func is not None:
+            return [(func, (x,), {}) for x in islice(self._it, n)]
         return list(islice(self._it, n))  # at C speed
 
-    def take_compact(self, n: int) -> tuple[Callable[..., Any] | None, list]:
+    def take_compact(self, n: int) -> tuple[Callable[..., Any] | None, list, bool]:
         """Up to ``n`` tasks in :func:`~parmap._delayed.compact` form, read one at a time,
         so that each task tuple is freed as soon as its arguments are taken: a list of
         10,000 live task tuples makes the cyclic garbage collector go over them again and
-        again (about 40 % of the time spent reading tiny tasks). ``(None, tasks)`` when
-        the tasks are not all calls of one function without keywords. Lock held."""
+        again (about 40 % of the time spent reading tiny tasks). ``(None, tasks, False)``
+        when the tasks are not all calls of one function without keywords; the last item
+        is True when the list holds each task's only argument rather than argument tuples
+        (``Batch.unary``). Lock held."""
         it = self._it
+        if self._unary is not None:
+            return self._unary, list(islice(it, n)), True  # at C speed, and no tuples
         first: Any = next(it, _END)
         if first is _END:
-            return None, []
+            return None, [], False
         if not (is_task(first) and not first[2]):
-            return None, [first] + self.take(n - 1)
+            return None, [first] + self.take(n - 1), False
         func = first[0]
         args = [first[1]]
         append = args.append
@@ -59,9 +74,12 @@ class LockedIterator:
             # another function, keywords, or not a task: the general form
             tasks: list = [(func, a, {}) for a in args]
             tasks.append(task)
-            return None, tasks + self.take(n - len(tasks))
-        return func, args
+            return None, tasks + self.take(n - len(tasks)), False
+        return func, args, False
 
     def push_back(self, tasks: list) -> None:
-        """Make ``tasks`` the next ones read. Lock held."""
-        self._it = chain(tasks, self._it)
+        """Make ``tasks``, read by :meth:`take`, the next ones read. Lock held."""
+        if self._unary is not None:
+            self._it = chain([args[0] for _, args, _ in tasks], self._it)
+        else:
+            self._it = chain(tasks, self._it)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ._delayed import Task, check_task
 from ._dispatch import Dispatcher
+from ._genexpr import delayed_calls
 from ._insights import Insights
 from ._monitor import Monitor
 from ._progress import print_line
@@ -220,6 +221,10 @@ class Parallel:
             if monitor is not None:
                 yield from monitor.run_inline(iterable)
                 return
+            found = delayed_calls(iterable)
+            if found is not None:
+                yield from map(*found)
+                return
             for index, task in enumerate(iterable):
                 if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
                     check_task(task, index)
@@ -269,6 +274,9 @@ class Parallel:
 def _run_all(iterable: Iterable[Task]) -> list:
     """``n_jobs=1``, a list, nothing to report: the plain loop, no generator in between
     (about 20 % of a tiny task's cost)."""
+    found = delayed_calls(iterable)
+    if found is not None:  # delayed(f)(x) for x in xs: as fast as map(f, xs)
+        return list(map(*found))
     out: list = []
     append = out.append
     for task in iterable:

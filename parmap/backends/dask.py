@@ -147,6 +147,8 @@ class DaskBackend(ParallelBackendBase):
             func, tasks = compact(batch.tasks)
             if func is not None:  # keep the compact form: it is also what we send
                 batch.func, batch.tasks = func, tasks
+        if batch.unary:  # what is sent is argument tuples
+            batch.tasks, batch.unary = [(arg,) for arg in batch.tasks], False
         func, tasks = batch.func, batch.tasks
         wire, scattered = self._scatter.externalise(func, tasks) if self._scatter is not None \
             else (tasks, ())

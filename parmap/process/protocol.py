@@ -51,6 +51,7 @@ import io
 import os
 import pickle
 import time
+from itertools import chain
 from types import FunctionType
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -107,9 +108,10 @@ def encode_request(batch: Batch, track: bool, placer: shm.ArgumentPlacer | None 
         # keep the compact form in the caller too: the task tuples can go now, which
         # spares the garbage collector tens of thousands of live tuples per batch
         batch.func, batch.tasks = func, tasks
-    unary = func is not None and set(map(len, tasks)) == {1}
-    if unary:  # delayed(f)(x): send the x's themselves (the caller's batch is unchanged)
-        tasks = [arg for (arg,) in tasks]
+    unary = batch.unary  # read as such from the input (see _genexpr)
+    if not unary and func is not None and set(map(len, tasks)) == {1}:
+        # delayed(f)(x): send the x's themselves (the caller's batch is unchanged)
+        tasks, unary = list(chain.from_iterable(tasks)), True
     request = Request(batch.start, func, tasks, unary, track, result_nbytes, batch.nested,
                       batch.record is not None)
     try:

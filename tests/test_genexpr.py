@@ -1,0 +1,177 @@
+"""``delayed(f)(x) for x in xs`` is read from ``xs`` without running the expression, and
+every other expression is run as written."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import joblib
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import parmap
+from parmap import Parallel, delayed
+from parmap._batching import MAX_AUTO_BATCH
+from parmap._genexpr import delayed_calls
+from parmap.backends.threading import ThreadingBackend
+
+from .conftest import recording
+
+
+def double(x):
+    return 2 * x
+
+
+def add(x, y=0):
+    return x + y
+
+
+class Counted:
+    """An iterator over ``range(n)`` that counts the items taken from it."""
+
+    def __init__(self, n=None):
+        self._it = itertools.count() if n is None else iter(range(n))
+        self.read = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        value = next(self._it)
+        self.read += 1
+        return value
+
+
+def closure_over(func):
+    return (delayed(func)(x) for x in range(3))
+
+
+def test_the_idiom_is_recognised_whatever_the_names_are_bound_to():
+    xs = range(3)
+    cases = {
+        "global": ((delayed(double)(x) for x in xs), double),
+        "builtin": ((delayed(abs)(x) for x in xs), abs),
+        "attribute chain": ((parmap.delayed(math.sqrt)(i) for i in xs), math.sqrt),
+        "enclosing function's variable": (closure_over(double), double),
+    }
+    for label, (expression, func) in cases.items():
+        found = delayed_calls(expression)
+        assert found is not None, label
+        assert found[0] is func, label
+        assert list(found[1]) == [0, 1, 2], label
+
+
+@pytest.mark.parametrize("label", ["condition", "two arguments", "keyword", "expression",
+                                   "constant", "two loops", "unpacking", "other delayed",
+                                   "list", "started"])
+def test_other_inputs_are_not_recognised(label):
+    xs = range(4)
+    y = 1
+    inputs = {
+        "condition": (delayed(double)(x) for x in xs if x),
+        "two arguments": (delayed(add)(x, y) for x in xs),
+        "keyword": (delayed(add)(x, y=1) for x in xs),
+        "expression": (delayed(double)(x + 1) for x in xs),
+        "constant": (delayed(double)(y) for x in xs),
+        "two loops": (delayed(double)(x) for x in xs for _ in xs),
+        "unpacking": (delayed(add)(x) for x, in zip(xs)),
+        "other delayed": (joblib.delayed(double)(x) for x in xs),
+        "list": [delayed(double)(x) for x in xs],
+    }
+    if label == "started":
+        started = (delayed(double)(x) for x in xs)
+        next(started)
+        inputs["started"] = started
+    assert delayed_calls(inputs[label]) is None
+
+
+def test_a_recognised_expression_is_not_run_and_its_iterator_is_read():
+    source = Counted(100)
+    expression = (delayed(double)(x) for x in source)
+    assert Parallel(n_jobs=2, backend="threading")(expression) == [2 * i for i in range(100)]
+    assert source.read == 100
+    # never started: a run expression would have ended (and dropped its frame)
+    assert expression.gi_frame is not None and not expression.gi_suspended
+
+
+@pytest.mark.parametrize("backend", ["threading", "processes"])
+def test_recognised_calls_give_the_results_and_errors_of_the_expression(backend):
+    expected = [math.sqrt(i) for i in range(3000)]
+    assert Parallel(n_jobs=2, backend=backend)(
+        delayed(math.sqrt)(i) for i in range(3000)) == expected
+    with pytest.raises(ValueError) as info:
+        Parallel(n_jobs=2, backend=backend)(delayed(math.sqrt)(x) for x in [4.0] * 50 + [-1.0])
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "task 50" in notes and "sqrt(-1.0)" in notes
+
+
+@pytest.mark.parametrize("return_as", ["list", "generator"])
+def test_n_jobs_1_runs_a_recognised_call_in_the_callers_thread(return_as):
+    source = Counted(3000)
+    expression = (delayed(math.sqrt)(x) for x in source)
+    out = Parallel(n_jobs=1, return_as=return_as)(expression)
+    assert list(out) == [math.sqrt(i) for i in range(3000)]
+    assert source.read == 3000 and expression.gi_frame is not None  # never started
+    with pytest.raises(ValueError, match="math domain error") as info:  # plain, for pdb
+        list(Parallel(n_jobs=1, return_as=return_as)(delayed(math.sqrt)(x) for x in [4.0, -1.0]))
+    assert not getattr(info.value, "__notes__", None)
+
+
+def test_a_name_bound_to_something_else_runs_the_expression_as_written():
+    with pytest.raises(TypeError, match="callable"):
+        Parallel(n_jobs=2, backend="threading")(delayed(3)(x) for x in range(4))
+    with pytest.raises(NameError, match="not_defined_anywhere"):
+        Parallel(n_jobs=2, backend="threading")(
+            delayed(not_defined_anywhere)(x) for x in range(4))  # noqa: F821
+
+
+def test_an_error_of_the_iterated_input_reaches_the_caller():
+    def numbers():
+        yield from range(500)
+        raise KeyError("input broke")
+
+    with pytest.raises(KeyError, match="input broke"):
+        Parallel(n_jobs=2, backend="threading")(delayed(double)(x) for x in numbers())
+
+
+@pytest.mark.parametrize("options", [{"timeout": 30}, {"insights": True}],
+                         ids=["timeout", "insights"])
+def test_recognised_batches_run_with_a_tracker_or_a_recording(options):
+    out = Parallel(n_jobs=2, backend="threading", **options)(
+        delayed(double)(x) for x in range(2000))
+    assert out == [2 * i for i in range(2000)]
+
+
+def test_an_infinite_input_is_read_within_the_bound():
+    source = Counted()
+    out = Parallel(n_jobs=2, backend="threading", return_as="generator")(
+        delayed(double)(x) for x in source)
+    assert list(itertools.islice(out, 1000)) == [2 * i for i in range(1000)]
+    out.close()
+    assert source.read <= 1000 + 5 * MAX_AUTO_BATCH
+
+
+def test_a_first_batch_sized_from_an_earlier_call_puts_back_what_it_read_ahead():
+    Parallel(n_jobs=2, backend="threading")(delayed(add)(i) for i in range(5000))
+    backend = recording(ThreadingBackend)()
+    out = Parallel(n_jobs=2, backend=backend)(delayed(add)(i) for i in range(7))
+    assert out == list(range(7))
+    assert backend.sizes == [4, 3]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_tasks=st.integers(0, 300), batch_size=st.one_of(st.just("auto"), st.integers(1, 40)),
+       pre_dispatch=st.one_of(st.just("all"), st.integers(1, 10)),
+       return_as=st.sampled_from(["list", "generator", "generator_unordered"]))
+def test_recognised_calls_match_a_list_comprehension(n_tasks, batch_size, pre_dispatch,
+                                                     return_as):
+    source = Counted(n_tasks)
+    out = Parallel(n_jobs=2, backend="threading", batch_size=batch_size,
+                   pre_dispatch=pre_dispatch, return_as=return_as)(
+        delayed(double)(x) for x in source)
+    results = list(out)
+    expected = [2 * i for i in range(n_tasks)]
+    assert (sorted(results) if return_as == "generator_unordered" else results) == expected
+    assert source.read == n_tasks
