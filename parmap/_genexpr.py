@@ -21,7 +21,7 @@ is consumed instead, as far as the call reads).
 """
 from __future__ import annotations
 
-import dis
+from functools import cache
 from types import CodeType, GeneratorType
 from typing import Any, Callable, Iterator
 
@@ -35,17 +35,20 @@ _NOISE = frozenset({"CACHE", "RESUME", "PRECALL", "PUSH_NULL", "NOP", "EXTENDED_
                     "COPY_FREE_VARS", "MAKE_CELL"})
 _NAMES = frozenset({"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"})
 _ATTRS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
-_JUMPS = frozenset(dis.hasjrel) | frozenset(dis.hasjabs)
-_CONSTS = frozenset(dis.hasconst)
 
 #: a name looked up by the expression: (opcode name, name, attribute chain)
 _Lookup = tuple[str, str, tuple[str, ...]]
 _SLOT = ("<lookup>",)  # where the reference has a lookup, the expression may have any
 
+_REFERENCE = next(c for c in compile("(_delayed(_f)(_x) for _x in _xs)", "<parmap>",
+                                     "eval").co_consts if isinstance(c, CodeType))
+
 
 def _shape(code: CodeType) -> tuple[list[tuple], list[_Lookup]]:
     """The instructions of ``code`` that matter, each lookup replaced by ``_SLOT``,
     and the lookups in order."""
+    import dis  # stdlib, but 1-2 ms: the usual expression, of two globals, needs none
+
     ops: list[tuple] = []
     lookups: list[_Lookup] = []
     for ins in dis.get_instructions(code):
@@ -58,20 +61,18 @@ def _shape(code: CodeType) -> tuple[list[tuple], list[_Lookup]]:
         elif name in _NAMES:
             ops.append(_SLOT)
             lookups.append((name, ins.argval, ()))
-        elif ins.opcode in _JUMPS:
+        elif ins.opcode in dis.hasjrel or ins.opcode in dis.hasjabs:
             ops.append((name,))  # targets move with the length of the lookups
         else:
-            ops.append((name, ins.argval if ins.opcode in _CONSTS else ins.arg))
+            ops.append((name, ins.argval if ins.opcode in dis.hasconst else ins.arg))
     return ops, lookups
 
 
-def _reference() -> list[tuple]:
-    module = compile("(_delayed(_f)(_x) for _x in _xs)", "<parmap>", "eval")
-    code = next(c for c in module.co_consts if isinstance(c, CodeType))
-    return _shape(code)[0]
+@cache
+def _reference_ops() -> list[tuple]:
+    return _shape(_REFERENCE)[0]
 
 
-_REFERENCE = _reference()
 _seen: dict[CodeType, list[_Lookup] | None] = {}  # code -> its two lookups, or None
 
 
@@ -80,8 +81,15 @@ def _lookups(code: CodeType) -> list[_Lookup] | None:
         return _seen[code]
     except KeyError:
         pass
-    ops, lookups = _shape(code)
-    found = lookups if ops == _REFERENCE and len(lookups) == 2 else None
+    ref = _REFERENCE
+    if code.co_code == ref.co_code and code.co_consts == ref.co_consts and \
+            len(code.co_names) == 2 and getattr(code, "co_exceptiontable", None) == \
+            getattr(ref, "co_exceptiontable", None):  # the table: Python 3.11+
+        # the reference itself, other names: two globals, the usual case
+        found: list[_Lookup] | None = [("LOAD_GLOBAL", name, ()) for name in code.co_names]
+    else:
+        ops, lookups = _shape(code)
+        found = lookups if ops == _reference_ops() and len(lookups) == 2 else None
     if len(_seen) >= 256:  # expressions written in a loop of exec: keep the cache small
         _seen.clear()
     _seen[code] = found
