@@ -135,6 +135,8 @@ class Batch:
                 self.tasks, self.unary = [(arg,) for arg in self.tasks], False
             if self.unary and func is not None:  # the fastest loop, at C speed: delayed(f)(x) in a worker
                 out.extend(map(func, self.tasks))  # on error, out holds those before it
+                if len(out) < len(self.tasks):  # map took a task's StopIteration for its end
+                    raise StopIteration
             elif func is not None and self.tracker is None and self.transform is None \
                     and self.record is None:
                 append = out.append
@@ -146,6 +148,13 @@ class Batch:
                 self._run_general(out)
         except BaseException as exc:
             position = self.failed = len(out)
+            if isinstance(exc, StopIteration):  # raised on, it would end a loop instead
+                error = RuntimeError(
+                    "the task raised StopIteration, which would silently end the loop "
+                    "that collects the results; as Python does in generators, it is "
+                    "turned into this RuntimeError: raise another exception in the task")
+                add_task_note(error, self.start + position, self.task(position))
+                raise error from exc
             add_task_note(exc, self.start + position, self.task(position))
             raise
         finally:

@@ -35,6 +35,8 @@ _NOISE = frozenset({"CACHE", "RESUME", "PRECALL", "PUSH_NULL", "NOP", "EXTENDED_
                     "COPY_FREE_VARS", "MAKE_CELL"})
 _NAMES = frozenset({"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_FROM_DICT_OR_DEREF"})
 _ATTRS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+#: Python 3.10 calls a method it loaded with its own instruction; the call is the same
+_SAME = {"CALL_METHOD": "CALL_FUNCTION"}
 
 #: a name looked up by the expression: (opcode name, name, attribute chain)
 _Lookup = tuple[str, str, tuple[str, ...]]
@@ -52,7 +54,7 @@ def _shape(code: CodeType) -> tuple[list[tuple], list[_Lookup]]:
     ops: list[tuple] = []
     lookups: list[_Lookup] = []
     for ins in dis.get_instructions(code):
-        name = ins.opname
+        name = _SAME.get(ins.opname, ins.opname)
         if name in _NOISE:
             continue
         if name in _ATTRS and ops and ops[-1] is _SLOT:
@@ -120,10 +122,10 @@ def delayed_calls(iterable: object) -> tuple[Callable[..., Any], Iterator[Any]] 
     if lookups is None:
         return None
     try:
-        wrapper, func = _look_up(lookups[0], frame), _look_up(lookups[1], frame)
+        if _look_up(lookups[0], frame) is not delayed:
+            return None  # before looking f up: an attribute chain may run code
+        func = _look_up(lookups[1], frame)
         xs = frame.f_locals[".0"]  # the iterator the expression loops over
     except Exception:  # a name not bound yet: running the expression will say so
         return None
-    if wrapper is not delayed or not callable(func):
-        return None
-    return func, xs
+    return (func, xs) if callable(func) else None

@@ -223,7 +223,9 @@ class Parallel:
                 return
             found = delayed_calls(iterable)
             if found is not None:
-                yield from map(*found)
+                func, xs = found
+                for x in xs:
+                    yield func(x)
                 return
             for index, task in enumerate(iterable):
                 if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
@@ -276,7 +278,8 @@ def _run_all(iterable: Iterable[Task]) -> list:
     (about 20 % of a tiny task's cost)."""
     found = delayed_calls(iterable)
     if found is not None:  # delayed(f)(x) for x in xs: as fast as map(f, xs)
-        return list(map(*found))
+        func, xs = found
+        return [func(x) for x in xs]  # not map: it would end at a task's StopIteration
     out: list = []
     append = out.append
     for task in iterable:

@@ -175,3 +175,42 @@ def test_recognised_calls_match_a_list_comprehension(n_tasks, batch_size, pre_di
     expected = [2 * i for i in range(n_tasks)]
     assert (sorted(results) if return_as == "generator_unordered" else results) == expected
     assert source.read == n_tasks
+
+
+def stop_at_3(x):
+    if x == 3:
+        raise StopIteration
+    return x
+
+
+@pytest.mark.parametrize("backend", ["threading", "processes"])
+@pytest.mark.parametrize("form", ["expression", "list"])
+def test_a_task_raising_stop_iteration_fails_the_call_naming_it(backend, form):
+    """map() would take it for the end of the batch and drop the rest silently."""
+    tasks = (delayed(stop_at_3)(x) for x in range(6))
+    with pytest.raises(RuntimeError, match="StopIteration") as info:
+        Parallel(n_jobs=2, backend=backend, batch_size=2)(
+            tasks if form == "expression" else list(tasks))
+    assert "task 3: stop_at_3(3)" in "\n".join(info.value.__notes__)
+
+
+def test_with_n_jobs_1_a_task_raising_stop_iteration_is_an_error_as_in_a_loop():
+    with pytest.raises(StopIteration):
+        Parallel(n_jobs=1)(delayed(stop_at_3)(x) for x in range(6))
+    with pytest.raises(RuntimeError, match="generator raised StopIteration"):
+        list(Parallel(n_jobs=1, return_as="generator")(delayed(stop_at_3)(x) for x in range(6)))
+
+
+def test_an_attribute_chain_is_not_evaluated_for_another_delayed():
+    class Holder:
+        looked_up = 0
+
+        @property
+        def func(self):
+            Holder.looked_up += 1
+            return double
+
+    holder = Holder()
+    out = Parallel(n_jobs=2, backend="threading")(joblib.delayed(holder.func)(x) for x in range(3))
+    assert out == [0, 2, 4]
+    assert Holder.looked_up == 3  # once per task, by the expression itself
