@@ -52,6 +52,7 @@ class AutoBatchSizer:
         self._per_task: float | None = None
         self._bytes_per_task = 0.0
         self._largest = 0  # the most tasks a measured batch held
+        self._shrunk = MAX_AUTO_BATCH  # the last size shrunk towards the end
         self._cap = MAX_AUTO_BATCH
         self.n_tasks = n_tasks or None
         if n_tasks:
@@ -105,8 +106,13 @@ class AutoBatchSizer:
             return self.size
         left = self.n_tasks - dispatched
         if self._per_task is not None and left * self._per_task <= self.target:
-            return self.size  # what is left is quick: balance no longer matters
-        return max(1, min(self.size, math.ceil(left / (2 * self.n_jobs))))
+            # what is left is quick: no more shrinking, but no growing back either (the
+            # last 4 sleeps of 10 ms after batches shrunk to 2 went to one worker)
+            return min(self.size, self._shrunk)
+        size = max(1, min(self.size, math.ceil(left / (2 * self.n_jobs))))
+        if size < self.size:
+            self._shrunk = size
+        return size
 
     @property
     def per_task(self) -> float | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
-from operator import itemgetter, length_hint
+from operator import itemgetter
 from queue import Empty, SimpleQueue
 from time import monotonic, perf_counter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
@@ -129,9 +129,8 @@ class Dispatcher:
         self.timeout = timeout
         self.on_progress = on_progress
         self.observer = observer
-        hint = length_hint(iterable, 0) if hasattr(iterable, "__len__") else 0
-        self.n_tasks: int | None = hint or None
         self._input = LockedIterator(iterable)
+        self.n_tasks: int | None = self._input.length
         self._limit = pre_dispatch if pre_dispatch is not None else math.inf
         self._fixed_size = batch_size if isinstance(batch_size, int) else None
         self._max_size = backend.max_batch_size  # e.g. a worker's max_tasks_per_child

@@ -22,6 +22,8 @@ is consumed instead, as far as the call reads).
 from __future__ import annotations
 
 from functools import cache
+from itertools import repeat
+from operator import itemgetter, length_hint
 from types import CodeType, GeneratorType
 from typing import Any, Callable, Iterator
 
@@ -37,13 +39,29 @@ _NAMES = frozenset({"LOAD_GLOBAL", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_FROM_D
 _ATTRS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 #: Python 3.10 calls a method it loaded with its own instruction; the call is the same
 _SAME = {"CALL_METHOD": "CALL_FUNCTION"}
+#: iterators whose length hint is exact: the number of tasks is then known at once
+_EXACT = frozenset({type(iter(range(0))), type(iter(range(2 ** 64))), type(iter([])),
+                    type(iter(()))})
 
-#: a name looked up by the expression: (opcode name, name, attribute chain)
-_Lookup = tuple[str, str, tuple[str, ...]]
+#: a value the expression looks up: (opcode name, name, attribute chain), or for a
+#: literal argument ("LOAD_CONST", the value, ())
+_Lookup = tuple[str, Any, tuple[str, ...]]
 _SLOT = ("<lookup>",)  # where the reference has a lookup, the expression may have any
+_LITERAL = "<parmap: any literal>"  # where the reference has it, any literal matches
 
-_REFERENCE = next(c for c in compile("(_delayed(_f)(_x) for _x in _xs)", "<parmap>",
-                                     "eval").co_consts if isinstance(c, CodeType))
+#: the recognised forms, by what the task's one argument is: the loop variable, a name
+#: looked up once, or a literal
+_FORMS = {"loop": "(_delayed(_f)(_x) for _x in _xs)",
+          "name": "(_delayed(_f)(_a) for _x in _xs)",
+          "literal": f"(_delayed(_f)({_LITERAL!r}) for _x in _xs)"}
+
+
+def _compiled(source: str) -> CodeType:
+    module = compile(source, "<parmap>", "eval")
+    return next(c for c in module.co_consts if isinstance(c, CodeType))
+
+
+_REFERENCE = _compiled(_FORMS["loop"])  # its bytecode is the usual expression's
 
 
 def _shape(code: CodeType) -> tuple[list[tuple], list[_Lookup]]:
@@ -71,27 +89,48 @@ def _shape(code: CodeType) -> tuple[list[tuple], list[_Lookup]]:
 
 
 @cache
-def _reference_ops() -> list[tuple]:
-    return _shape(_REFERENCE)[0]
+def _reference_shapes() -> list[tuple[list[tuple], int]]:
+    """Per form: its instructions and how many lookups it has."""
+    shapes = [_shape(_compiled(source)) for source in _FORMS.values()]
+    return [(ops, len(lookups)) for ops, lookups in shapes]
 
 
-_seen: dict[CodeType, list[_Lookup] | None] = {}  # code -> its two lookups, or None
+#: what was found in an expression: the lookups of ``delayed`` and ``f``, and how its
+#: argument is found (None: it is the loop variable)
+_Found = tuple[list[_Lookup], _Lookup | None]
+_seen: dict[CodeType, _Found | None] = {}
 
 
-def _lookups(code: CodeType) -> list[_Lookup] | None:
+def _match(code: CodeType) -> _Found | None:
+    ops, lookups = _shape(code)
+    for ref_ops, n_lookups in _reference_shapes():
+        if len(ops) != len(ref_ops) or len(lookups) != n_lookups:
+            continue
+        literal: _Lookup | None = None
+        for mine, ref in zip(ops, ref_ops):
+            if ref == ("LOAD_CONST", _LITERAL) and mine[0] == "LOAD_CONST":
+                literal = ("LOAD_CONST", mine[1], ())
+            elif mine != ref:
+                break
+        else:
+            return lookups[:2], lookups[2] if n_lookups == 3 else literal
+    return None
+
+
+def _found(code: CodeType) -> _Found | None:
     try:
         return _seen[code]
     except KeyError:
         pass
     ref = _REFERENCE
+    found: _Found | None
     if code.co_code == ref.co_code and code.co_consts == ref.co_consts and \
             len(code.co_names) == 2 and getattr(code, "co_exceptiontable", None) == \
             getattr(ref, "co_exceptiontable", None):  # the table: Python 3.11+
         # the reference itself, other names: two globals, the usual case
-        found: list[_Lookup] | None = [("LOAD_GLOBAL", name, ()) for name in code.co_names]
+        found = [("LOAD_GLOBAL", name, ()) for name in code.co_names], None
     else:
-        ops, lookups = _shape(code)
-        found = lookups if ops == _reference_ops() and len(lookups) == 2 else None
+        found = _match(code)
     if len(_seen) >= 256:  # expressions written in a loop of exec: keep the cache small
         _seen.clear()
     _seen[code] = found
@@ -101,6 +140,8 @@ def _lookups(code: CodeType) -> list[_Lookup] | None:
 def _look_up(lookup: _Lookup, frame: Any) -> Any:
     """The value of one lookup in ``frame``; KeyError or AttributeError if none now."""
     kind, name, attrs = lookup
+    if kind == "LOAD_CONST":
+        return name
     if kind == "LOAD_GLOBAL":
         value = frame.f_globals[name] if name in frame.f_globals else frame.f_builtins[name]
     else:
@@ -110,22 +151,31 @@ def _look_up(lookup: _Lookup, frame: Any) -> Any:
     return value
 
 
-def delayed_calls(iterable: object) -> tuple[Callable[..., Any], Iterator[Any]] | None:
-    """``(f, the iterator of x's)`` when ``iterable`` is ``delayed(f)(x) for x in xs``
-    written as a generator expression and not started; else None."""
+def delayed_calls(iterable: object
+                  ) -> tuple[Callable[..., Any], Iterator[Any], int | None] | None:
+    """``(f, an iterator of the tasks' arguments, their number if known now)`` when
+    ``iterable`` is a generator expression ``delayed(f)(a) for x in xs``, not started,
+    whose ``a`` is ``x``, a name or a literal; else None."""
     if type(iterable) is not GeneratorType or iterable.gi_running:
         return None
     frame = iterable.gi_frame
     if frame is None or getattr(iterable, "gi_suspended", frame.f_lasti != -1):
         return None  # finished or started (gi_suspended: Python 3.11+)
-    lookups = _lookups(iterable.gi_code)
-    if lookups is None:
+    found = _found(iterable.gi_code)
+    if found is None:
         return None
+    (wrapper, function), argument = found
     try:
-        if _look_up(lookups[0], frame) is not delayed:
+        if _look_up(wrapper, frame) is not delayed:
             return None  # before looking f up: an attribute chain may run code
-        func = _look_up(lookups[1], frame)
+        func = _look_up(function, frame)
+        value = _look_up(argument, frame) if argument is not None else None
         xs = frame.f_locals[".0"]  # the iterator the expression loops over
     except Exception:  # a name not bound yet: running the expression will say so
         return None
-    return (func, xs) if callable(func) else None
+    if not callable(func):
+        return None
+    n_tasks = length_hint(xs) if type(xs) in _EXACT else None
+    if argument is not None:  # the same argument for every x, at C speed
+        xs = map(itemgetter(0), zip(repeat(value), xs))
+    return func, xs, n_tasks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from itertools import chain, islice
+from operator import length_hint
 from typing import Any, Callable, Iterable, Iterator
 
 from ._delayed import is_task
@@ -32,11 +33,15 @@ class LockedIterator:
         self.lock = threading.RLock()
         #: ``delayed(f)(x) for x in xs``: ``f``, and ``_it`` iterates the ``x``'s
         self._unary: Callable[..., Any] | None = None
+        #: the number of tasks, where the input tells it exactly
+        self.length: int | None = None
         found = delayed_calls(iterable)
         if found is not None:
-            self._unary, self._it = found
+            self._unary, self._it, self.length = found
         else:
             self._it = iter(iterable)
+            if hasattr(iterable, "__len__"):
+                self.length = length_hint(iterable, 0) or None
 
     def take(self, n: int) -> list:
         """Up to ``n`` tasks (fewer: the input is exhausted). Lock held."""

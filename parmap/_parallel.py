@@ -223,7 +223,7 @@ class Parallel:
                 return
             found = delayed_calls(iterable)
             if found is not None:
-                func, xs = found
+                func, xs, _ = found
                 for x in xs:
                     yield func(x)
                 return
@@ -278,7 +278,7 @@ def _run_all(iterable: Iterable[Task]) -> list:
     (about 20 % of a tiny task's cost)."""
     found = delayed_calls(iterable)
     if found is not None:  # delayed(f)(x) for x in xs: as fast as map(f, xs)
-        func, xs = found
+        func, xs, _ = found
         return [func(x) for x in xs]  # not map: it would end at a task's StopIteration
     out: list = []
     append = out.append

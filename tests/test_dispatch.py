@@ -133,6 +133,18 @@ def test_a_much_bigger_batch_outweighs_the_cold_first_tasks():
     assert 1e-6 < sizer.per_task < 2e-6
 
 
+def test_batches_shrunk_towards_the_end_do_not_grow_back():
+    sizer = AutoBatchSizer(target=0.04, n_jobs=2, n_tasks=200)
+    sizer.observe(4, 0.04)  # 10 ms a task: batches of 4
+    assert sizer.size == 4
+    sizes, done = [], 188
+    while done < 200:
+        sizes.append(sizer.next_size(done))
+        done += sizes[-1]
+    # the last 4 quick tasks go to two workers, not all to one while the other waits
+    assert sizes == [3, 3, 2, 2, 2]
+
+
 def test_auto_batch_size_capped_by_known_length():
     sizer = AutoBatchSizer(target=1.0, n_jobs=2, n_tasks=800)
     for _ in range(10):

@@ -60,10 +60,27 @@ def test_the_idiom_is_recognised_whatever_the_names_are_bound_to():
         assert found is not None, label
         assert found[0] is func, label
         assert list(found[1]) == [0, 1, 2], label
+        assert found[2] == 3, label  # the length of a range is known at once
+
+
+def test_an_argument_that_is_not_the_loop_variable_is_looked_up_once():
+    y = 7
+    for expression, value in [((delayed(double)(y) for _ in range(3)), 7),
+                              ((delayed(double)(2.5) for _ in range(3)), 2.5),
+                              ((delayed(double)("a") for _ in range(3)), "a")]:
+        found = delayed_calls(expression)
+        assert found is not None
+        assert list(found[1]) == [value] * 3 and found[2] == 3
+
+
+def test_the_number_of_tasks_is_known_only_where_the_iterator_tells_it_exactly():
+    assert delayed_calls(delayed(double)(x) for x in [1, 2])[2] == 2
+    assert delayed_calls(delayed(double)(x) for x in Counted(5))[2] is None
+    assert delayed_calls(delayed(double)(x) for x in {1: 0, 2: 0})[2] is None
 
 
 @pytest.mark.parametrize("label", ["condition", "two arguments", "keyword", "expression",
-                                   "constant", "two loops", "unpacking", "other delayed",
+                                   "call", "two loops", "unpacking", "other delayed",
                                    "list", "started"])
 def test_other_inputs_are_not_recognised(label):
     xs = range(4)
@@ -73,7 +90,7 @@ def test_other_inputs_are_not_recognised(label):
         "two arguments": (delayed(add)(x, y) for x in xs),
         "keyword": (delayed(add)(x, y=1) for x in xs),
         "expression": (delayed(double)(x + 1) for x in xs),
-        "constant": (delayed(double)(y) for x in xs),
+        "call": (delayed(double)(len(xs)) for x in xs),
         "two loops": (delayed(double)(x) for x in xs for _ in xs),
         "unpacking": (delayed(add)(x) for x, in zip(xs)),
         "other delayed": (joblib.delayed(double)(x) for x in xs),
