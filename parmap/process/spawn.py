@@ -12,6 +12,7 @@ libraries start (OpenBLAS) are not visible to Python; they manage fork themselve
 """
 from __future__ import annotations
 
+import mmap
 import multiprocessing as mp
 import os
 import pickle
@@ -202,7 +203,11 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
         resource_tracker.ensure_running()
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
-    status = ctx.RawArray("d", 3)  # (task index, start time) for timeouts; RSS
+    # (task index, start time) for timeouts; RSS. A forked child inherits an anonymous
+    # shared mapping; other children get a RawArray, which pickles (sharedctypes and
+    # ctypes cost the caller ~4 ms of imports, and each array ~0.5 ms)
+    status = memoryview(mmap.mmap(-1, 24)).cast("d") if method == "fork" else \
+        ctx.RawArray("d", 3)
     # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be
     # capped to one thread by a call (its variable is read only when libgomp loads)
     cap_openmp = method == "fork" and one_thread and _openmp_pool_running()
