@@ -86,7 +86,7 @@ class Batch:
     """
 
     __slots__ = ("start", "tasks", "func", "unary", "tracker", "duration", "failed",
-                 "expected", "followed", "transform", "nested", "nbytes", "record")
+                 "expected", "transform", "nested", "nbytes", "record")
 
     def __init__(self, start: int, tasks: list, func: Callable[..., Any] | None = None,
                  nested: Mapping[str, Any] | None = None):
@@ -105,9 +105,6 @@ class Batch:
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
         self.expected: float | None = None  # seconds the dispatcher expects it to run
-        #: the dispatcher knows that at least one more batch of this size follows for
-        #: every worker: this one may wait behind another without idling a worker
-        self.followed = False
         #: bytes its results took to reach the caller, where a backend serialised them
         self.nbytes = -1
         self.record: BatchRecord | None = None

@@ -203,7 +203,6 @@ class Dispatcher:
         batch.unary = unary
         if self.sizer.per_task is not None:
             batch.expected = self.sizer.per_task * len(tasks)
-        batch.followed = (self.n_tasks or 0) - start - len(tasks) >= self.n_jobs * len(tasks)
         job = _Job(batch)
         if self._track:
             batch.tracker = job

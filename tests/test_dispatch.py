@@ -145,22 +145,6 @@ def test_batches_shrunk_towards_the_end_do_not_grow_back():
     assert sizes == [3, 3, 2, 2, 2]
 
 
-@pytest.mark.parametrize("sized", [True, False], ids=["list", "generator"])
-def test_batches_say_whether_more_work_follows_for_every_worker(sized):
-    class Followed(ThreadingBackend):
-        def submit(self, batch, callback):
-            seen.append((batch.start, batch.followed))
-            super().submit(batch, callback)
-
-    seen = []
-    tasks = [delayed(double)(i) for i in range(1000)]
-    Parallel(n_jobs=2, backend=Followed(), batch_size=100)(tasks if sized else iter(tasks))
-    if sized:  # followed while at least 2 more batches of 100 remain after it
-        assert sorted(seen) == [(start, start + 100 <= 800) for start in range(0, 1000, 100)]
-    else:  # the end is unknown: never
-        assert all(not followed for _, followed in seen)
-
-
 def test_auto_batch_size_capped_by_known_length():
     sizer = AutoBatchSizer(target=1.0, n_jobs=2, n_tasks=800)
     for _ in range(10):

@@ -5,10 +5,9 @@ from parmap._delayed import Batch
 from parmap.process.scheduler import PREFETCH_MAX, PoolJob, Scheduler, WorkerSlot
 
 
-def job(owner, start=0, expected=None, timeout=None, n=1, followed=False):
+def job(owner, start=0, expected=None, timeout=None, n=1):
     batch = Batch(start, [(abs, (i,), {}) for i in range(n)])
     batch.expected = expected
-    batch.followed = followed  # the dispatcher's: more work follows for every worker
     return PoolJob(owner, batch, b"payload", lambda outcome: None, timeout)
 
 
@@ -64,26 +63,6 @@ def test_long_jobs_wait_for_a_free_worker_and_calls_never_share_a_worker():
     workers = [slot(job("A"))]
     assert drain(scheduler, workers, size=1) == []
     assert list(scheduler.pending) == [long_job, other_call]
-
-
-def test_a_long_job_waits_behind_a_measured_one_only_when_more_work_follows():
-    def long_job(start, followed):
-        return job("A", start, expected=10 * PREFETCH_MAX, followed=followed)
-
-    near_end, far_from_end = long_job(1, False), long_job(2, True)
-    scheduler = Scheduler()
-    scheduler.add(near_end)
-    scheduler.add(far_from_end)
-    workers = [slot(job("A", 0, expected=10 * PREFETCH_MAX))]
-    assert drain(scheduler, workers, size=1) == [(0, far_from_end)]
-    assert list(scheduler.pending) == [near_end]
-    unmeasured = [slot(job("A", 0))]  # behind a job of unknown length nothing waits
-    scheduler = Scheduler()
-    scheduler.add(long_job(1, True))
-    assert drain(scheduler, unmeasured, size=1) == []
-    memory_limited = Scheduler(queue_long=False)  # a worker may be due for replacement
-    memory_limited.add(long_job(1, True))
-    assert drain(memory_limited, [slot(job("A", 0, expected=10 * PREFETCH_MAX))], 1) == []
 
 
 def test_a_worker_holds_at_most_two_jobs():

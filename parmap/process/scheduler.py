@@ -15,12 +15,9 @@ Rules:
    not merely unmeasured): the worker starts it without a round trip through the manager.
    Behind a job of unknown length (the first batches of a call) nothing waits: one slow
    first task must not hold a quick one back (joblib's "fastest first" test).
-   A queued job cannot move to a worker that falls idle, so long jobs are queued only
-   when the dispatcher knows that more work follows for every worker (``followed``:
-   far from the end of a call of known length), behind measured jobs; near the end
-   they would hold the call back. That saves the round trip between every two batches
-   (0.3-1.7 ms here, against batches of ~50 ms). A worker never holds two calls' jobs
-   (cancelling one call never kills another call's work).
+   A queued job cannot move to a worker that falls idle, so long jobs are never
+   queued (they would hold the end of a call back), and a worker never holds two
+   calls' jobs (cancelling one call never kills another call's work).
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
 4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
@@ -52,7 +49,7 @@ class PoolJob:
     """One batch travelling through the pool."""
 
     __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short",
-                 "known_short", "measured", "followed")
+                 "known_short")
 
     def __init__(self, owner: object, batch: Batch, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
@@ -69,9 +66,6 @@ class PoolJob:
         self.short = expected is None or expected < PREFETCH_MAX
         #: another job may wait behind this one (measured short)
         self.known_short = expected is not None and expected < PREFETCH_MAX
-        self.measured = expected is not None
-        #: may wait behind a measured job of its call, however long (see rule 2)
-        self.followed = self.measured and batch.followed
 
     def describe(self) -> str:
         start, n = self.batch.start, len(self.batch)
@@ -146,11 +140,8 @@ class Worker(WorkerSlot):
 class Scheduler:
     """The queue of jobs waiting for a worker, and the rules that place them."""
 
-    def __init__(self, queue_long: bool = True) -> None:
+    def __init__(self) -> None:
         self.pending: deque[PoolJob] = deque()
-        #: False with a memory limit: a long job queued behind one that crosses it
-        #: would run in a worker already due for replacement
-        self.queue_long = queue_long
 
     def add(self, job: PoolJob) -> None:
         self.pending.append(job)
@@ -179,18 +170,13 @@ class Scheduler:
             return idle, pending.popleft()
         if sum(not w.dead for w in workers) < size:
             return None, pending.popleft()
-        for worker in workers:  # rule 2: queue a job behind one of its own call
-            held = worker.jobs
-            if worker.dead or not held or len(held) >= PREFETCH:
+        for worker in workers:  # rule 2: queue a short job behind one of its own call
+            if worker.dead or not worker.jobs or len(worker.jobs) >= PREFETCH or \
+                    not all(held.known_short for held in worker.jobs):
                 continue
-            owner, budget = held[0].owner, worker.budget
-            behind_short = all(h.known_short for h in held)
-            behind_measured = all(h.measured for h in held)
+            owner, budget = worker.jobs[0].owner, worker.budget
             job = next((j for j in pending
-                        if j.owner is owner and len(j.batch) <= budget
-                        and (j.short and behind_short
-                             or j.followed and behind_measured and self.queue_long)),
-                       None)
+                        if j.owner is owner and j.short and len(j.batch) <= budget), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job
