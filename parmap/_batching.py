@@ -38,9 +38,7 @@ class AutoBatchSizer:
     """Picks batch sizes so that a batch runs for about ``target`` seconds.
 
     Starts at 1, learns the per-task time from completed batches (measured in the worker,
-    so transport is not counted; a batch four times bigger than any before replaces what
-    was learnt, which leaves the cold first tasks behind at once), and jumps straight to
-    the size that fits the target,
+    so transport is not counted), and jumps straight to the size that fits the target,
     growing at most ``MAX_GROWTH``-fold per step. When the number of tasks is known, a
     batch never holds more than ``1/(4·n_jobs)`` of them, so every worker gets work.
     """
@@ -51,7 +49,6 @@ class AutoBatchSizer:
         self.size = 1
         self._per_task: float | None = None
         self._bytes_per_task = 0.0
-        self._largest = 0  # the most tasks a measured batch held
         self._shrunk = MAX_AUTO_BATCH  # the last size shrunk towards the end
         self._cap = MAX_AUTO_BATCH
         self.n_tasks = n_tasks or None
@@ -66,15 +63,12 @@ class AutoBatchSizer:
             return
         bytes_per_task = nbytes / n_tasks
         per_task = max((duration + nbytes * SECONDS_PER_BYTE) / n_tasks, 1e-8)
-        if self._per_task is None or n_tasks >= 4 * self._largest:
-            # the first, or many times more tasks than any before: what the first
-            # single tasks measured (a cold worker, ~100x a warm task) is left behind
+        if self._per_task is None:
             self._per_task, self._bytes_per_task = per_task, bytes_per_task
         else:  # weight by the evidence: a big batch says more than a single task
             weight = min(1.0, n_tasks / (n_tasks + self.size))
             self._per_task += weight * (per_task - self._per_task)
             self._bytes_per_task += weight * (bytes_per_task - self._bytes_per_task)
-        self._largest = max(self._largest, n_tasks)
         if func is not None:
             remember(func, self._per_task, self._bytes_per_task)
         self._resize()

@@ -50,7 +50,7 @@ _SLOT = ("<lookup>",)  # where the reference has a lookup, the expression may ha
 _LITERAL = "<parmap: any literal>"  # where the reference has it, any literal matches
 
 #: the recognised forms, by what the task's one argument is: the loop variable, a name
-#: looked up once, or a literal
+#: looked up once (a plain name: an attribute may change at every access), or a literal
 _FORMS = {"loop": "(_delayed(_f)(_x) for _x in _xs)",
           "name": "(_delayed(_f)(_a) for _x in _xs)",
           "literal": f"(_delayed(_f)({_LITERAL!r}) for _x in _xs)"}
@@ -113,6 +113,8 @@ def _match(code: CodeType) -> _Found | None:
             elif mine != ref:
                 break
         else:
+            if n_lookups == 3 and lookups[2][2]:
+                return None  # an attribute may differ at every access (a property)
             return lookups[:2], lookups[2] if n_lookups == 3 else literal
     return None
 
@@ -175,7 +177,10 @@ def delayed_calls(iterable: object
         return None
     if not callable(func):
         return None
-    n_tasks = length_hint(xs) if type(xs) in _EXACT else None
+    try:
+        n_tasks = length_hint(xs) if type(xs) in _EXACT else None
+    except OverflowError:  # a range longer than sys.maxsize
+        n_tasks = None
     if argument is not None:  # the same argument for every x, at C speed
         xs = map(itemgetter(0), zip(repeat(value), xs))
     return func, xs, n_tasks

@@ -123,16 +123,6 @@ def test_auto_batch_size_stays_small_for_slow_tasks():
     assert sizer.size <= 16
 
 
-def test_a_much_bigger_batch_outweighs_the_cold_first_tasks():
-    sizer = AutoBatchSizer(target=0.05, n_jobs=2)
-    sizer.observe(1, 1e-4)  # a cold worker's first tasks: 100x a warm one
-    sizer.observe(1, 1e-4)
-    sizer.observe(16, 16e-6)  # warm: a microsecond each
-    assert sizer.per_task == pytest.approx(1e-6)
-    sizer.observe(20, 40e-6)  # not many more tasks than before: weighed in
-    assert 1e-6 < sizer.per_task < 2e-6
-
-
 def test_batches_shrunk_towards_the_end_do_not_grow_back():
     sizer = AutoBatchSizer(target=0.04, n_jobs=2, n_tasks=200)
     sizer.observe(4, 0.04)  # 10 ms a task: batches of 4

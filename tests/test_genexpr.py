@@ -73,6 +73,30 @@ def test_an_argument_that_is_not_the_loop_variable_is_looked_up_once():
         assert list(found[1]) == [value] * 3 and found[2] == 3
 
 
+def test_an_attribute_as_the_argument_is_read_for_every_task():
+    class Counter:
+        made = 0
+
+        @property
+        def fresh(self):
+            Counter.made += 1
+            return Counter.made
+
+    counter = Counter()
+    expression = (delayed(double)(counter.fresh) for _ in range(3))
+    assert delayed_calls(expression) is None
+    assert Parallel(n_jobs=2, backend="threading")(expression) == [2, 4, 6]
+
+
+def test_a_range_too_long_for_a_length_is_read_as_an_endless_input():
+    found = delayed_calls(delayed(double)(x) for x in range(2 ** 64))
+    assert found is not None and found[2] is None
+    out = Parallel(n_jobs=2, backend="threading", return_as="generator")(
+        delayed(double)(x) for x in range(2 ** 64))
+    assert list(itertools.islice(out, 5)) == [0, 2, 4, 6, 8]
+    out.close()
+
+
 def test_the_number_of_tasks_is_known_only_where_the_iterator_tells_it_exactly():
     assert delayed_calls(delayed(double)(x) for x in [1, 2])[2] == 2
     assert delayed_calls(delayed(double)(x) for x in Counted(5))[2] is None
