@@ -13,11 +13,13 @@ is kept here. Only the two names it loads may differ: ``delayed`` and ``f`` may 
 global, a builtin, a variable of an enclosing function, or an attribute chain on one of
 those (``parmap.delayed``, ``np.linalg.norm``). Anything else (a condition, two loop
 variables, more arguments, keywords, a generator already started) is read the usual way,
-as is an expression whose names cannot be looked up now.
+as is an expression whose names cannot be looked up now. The one argument may also be a
+plain name or a literal instead of the loop variable (``_FORMS``); over a range, list or
+tuple the number of tasks is then known at once.
 
-What differs from running the expression: ``delayed`` and ``f`` are looked up once per
-call instead of once per task, and the expression object is never started (its iterator
-is consumed instead, as far as the call reads).
+What differs from running the expression: ``delayed``, ``f`` and a name given as the
+argument are looked up once per call instead of once per task, and the expression
+object is never started (its iterator is consumed instead, as far as the call reads).
 """
 from __future__ import annotations
 
