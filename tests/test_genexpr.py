@@ -43,6 +43,20 @@ class Counted:
         return value
 
 
+class Reads:
+    """``.value`` is a property that counts its reads (``.reads``) and returns
+    ``give(reads)``."""
+
+    def __init__(self, give):
+        self.give = give
+        self.reads = 0
+
+    @property
+    def value(self):
+        self.reads += 1
+        return self.give(self.reads)
+
+
 def closure_over(func):
     return (delayed(func)(x) for x in range(3))
 
@@ -74,16 +88,8 @@ def test_an_argument_that_is_not_the_loop_variable_is_looked_up_once():
 
 
 def test_an_attribute_as_the_argument_is_read_for_every_task():
-    class Counter:
-        made = 0
-
-        @property
-        def fresh(self):
-            Counter.made += 1
-            return Counter.made
-
-    counter = Counter()
-    expression = (delayed(double)(counter.fresh) for _ in range(3))
+    counter = Reads(lambda n: n)
+    expression = (delayed(double)(counter.value) for _ in range(3))
     assert delayed_calls(expression) is None
     assert Parallel(n_jobs=2, backend="threading")(expression) == [2, 4, 6]
 
@@ -243,15 +249,7 @@ def test_with_n_jobs_1_a_task_raising_stop_iteration_is_an_error_as_in_a_loop():
 
 
 def test_an_attribute_chain_is_not_evaluated_for_another_delayed():
-    class Holder:
-        looked_up = 0
-
-        @property
-        def func(self):
-            Holder.looked_up += 1
-            return double
-
-    holder = Holder()
-    out = Parallel(n_jobs=2, backend="threading")(joblib.delayed(holder.func)(x) for x in range(3))
+    holder = Reads(lambda n: double)
+    out = Parallel(n_jobs=2, backend="threading")(joblib.delayed(holder.value)(x) for x in range(3))
     assert out == [0, 2, 4]
-    assert Holder.looked_up == 3  # once per task, by the expression itself
+    assert holder.reads == 3  # once per task, by the expression itself
