@@ -263,3 +263,107 @@ def test_large_arguments_arrive_as_memmaps_inherited(inheritance, count_placemen
     arr = big(1.0)
     out = Parallel(n_jobs=2)(delayed(memmap_kinds)(arr) for _ in range(2))
     assert out == [[True, True, 10.0]] * 2 and count_placements == []
+
+
+# ------------------------------------------- a worker's mappings, kept between batches
+
+_last_mapping: dict[str, object] = {}  # in a worker: the mapping its previous task saw
+
+
+def mapping_as_before(arr):
+    """(worker pid, whether the array's mapping is the one the previous task saw); the
+    previous mapping is held here, so a new one cannot reuse its identity."""
+    mm = _root(arr).base
+    before, _last_mapping["mm"] = _last_mapping.get("mm"), mm
+    return os.getpid(), before is mm
+
+
+def forget_mapping():
+    _last_mapping.clear()
+    return os.getpid()
+
+
+def _mappings_seen(arr, n_tasks, **settings):
+    run = Parallel(n_jobs=2, batch_size=1, **settings)
+    run(delayed(forget_mapping)() for _ in range(4))
+    try:
+        return run(delayed(mapping_as_before)(arr) for _ in range(n_tasks))
+    finally:
+        run(delayed(forget_mapping)() for _ in range(4))
+
+
+def test_read_only_mapping_is_kept_from_batch_to_batch():
+    out = _mappings_seen(big(1.0), 12)
+    by_worker: dict[int, list[bool]] = {}
+    for pid, same in out:
+        by_worker.setdefault(pid, []).append(same)
+    assert any(len(seen) > 1 for seen in by_worker.values())
+    assert all(seen[1:] == [True] * (len(seen) - 1) for seen in by_worker.values()), by_worker
+
+
+def test_copy_on_write_mapping_is_new_for_every_batch():
+    # a task may write into a "c" mapping: the next batch must not see it
+    out = _mappings_seen(big(1.0), 6, mmap_mode="c")
+    assert not any(same for _, same in out)
+
+
+def _maps_argument_files(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return any("/parmap_" in line for line in maps)
+
+
+def test_idle_worker_lets_go_of_argument_files():
+    import time
+
+    arr = big(1.0)
+    pids = set(Parallel(n_jobs=2)(delayed(lambda a: os.getpid())(arr) for _ in range(4)))
+    deadline = time.monotonic() + 10
+    while any(_maps_argument_files(pid) for pid in pids):  # the call's files are unlinked:
+        assert time.monotonic() < deadline, "a worker still maps an argument file"  # only
+        time.sleep(0.02)  # the workers' mappings keep their memory
+
+
+def test_unit_mappings_kept_by_identity(tmp_path):
+    from parmap.process import arg_maps
+
+    path = str(tmp_path / "a.bin")
+    with open(path, "wb") as f:
+        f.write(b"x" * 8192)
+    first = arg_maps.mapping(path, "r")
+    arg_maps.keep_only_used()
+    assert arg_maps.mapping(path, "r") is first and arg_maps.holding()
+    arg_maps.keep_only_used()
+    arg_maps.keep_only_used()  # a request that did not use it
+    assert not arg_maps.holding()
+    second = arg_maps.mapping(path, "r")
+    os.replace(str(tmp_path / "a.bin"), str(tmp_path / "old.bin"))
+    with open(path, "wb") as f:  # another file at the same path
+        f.write(b"y" * 4096)
+    third = arg_maps.mapping(path, "r")
+    assert third is not second and len(third) == 4096
+    assert arg_maps.mapping(path, "c") is not arg_maps.mapping(path, "c")
+    arg_maps.release()
+    assert not arg_maps.holding()
+    for mm in (first, second, third):
+        mm.close()
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_argument_pages_are_not_a_workers_memory():
+    import warnings
+
+    # a worker's own memory: forked from this process, it counts all that it inherits
+    own = max(Parallel(n_jobs=2, max_memory_per_child="100G")(
+        delayed(_resident_bytes)() for _ in range(4)))
+    arr = np.ones(256 * 1024 ** 2 // 8)  # 256 MiB, every page read by every task
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = Parallel(n_jobs=2, batch_size=1, max_memory_per_child=own + 128 * 1024 ** 2)(
+            delayed(lambda a: (os.getpid(), float(a.sum())))(arr) for _ in range(6))
+    assert [total for _, total in out] == [float(arr.size)] * 6
+    assert not [w for w in caught if "max_memory_per_child" in str(w.message)]
+    assert len({pid for pid, _ in out}) <= 2  # no worker was replaced

@@ -18,7 +18,8 @@ A worker never runs more than ``max_tasks_per_child`` tasks: it takes only jobs 
 its budget (the dispatcher keeps batches no larger than the limit), and a retired
 worker's queued jobs are ones it had room for. No job moves: nothing is lost or repeated.
 
-Worker side: :class:`RssProbe` reads the resident set size (``/proc/self/statm``, ~3 µs;
+Worker side: :class:`RssProbe` reads the resident set size (``/proc/self/statm``, ~3 µs,
+without the shared file pages mapped since the worker started;
 ``resource.getrusage``'s peak elsewhere) into the worker's shared status after each
 batch, so the pool sees it with the reply and still knows it when the worker is killed
 (the crash message quotes it). :func:`run_finalizer` runs the user's finalizer when the
@@ -111,22 +112,30 @@ def format_bytes(n: float) -> str:
 
 
 class RssProbe:
-    """In the worker: its resident set size in bytes, cheaply (0 when unknown)."""
+    """In the worker: its resident set size in bytes, cheaply (0 when unknown).
 
-    __slots__ = ("fd", "page")
+    Shared file pages mapped since the worker started are left out: those of argument
+    files (``arg_maps`` keeps them mapped between batches) are the caller's memory, and
+    counted in each worker they would retire workers that only read a large array."""
+
+    __slots__ = ("fd", "page", "shared0")
 
     def __init__(self) -> None:
         self.page = 4096
+        self.shared0 = 0
         try:
             self.fd: int | None = os.open("/proc/self/statm", os.O_RDONLY)
             self.page = os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, AttributeError):
+            self.shared0 = int(os.pread(self.fd, 128, 0).split()[2])
+        except (OSError, ValueError, AttributeError, IndexError):
             self.fd = None
 
     def __call__(self) -> float:
         if self.fd is not None:
             try:
-                return float(int(os.pread(self.fd, 128, 0).split()[1]) * self.page)
+                fields = os.pread(self.fd, 128, 0).split()
+                resident, shared = int(fields[1]), int(fields[2])
+                return float((resident - max(0, shared - self.shared0)) * self.page)
             except (OSError, ValueError, IndexError):
                 self.fd = None
         if resource is None:

@@ -44,6 +44,7 @@ import weakref
 from typing import Any, Protocol
 
 from .._shm_files import SHM_DIR, shm_has_room, track
+from . import arg_maps
 from .lifetime import pid_alive
 
 __all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
@@ -300,10 +301,9 @@ def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: 
 
 def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tuple,
                   mode: str) -> Any:
-    """In a worker: the array, as an ``np.memmap`` view on the mapped file."""
-    access = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}[mode]
-    with open(path, "r+b" if mode == "r+" else "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=access)
+    """In a worker: the array, as an ``np.memmap`` view on the mapped file (a read-only
+    mapping is kept for the next batches: ``arg_maps``)."""
+    mm = arg_maps.mapping(path, mode)
     return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
 
 

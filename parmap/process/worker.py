@@ -28,13 +28,13 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any, Callable
 
 from .._delayed import Batch
 from .._record import BatchRecord
 from .._worker_state import enter_process
-from . import protocol, shm, shm_results
+from . import arg_maps, protocol, shm, shm_results
 from .lifetime import die_with_parent
 from .recycling import RSS, RssProbe, run_finalizer
 
@@ -180,8 +180,9 @@ def _serve(task_conn: Connection, result_conn: Connection, status: Any,
     recv, send = _start_reader(task_conn), result_conn.send_bytes
     sends_arrays = False  # have results of this worker gone through /dev/shm yet?
     while True:
-        message = recv()
+        message = _next_message(recv)
         if message == protocol.STOP:
+            arg_maps.release()
             return
         t0 = time.monotonic()
         try:
@@ -192,6 +193,8 @@ def _serve(task_conn: Connection, result_conn: Connection, status: Any,
         except BaseException as exc:
             send(protocol.unloadable_request(exc))
             continue
+        finally:
+            arg_maps.keep_only_used()
         message = b""
         if init_error is not None:
             send(protocol.error_reply(_init_failed(init_error), request.start))
@@ -246,7 +249,18 @@ def _observed(t0: float) -> BatchRecord:
     return record
 
 
-def _start_reader(task_conn: Connection) -> Callable[[], bytes]:
+def _next_message(recv: Callable[..., bytes]) -> bytes:
+    """The next message; while argument files stay mapped (``arg_maps``), they are
+    dropped if it takes longer than ``arg_maps.IDLE_RELEASE`` seconds to come."""
+    if arg_maps.holding():
+        try:
+            return recv(timeout=arg_maps.IDLE_RELEASE)
+        except Empty:
+            arg_maps.release()
+    return recv()
+
+
+def _start_reader(task_conn: Connection) -> Callable[..., bytes]:
     """Drain the task pipe in a thread; return the function that gets the next message.
 
     The parent queues the next batch while this one runs; reading it at once means the

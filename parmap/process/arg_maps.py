@@ -1,0 +1,67 @@
+"""In a worker: the mappings of argument files, kept from one batch to the next.
+
+A large array argument reaches a worker as a file to map (``shm.rebuild_array``). Mapped
+anew for every batch, it was unmapped again when the batch's arguments were dropped,
+just before the reply went out: for a task that read 50 MB of an 800 MB array that
+munmap took 4-14 ms, on the path from one batch to the next, every batch. So a
+read-only mapping is kept::
+
+    decoding a request   -> each file it names is mapped once (or found here: same
+                            device, inode, size and change time), and marked used
+    request decoded      -> the mappings it did not use are dropped (an earlier call's)
+    waiting for the next -> after IDLE_RELEASE seconds without one, all are dropped: a
+                            caller's file is unlinked when its call ends, and its memory
+                            is freed only once no worker maps it
+
+Only ``mmap_mode="r"`` mappings are kept: a copy-on-write one (``"c"``) holds what its
+tasks wrote, and each batch must start from the file. Dropping a mapping only forgets it
+here: it is unmapped when no array of a task or result still uses it. A kept mapping's
+pages are resident in the worker; ``recycling.RssProbe`` leaves such shared file pages
+out of the worker's own memory.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+
+__all__ = ["mapping", "keep_only_used", "release", "holding", "IDLE_RELEASE"]
+
+#: seconds a worker waits for its next batch before it drops its argument mappings
+IDLE_RELEASE = 0.1
+
+#: path -> ((device, inode, size, change time), the mapping)
+_kept: dict[str, tuple[tuple[int, int, int, int], mmap.mmap]] = {}
+_used: set[str] = set()
+_ACCESS = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}
+
+
+def mapping(path: str, mode: str) -> mmap.mmap:
+    """The whole file at ``path`` mapped with ``mode`` ("r", "r+" or "c"); read-only
+    mappings are kept (see the module doc)."""
+    with open(path, "r+b" if mode == "r+" else "rb") as f:
+        if mode != "r":
+            return mmap.mmap(f.fileno(), 0, access=_ACCESS[mode])
+        st = os.fstat(f.fileno())
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+        entry = _kept.get(path)
+        if entry is None or entry[0] != identity:  # new, or the file was replaced
+            entry = _kept[path] = (identity, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    _used.add(path)
+    return entry[1]
+
+
+def keep_only_used() -> None:
+    """A request was decoded: forget the mappings it did not use."""
+    for path in [p for p in _kept if p not in _used]:
+        del _kept[path]
+    _used.clear()
+
+
+def release() -> None:
+    """Forget every kept mapping (the worker is idle, or stopping)."""
+    _kept.clear()
+    _used.clear()
+
+
+def holding() -> bool:
+    return bool(_kept)
