@@ -176,7 +176,8 @@ class ProcessBackend(ParallelBackendBase):
                 held.clear()
                 final(outcome)
                 return
-            # a worker that was not forked after our arrays were pinned: place them
+            # a worker that was not forked after our arrays were pinned, or could not
+            # open an earlier call's file of one: place them
             try:
                 placer.stop_inheriting()
                 again = protocol.encode_request(held[0], track, placer, result_nbytes)

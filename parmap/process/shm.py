@@ -7,12 +7,13 @@ Arguments (caller -> workers)::
                            (path, offset, dtype, shape, strides) and map the file
     np.memmap          ──> (its own file, offset, ...) at any size: no copy at all
 
-On Linux, a root array that owns a large buffer is then *remapped*: the pages under the
-caller's array are replaced, in place, by a private mapping of the file just written
-(``mmap(MAP_FIXED | MAP_PRIVATE)``), chunk by chunk. The array keeps its address and
-contents and stays private to the caller (writes are copy-on-write), but its memory is
-now the same physical pages the workers read: one copy of the data in the whole process
-tree instead of two.
+On Linux, a root array that owns a large buffer is then *remapped* (``remap``): the pages
+under the caller's array are replaced, in place, by a private mapping of the file just
+written (``mmap(MAP_FIXED | MAP_PRIVATE)``), chunk by chunk. The array keeps its address
+and contents and stays private to the caller (writes are copy-on-write), but its memory
+is now the same physical pages the workers read: one copy of the data in the whole
+process tree instead of two. Later calls send it again without a copy while none of its
+pages changed.
 
 Results (workers -> caller), in ``shm_results``::
 
@@ -31,31 +32,26 @@ cancelled batch or a crashed worker are swept by the pool. Folders elsewhere tha
 from __future__ import annotations
 
 import atexit
-import ctypes
 import io
 import itertools
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import weakref
 from typing import Any, Protocol
 
 from .._shm_files import SHM_DIR, shm_has_room, track
-from . import arg_maps
+from . import arg_maps, remap
 from .lifetime import pid_alive
+from .remap import write_all
 
 __all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
            "byte_view", "dtype_spec",
            "choose_folder", "dumps_with", "track", "unlink", "write_all", "shm_has_room",
            "SHM_DIR"]
 
-#: arrays at least this big are remapped in place (glibc always gives them their own
-#: mmap, so the pages around them belong to no other object)
-REMAP_MIN_BYTES = 32 * 1024 ** 2
-REMAP_CHUNK = 64 * 1024 ** 2
 _counter = itertools.count()
 _open_placers: weakref.WeakSet = weakref.WeakSet()
 
@@ -79,13 +75,6 @@ def dtype_spec(dtype: Any) -> Any:
     """What travels for ``dtype``: its short string, or the dtype itself where that
     string loses something (a structured dtype's ``.str`` is ``|V12``: no fields)."""
     return dtype if dtype.fields is not None else dtype.str
-
-
-def write_all(fd: int, data: memoryview, offset: int) -> None:
-    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:done + REMAP_CHUNK], offset + done)
 
 
 # ---------------------------------------------------------------------- arguments
@@ -122,6 +111,9 @@ class ArgumentPlacer:
         self._copies: dict[tuple, tuple] = {}  # view's geometry -> (its root, C copy)
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
+        #: (array, file, start, end) of the arrays remapped onto their file (``remap``)
+        self._remapped: list[tuple[Any, str, int, int]] = []
+        self.reuse = True  # may an array remapped by an earlier call go without a copy?
         self._folder: str | None = None
         self._lock = threading.Lock()
         _open_placers.add(self)
@@ -176,22 +168,34 @@ class ArgumentPlacer:
             return key
 
     def stop_inheriting(self) -> None:
-        """From now on place every array: some worker did not inherit the pinned ones."""
+        """From now on place every array: some worker did not inherit the pinned ones, or
+        could not open an earlier call's file (``remap.reusable``)."""
         with self._lock:
             self.can_inherit = None
+            self.reuse = False
+            for key, (_root, path, _start) in list(self._placed.items()):
+                if path.startswith("/proc/"):
+                    del self._placed[key]
 
     def _place(self, root: Any) -> tuple:
         address = root.__array_interface__["data"][0]
         start = address - address % mmap.PAGESIZE
         end = -(-(address + root.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        # not with r+ (w+): the workers write to the file, and the caller's pages,
+        # mapped privately onto it, would show some of their writes
+        remapping = remap.can_remap(root) and self.mmap_mode != "r+"
+        if remapping and self.reuse:
+            kept = remap.reusable(root, start, end)
+            if kept is not None:  # an earlier call's file, unchanged: no copy
+                return root, kept, start
         path = self._new_path(end - start)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, end - start)
-            # not with r+ (w+): the workers write to the file, and the caller's pages,
-            # mapped privately onto it, would show some of their writes
-            if _can_remap(root) and self.mmap_mode != "r+":
-                _copy_and_remap(fd, start, end)
+            if remapping:
+                remap.forget(root)  # the file it was remapped onto before, if any
+                remap.copy_and_remap(fd, start, end)
+                self._remapped.append((root, path, start, end))
             else:
                 write_all(fd, byte_view(root), address - start)
         finally:
@@ -210,6 +214,7 @@ class ArgumentPlacer:
     def close(self) -> None:
         with self._lock:
             files, self._files = self._files, []
+            remapped, self._remapped = self._remapped, []
             self._placed.clear()
             self._copies.clear()
             self.can_inherit = None
@@ -217,6 +222,8 @@ class ArgumentPlacer:
                 _PINNED.pop(key, None)  # the caller's array is the caller's again
             self._pins.clear()
             folder, self._folder = self._folder, None
+        for root, path, start, end in remapped:  # before the files are unlinked
+            remap.keep(root, path, start, end)
         for path in files:
             unlink(path)
         if folder is not None and folder != SHM_DIR:
@@ -303,44 +310,13 @@ def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tup
                   mode: str) -> Any:
     """In a worker: the array, as an ``np.memmap`` view on the mapped file (a read-only
     mapping is kept for the next batches: ``arg_maps``)."""
-    mm = arg_maps.mapping(path, mode)
+    try:
+        mm = arg_maps.mapping(path, mode)
+    except OSError:
+        if path.startswith("/proc/"):  # an earlier call's file (see ``remap``)
+            raise NotInherited(path) from None
+        raise
     return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
-
-
-# ---------------------------------------------------------------------- remapping
-
-_libc: Any = None
-
-
-def _mmap_fn() -> Any:
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]
-        _libc = libc
-    return _libc.mmap
-
-
-def _can_remap(root: Any) -> bool:
-    return (sys.platform.startswith("linux") and root.flags.owndata
-            and root.nbytes >= REMAP_MIN_BYTES and os.environ.get("PARMAP_NO_REMAP") is None)
-
-
-def _copy_and_remap(fd: int, start: int, end: int) -> None:
-    """Copy [start, end) into the file and map the file over it, one chunk at a time, so
-    the caller never holds both copies of more than one chunk."""
-    map_fixed = 0x10
-    mmap_fn = _mmap_fn()
-    for offset in range(0, end - start, REMAP_CHUNK):
-        length = min(REMAP_CHUNK, end - start - offset)
-        chunk = (ctypes.c_char * length).from_address(start + offset)
-        write_all(fd, memoryview(chunk), offset)
-        got = mmap_fn(start + offset, length, mmap.PROT_READ | mmap.PROT_WRITE,
-                      mmap.MAP_PRIVATE | map_fixed, fd, offset)
-        if got != start + offset:  # cannot happen with MAP_FIXED; the data is intact
-            raise OSError(ctypes.get_errno(), "parmap: mmap(MAP_FIXED) failed")
 
 
 @atexit.register

@@ -1,0 +1,98 @@
+"""A large array remapped onto its file by one call goes to the next calls without a copy,
+while none of its pages changed (parmap.process.remap)."""
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from parmap import Parallel, delayed
+from parmap.process import remap
+
+from .numpy_helpers import no_inheritance  # noqa: F401
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"),
+                                reason="remapping and its reuse are Linux's")
+
+N = remap.REMAP_MIN_BYTES // 8 + 4096  # float64s: just above the remapping threshold
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """The number of times an array was written to a new file and remapped onto it."""
+    count = [0]
+    original = remap.copy_and_remap
+
+    def spy(*args):
+        count[0] += 1
+        return original(*args)
+
+    monkeypatch.setattr(remap, "copy_and_remap", spy)
+    return count
+
+
+def edges(arr):
+    return float(arr[0]), float(arr[-1]), float(arr.sum())
+
+
+def run(arr, n=4):
+    return Parallel(n_jobs=2)(delayed(edges)(arr) for _ in range(n))
+
+
+def test_unchanged_array_is_not_written_again(copies):
+    arr = np.ones(N)
+    assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 1
+    assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 1
+    float(arr[N // 2])  # reading it changes nothing
+    assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 1
+
+
+@pytest.mark.parametrize("where", [0, N // 2, -1])
+def test_a_write_anywhere_sends_the_array_again(copies, where):
+    arr = np.ones(N)
+    run(arr)
+    arr[where] = 5.0  # one page becomes the caller's own
+    expected = (float(arr[0]), float(arr[-1]), float(N) + 4.0)
+    assert run(arr) == [expected] * 4 and copies[0] == 2
+    assert run(arr) == [expected] * 4 and copies[0] == 2  # and is reused from then on
+
+
+def test_a_new_array_at_the_same_address_is_not_mistaken_for_the_old(copies):
+    arr = np.ones(N)
+    run(arr)
+    address = arr.__array_interface__["data"][0]
+    del arr
+    gc.collect()
+    assert remap._kept == {}  # its descriptor went with it
+    arr = np.full(N, 2.0)  # glibc may well hand out the same address
+    assert run(arr) == [(2.0, 2.0, 2.0 * N)] * 4 and copies[0] == 2
+    del address
+
+
+def test_worker_that_cannot_open_the_file_gets_the_array_placed(copies, monkeypatch):
+    arr = np.ones(N)
+    run(arr)
+    monkeypatch.setattr(remap, "reusable",
+                        lambda root, start, end: f"/proc/{os.getpid()}/fd/999999")
+    assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 2
+
+
+def _kept_in_child(queue):
+    queue.put(len(remap._kept))
+
+
+def test_forked_child_does_not_hold_the_files():
+    arr = np.ones(N)
+    run(arr)
+    assert len(remap._kept) == 1
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.SimpleQueue()
+    child = ctx.Process(target=_kept_in_child, args=(queue,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0 and queue.get() == 0
+    assert len(remap._kept) == 1  # the caller's own are untouched
+    del arr
