@@ -132,6 +132,21 @@ WORKLOADS = {
         "check": "expected = [slice_sum(arr, i) for i in range(16)]\n"
                  "assert len(result) == 16 and np.allclose(result, expected, rtol=1e-9, atol=0)",
     },
+    "numpy-again": {
+        "title": "numpy-args once more: a second call over the same, unchanged array",
+        "params": {"SIZE": 100_000_000}, "quick": {"SIZE": 10_000_000},
+        # the first call (pool start included) is part of the set-up, before the timer
+        "setup": {
+            lib: "import numpy as np\narr = np.random.default_rng(0).random(SIZE)\n" + imp
+            + "Parallel(n_jobs=2)(delayed(slice_sum)(arr, i) for i in range(16))"
+            for lib, imp in (("parmap", _P), ("joblib", _J))},
+        "code": {
+            "parmap": _P + "result = Parallel(n_jobs=2)(delayed(slice_sum)(arr, i) for i in range(16))",
+            "joblib": _J + "result = Parallel(n_jobs=2)(delayed(slice_sum)(arr, i) for i in range(16))",
+        },
+        "check": "expected = [slice_sum(arr, i) for i in range(16)]\n"
+                 "assert len(result) == 16 and np.allclose(result, expected, rtol=1e-9, atol=0)",
+    },
     "numpy-results": {
         "title": "N tasks, each returning a new 16 MB float64 array",
         "params": {"N": 32, "SIZE": 2_000_000}, "quick": {"N": 8, "SIZE": 2_000_000},

@@ -76,8 +76,23 @@ def test_worker_that_cannot_open_the_file_gets_the_array_placed(copies, monkeypa
     arr = np.ones(N)
     run(arr)
     monkeypatch.setattr(remap, "reusable",
-                        lambda root, start, end: f"/proc/{os.getpid()}/fd/999999")
+                        lambda root, start, end: (f"/proc/{os.getpid()}/fd/999999", (0, 0)))
     assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 2
+
+
+def test_worker_checks_that_it_maps_the_file_that_was_sent(copies, monkeypatch, tmp_path):
+    arr = np.ones(N)
+    run(arr)
+    other = tmp_path / "zeros.bin"  # what a reused descriptor number might point to
+    other.write_bytes(bytes(N * 8 + 8192))
+    fd = os.open(other, os.O_RDONLY)
+    kept = remap.reusable
+    monkeypatch.setattr(remap, "reusable", lambda root, start, end: (
+        f"/proc/{os.getpid()}/fd/{fd}", kept(root, start, end)[1]))
+    try:
+        assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 2
+    finally:
+        os.close(fd)
 
 
 def _kept_in_child(queue):

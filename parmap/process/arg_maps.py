@@ -35,13 +35,16 @@ _used: set[str] = set()
 _ACCESS = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}
 
 
-def mapping(path: str, mode: str) -> mmap.mmap:
+def mapping(path: str, mode: str, expected: tuple[int, int] | None = None) -> mmap.mmap:
     """The whole file at ``path`` mapped with ``mode`` ("r", "r+" or "c"); read-only
-    mappings are kept (see the module doc)."""
+    mappings are kept (see the module doc). ``expected``: the file's (device, inode), or
+    OSError."""
     with open(path, "r+b" if mode == "r+" else "rb") as f:
+        st = os.fstat(f.fileno())
+        if expected is not None and (st.st_dev, st.st_ino) != tuple(expected):
+            raise OSError(f"{path} is not the file the caller sent")
         if mode != "r":
             return mmap.mmap(f.fileno(), 0, access=_ACCESS[mode])
-        st = os.fstat(f.fileno())
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
         entry = _kept.get(path)
         if entry is None or entry[0] != identity:  # new, or the file was replaced

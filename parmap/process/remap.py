@@ -16,8 +16,10 @@ Reuse across calls::
                           caller, none swapped), the workers map the kept file again
                           through /proc/<caller>/fd/<n> (``reusable``): no copy. Else the
                           descriptor is closed and the array placed anew
-    a worker cannot open it (another user's view of /proc): ``shm.NotInherited``, and
-                          the batch comes again with the array placed the ordinary way
+    a worker cannot open it (a /proc it may not read), or finds another file there (a
+                          descriptor number reused: it checks device and inode):
+                          ``shm.NotInherited``, and the batch comes again with the
+                          array placed the ordinary way
 
 An 800 MB array cost every call ~0.5 s to write again, and ~0.2 s more to free the
 previous call's file; the check reads 1.6 MB of page flags (~7 ms). Memory is unchanged:
@@ -86,8 +88,9 @@ def copy_and_remap(fd: int, start: int, end: int) -> None:
 
 # ---------------------------------------------------------------------- reuse
 
-#: id(array) -> (its finalizer, which closes the descriptor; descriptor; start; end)
-_kept: dict[int, tuple[weakref.finalize, int, int, int]] = {}
+#: id(array) -> (its finalizer, which closes the descriptor; descriptor; start; end;
+#: the file's (device, inode))
+_kept: dict[int, tuple[weakref.finalize, int, int, int, tuple[int, int]]] = {}
 _lock = threading.Lock()
 
 
@@ -96,32 +99,33 @@ def keep(root: Any, path: str, start: int, end: int) -> None:
     open for later calls (see the module doc); the caller unlinks it as usual."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
     except OSError:
         return
     finalizer = weakref.finalize(root, _close, id(root), fd)
     finalizer.atexit = False
     with _lock:
         old = _kept.pop(id(root), None)
-        _kept[id(root)] = (finalizer, fd, start, end)
+        _kept[id(root)] = (finalizer, fd, start, end, (st.st_dev, st.st_ino))
     if old is not None:
         old[0]()
 
 
-def reusable(root: Any, start: int, end: int) -> str | None:
-    """The path through which workers can map ``root``'s file, if an earlier call remapped
-    it over [start, end) and none of its pages was written since; else None (and the
-    descriptor, if any, is closed)."""
+def reusable(root: Any, start: int, end: int) -> tuple[str, tuple[int, int]] | None:
+    """The path through which workers can map ``root``'s file and the file's (device,
+    inode), if an earlier call remapped it over [start, end) and none of its pages was
+    written since; else None (and the descriptor, if any, is closed)."""
     with _lock:
         entry = _kept.get(id(root))
     if entry is None:
         return None
-    finalizer, fd, kept_start, kept_end = entry
+    finalizer, fd, kept_start, kept_end, identity = entry
     alive = finalizer.peek()
     if alive is None or alive[0] is not root or (kept_start, kept_end) != (start, end) \
             or not _unchanged(start, end):
         forget(root)
         return None
-    return f"/proc/{os.getpid()}/fd/{fd}"
+    return f"/proc/{os.getpid()}/fd/{fd}", identity
 
 
 def forget(root: Any) -> None:
@@ -169,7 +173,7 @@ def _unchanged(start: int, end: int) -> bool:
 def _forget_in_child() -> None:
     """A forked child (a worker) must not hold the caller's files open: their memory
     would outlive the caller's arrays."""
-    for finalizer, fd, _start, _end in list(_kept.values()):
+    for finalizer, fd, *_ in list(_kept.values()):
         finalizer.detach()
         try:
             os.close(fd)

@@ -107,7 +107,9 @@ class ArgumentPlacer:
         self.temp_folder = temp_folder
         self.can_inherit = can_inherit if self.mmap_mode == "r" else None
         self.token = os.urandom(6).hex()
-        self._placed: dict[int, tuple] = {}  # id(root) -> (root, path, base address)
+        #: id(root) -> (root, path, base address, the file's (device, inode) when it is
+        #: an earlier call's, which a worker checks: a descriptor's number may be reused)
+        self._placed: dict[int, tuple] = {}
         self._copies: dict[tuple, tuple] = {}  # view's geometry -> (its root, C copy)
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
@@ -154,6 +156,9 @@ class ArgumentPlacer:
                 if entry is None:
                     entry = self._placed[id(root)] = self._place(root)
             path, offset = entry[1], arr.__array_interface__["data"][0] - entry[2]
+            if entry[3] is not None:
+                return rebuild_array, (path, offset, dtype_spec(arr.dtype), arr.shape,
+                                       arr.strides, self.mmap_mode, entry[3])
         return rebuild_array, (path, offset, dtype_spec(arr.dtype), arr.shape, arr.strides,
                                self.mmap_mode)
 
@@ -173,8 +178,8 @@ class ArgumentPlacer:
         with self._lock:
             self.can_inherit = None
             self.reuse = False
-            for key, (_root, path, _start) in list(self._placed.items()):
-                if path.startswith("/proc/"):
+            for key, (_root, _path, _start, identity) in list(self._placed.items()):
+                if identity is not None:
                     del self._placed[key]
 
     def _place(self, root: Any) -> tuple:
@@ -187,7 +192,7 @@ class ArgumentPlacer:
         if remapping and self.reuse:
             kept = remap.reusable(root, start, end)
             if kept is not None:  # an earlier call's file, unchanged: no copy
-                return root, kept, start
+                return root, kept[0], start, kept[1]
         path = self._new_path(end - start)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -200,7 +205,7 @@ class ArgumentPlacer:
                 write_all(fd, byte_view(root), address - start)
         finally:
             os.close(fd)
-        return root, path, start
+        return root, path, start, None
 
     def _new_path(self, nbytes: int) -> str:
         name = f"parmap_{os.getpid()}_{self.token}_{next(_counter)}"
@@ -307,13 +312,13 @@ def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: 
 
 
 def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tuple,
-                  mode: str) -> Any:
+                  mode: str, identity: tuple[int, int] | None = None) -> Any:
     """In a worker: the array, as an ``np.memmap`` view on the mapped file (a read-only
     mapping is kept for the next batches: ``arg_maps``)."""
     try:
-        mm = arg_maps.mapping(path, mode)
+        mm = arg_maps.mapping(path, mode, identity)
     except OSError:
-        if path.startswith("/proc/"):  # an earlier call's file (see ``remap``)
+        if identity is not None:  # an earlier call's file (see ``remap``)
             raise NotInherited(path) from None
         raise
     return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
