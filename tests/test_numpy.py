@@ -367,3 +367,22 @@ def test_argument_pages_are_not_a_workers_memory():
     assert [total for _, total in out] == [float(arr.size)] * 6
     assert not [w for w in caught if "max_memory_per_child" in str(w.message)]
     assert len({pid for pid, _ in out}) <= 2  # no worker was replaced
+
+
+_leaked = []  # in a worker: shared memory it made and keeps
+
+
+def leak_shared_memory(nbytes):
+    leaked = mmap.mmap(-1, nbytes)
+    leaked.write(b"x" * nbytes)  # resident, shared (shmem) pages of the worker's own
+    _leaked.append(leaked)
+    return os.getpid()
+
+
+def test_a_workers_own_shared_memory_still_counts():
+    own = max(Parallel(n_jobs=2, max_memory_per_child="100G")(
+        delayed(_resident_bytes)() for _ in range(4)))
+    with pytest.warns(UserWarning, match="max_memory_per_child"):
+        pids = Parallel(n_jobs=2, batch_size=1, max_memory_per_child=own + 100 * 1024 ** 2)(
+            delayed(leak_shared_memory)(64 * 1024 ** 2) for _ in range(8))
+    assert len(set(pids)) > 2  # workers were replaced

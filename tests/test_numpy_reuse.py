@@ -20,6 +20,12 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"),
 N = remap.REMAP_MIN_BYTES // 8 + 4096  # float64s: just above the remapping threshold
 
 
+@pytest.fixture(autouse=True)
+def reuse_enabled(monkeypatch):
+    """A refused kept file turns reuse off for the process: only for the test."""
+    monkeypatch.setattr(remap, "_enabled", [True])
+
+
 @pytest.fixture
 def copies(monkeypatch):
     """The number of times an array was written to a new file and remapped onto it."""
@@ -78,6 +84,7 @@ def test_worker_that_cannot_open_the_file_gets_the_array_placed(copies, monkeypa
     monkeypatch.setattr(remap, "reusable",
                         lambda root, start, end: (f"/proc/{os.getpid()}/fd/999999", (0, 0)))
     assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 2
+    assert remap._enabled == [False]  # later calls copy at once, without a retry
 
 
 def test_worker_checks_that_it_maps_the_file_that_was_sent(copies, monkeypatch, tmp_path):
@@ -95,19 +102,43 @@ def test_worker_checks_that_it_maps_the_file_that_was_sent(copies, monkeypatch, 
         os.close(fd)
 
 
-def _kept_in_child(queue):
-    queue.put(len(remap._kept))
+def _kept_in_child(queue, fd, identity):
+    try:  # the number may have been reused since (multiprocessing opens /dev/null)
+        st = os.fstat(fd)
+        still_open = (st.st_dev, st.st_ino) == identity
+    except OSError:
+        still_open = False
+    queue.put((len(remap._kept), still_open))
 
 
 def test_forked_child_does_not_hold_the_files():
     arr = np.ones(N)
     run(arr)
     assert len(remap._kept) == 1
+    _finalizer, fd, _start, _end, identity = next(iter(remap._kept.values()))
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
-    child = ctx.Process(target=_kept_in_child, args=(queue,))
+    child = ctx.Process(target=_kept_in_child, args=(queue, fd, identity))
     child.start()
     child.join(30)
-    assert child.exitcode == 0 and queue.get() == 0
+    assert child.exitcode == 0 and queue.get() == (0, False)
     assert len(remap._kept) == 1  # the caller's own are untouched
     del arr
+
+
+def first(arr):
+    return float(arr[0])
+
+
+def test_overlapping_calls_keep_only_the_newest_file(copies):
+    arr = np.ones(N)
+    run(np.ones(3))  # a warm pool: the array is placed, not inherited
+    # call A stays open (a generator) while call B copies the changed array to a newer
+    # file; A's end must not keep its older file for the next call
+    a = Parallel(n_jobs=2, return_as="generator", batch_size=1, pre_dispatch="2")(
+        delayed(first)(arr) for _ in range(40))
+    assert next(a) == 1.0
+    arr[0] = 5.0
+    assert Parallel(n_jobs=2)(delayed(first)(arr) for _ in range(2)) == [5.0, 5.0]
+    assert set(a) <= {1.0, 5.0}
+    assert Parallel(n_jobs=2)(delayed(first)(arr) for _ in range(2)) == [5.0, 5.0]

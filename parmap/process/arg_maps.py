@@ -16,15 +16,15 @@ read-only mapping is kept::
 Only ``mmap_mode="r"`` mappings are kept: a copy-on-write one (``"c"``) holds what its
 tasks wrote, and each batch must start from the file. Dropping a mapping only forgets it
 here: it is unmapped when no array of a task or result still uses it. A kept mapping's
-pages are resident in the worker; ``recycling.RssProbe`` leaves such shared file pages
-out of the worker's own memory.
+pages are resident in the worker; ``recycling.RssProbe`` leaves them (at most
+``mapped_bytes()``) out of the worker's own memory.
 """
 from __future__ import annotations
 
 import mmap
 import os
 
-__all__ = ["mapping", "keep_only_used", "release", "holding", "IDLE_RELEASE"]
+__all__ = ["mapping", "keep_only_used", "release", "holding", "mapped_bytes", "IDLE_RELEASE"]
 
 #: seconds a worker waits for its next batch before it drops its argument mappings
 IDLE_RELEASE = 0.1
@@ -37,18 +37,27 @@ _ACCESS = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY
 
 def mapping(path: str, mode: str, expected: tuple[int, int] | None = None) -> mmap.mmap:
     """The whole file at ``path`` mapped with ``mode`` ("r", "r+" or "c"); read-only
-    mappings are kept (see the module doc). ``expected``: the file's (device, inode), or
-    OSError."""
-    with open(path, "r+b" if mode == "r+" else "rb") as f:
-        st = os.fstat(f.fileno())
+    mappings are kept on POSIX (see the module doc; Windows cannot delete a mapped
+    file). ``expected``: the file's (device, inode), checked before it is opened (a
+    reused descriptor number may name a pipe, whose open would block), or OSError."""
+    if expected is not None:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) != tuple(expected):
+            raise OSError(f"{path} is not the file the caller sent")
+    flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
         if expected is not None and (st.st_dev, st.st_ino) != tuple(expected):
             raise OSError(f"{path} is not the file the caller sent")
-        if mode != "r":
-            return mmap.mmap(f.fileno(), 0, access=_ACCESS[mode])
+        if mode != "r" or os.name != "posix":
+            return mmap.mmap(fd, 0, access=_ACCESS[mode])
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
         entry = _kept.get(path)
         if entry is None or entry[0] != identity:  # new, or the file was replaced
-            entry = _kept[path] = (identity, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            entry = _kept[path] = (identity, mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+    finally:
+        os.close(fd)
     _used.add(path)
     return entry[1]
 
@@ -68,3 +77,9 @@ def release() -> None:
 
 def holding() -> bool:
     return bool(_kept)
+
+
+def mapped_bytes() -> int:
+    """The size of the kept mappings: at most that much of the worker's resident memory
+    is theirs (``recycling.RssProbe``)."""
+    return sum(len(mm) for _identity, mm in _kept.values())

@@ -19,7 +19,7 @@ its budget (the dispatcher keeps batches no larger than the limit), and a retire
 worker's queued jobs are ones it had room for. No job moves: nothing is lost or repeated.
 
 Worker side: :class:`RssProbe` reads the resident set size (``/proc/self/statm``, ~3 µs,
-without the shared file pages mapped since the worker started;
+without the pages of argument files kept mapped;
 ``resource.getrusage``'s peak elsewhere) into the worker's shared status after each
 batch, so the pool sees it with the reply and still knows it when the worker is killed
 (the crash message quotes it). :func:`run_finalizer` runs the user's finalizer when the
@@ -32,6 +32,8 @@ import pickle
 import sys
 from math import inf
 from typing import Any, Protocol, Sequence
+
+from . import arg_maps
 
 try:
     import resource
@@ -114,9 +116,11 @@ def format_bytes(n: float) -> str:
 class RssProbe:
     """In the worker: its resident set size in bytes, cheaply (0 when unknown).
 
-    Shared file pages mapped since the worker started are left out: those of argument
-    files (``arg_maps`` keeps them mapped between batches) are the caller's memory, and
-    counted in each worker they would retire workers that only read a large array."""
+    The pages of argument files that ``arg_maps`` keeps mapped between batches are left
+    out: they are the caller's memory, and counted in each worker they would retire
+    workers that only read a large array. What is left out is the growth of shared
+    pages since the worker started, up to the size of those mappings, so the worker's
+    own shared memory (a leak through ``mmap(-1)`` or its own /dev/shm files) counts."""
 
     __slots__ = ("fd", "page", "shared0")
 
@@ -135,7 +139,9 @@ class RssProbe:
             try:
                 fields = os.pread(self.fd, 128, 0).split()
                 resident, shared = int(fields[1]), int(fields[2])
-                return float((resident - max(0, shared - self.shared0)) * self.page)
+                kept = arg_maps.mapped_bytes() // self.page
+                return float((resident - min(max(0, shared - self.shared0), kept))
+                             * self.page)
             except (OSError, ValueError, IndexError):
                 self.fd = None
         if resource is None:

@@ -36,7 +36,7 @@ import weakref
 from typing import Any
 
 __all__ = ["REMAP_MIN_BYTES", "WRITE_CHUNK", "can_remap", "copy_and_remap", "write_all",
-           "keep", "reusable", "forget"]
+           "keep", "reusable", "forget", "disable"]
 
 #: arrays at least this big are remapped in place (glibc always gives them their own
 #: mmap, so the pages around them belong to no other object)
@@ -91,7 +91,11 @@ def copy_and_remap(fd: int, start: int, end: int) -> None:
 #: id(array) -> (its finalizer, which closes the descriptor; descriptor; start; end;
 #: the file's (device, inode))
 _kept: dict[int, tuple[weakref.finalize, int, int, int, tuple[int, int]]] = {}
-_lock = threading.Lock()
+#: reentrant: a garbage collection while it is held may run an array's finalizer (_close)
+_lock = threading.RLock()
+#: cleared once a worker could not map a kept file (a /proc closed to it): from then on
+#: every call copies, rather than every call paying a retry first
+_enabled = [True]
 
 
 def keep(root: Any, path: str, start: int, end: int) -> None:
@@ -102,11 +106,16 @@ def keep(root: Any, path: str, start: int, end: int) -> None:
         st = os.fstat(fd)
     except OSError:
         return
+    identity = (st.st_dev, st.st_ino)
+    if not _mapped_onto(start, end, identity):  # a later call remapped it elsewhere since
+        os.close(fd)
+        return
     finalizer = weakref.finalize(root, _close, id(root), fd)
     finalizer.atexit = False
+    entry = (finalizer, fd, start, end, identity)
     with _lock:
         old = _kept.pop(id(root), None)
-        _kept[id(root)] = (finalizer, fd, start, end, (st.st_dev, st.st_ino))
+        _kept[id(root)] = entry
     if old is not None:
         old[0]()
 
@@ -121,11 +130,17 @@ def reusable(root: Any, start: int, end: int) -> tuple[str, tuple[int, int]] | N
         return None
     finalizer, fd, kept_start, kept_end, identity = entry
     alive = finalizer.peek()
-    if alive is None or alive[0] is not root or (kept_start, kept_end) != (start, end) \
-            or not _unchanged(start, end):
+    if not _enabled[0] or alive is None or alive[0] is not root \
+            or (kept_start, kept_end) != (start, end) \
+            or not _mapped_onto(start, end, identity) or not _unchanged(start, end):
         forget(root)
         return None
     return f"/proc/{os.getpid()}/fd/{fd}", identity
+
+
+def disable() -> None:
+    """A worker could not map a kept file: stop offering them (see ``_enabled``)."""
+    _enabled[0] = False
 
 
 def forget(root: Any) -> None:
@@ -145,6 +160,32 @@ def _close(key: int, fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _mapped_onto(start: int, end: int, identity: tuple[int, int]) -> bool:
+    """Whether [start, end) is mapped, all of it, onto the file ``identity`` (device,
+    inode) at the offset of each address from ``start`` (/proc/self/maps). Another call
+    may have remapped the array onto a newer file meanwhile: its pages are file pages
+    too, and only this tells the two files apart."""
+    dev, ino = identity
+    want_dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+    covered = start
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if high <= covered or low >= end:
+                    continue
+                if low > covered or fields[3] != want_dev or int(fields[4]) != ino \
+                        or int(fields[2], 16) != low - start:
+                    return False
+                covered = high
+                if covered >= end:
+                    return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
 
 
 def _unchanged(start: int, end: int) -> bool:
@@ -173,6 +214,8 @@ def _unchanged(start: int, end: int) -> bool:
 def _forget_in_child() -> None:
     """A forked child (a worker) must not hold the caller's files open: their memory
     would outlive the caller's arrays."""
+    global _lock
+    _lock = threading.RLock()  # another thread may have held it at the fork
     for finalizer, fd, *_ in list(_kept.values()):
         finalizer.detach()
         try:

@@ -179,8 +179,9 @@ class ArgumentPlacer:
             self.can_inherit = None
             self.reuse = False
             for key, (_root, _path, _start, identity) in list(self._placed.items()):
-                if identity is not None:
+                if identity is not None:  # the worker may have failed on this file
                     del self._placed[key]
+                    remap.disable()
 
     def _place(self, root: Any) -> tuple:
         address = root.__array_interface__["data"][0]
