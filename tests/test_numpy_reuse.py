@@ -142,3 +142,24 @@ def test_overlapping_calls_keep_only_the_newest_file(copies):
     assert Parallel(n_jobs=2)(delayed(first)(arr) for _ in range(2)) == [5.0, 5.0]
     assert set(a) <= {1.0, 5.0}
     assert Parallel(n_jobs=2)(delayed(first)(arr) for _ in range(2)) == [5.0, 5.0]
+
+
+def test_an_array_from_the_heap_is_not_remapped():
+    from .conftest import run_script
+
+    # glibc serves a large allocation from the heap once small objects freed enough of
+    # it: its first and last pages then hold other objects, which must keep their pages
+    out = run_script(
+        "import numpy as np\n"
+        "from parmap.process import remap\n"
+        "fresh = np.ones(remap.REMAP_MIN_BYTES // 8 + 4096)\n"
+        "junk = [bytearray(3000) for _ in range(20000)]\n"
+        "keep = bytearray(3000)\n"
+        "del junk\n"
+        "heap = np.ones(remap.REMAP_MIN_BYTES // 8 + 4096)\n"
+        "print(remap.can_remap(fresh), remap.can_remap(heap),\n"
+        "      heap.__array_interface__['data'][0] % 4096 == 16)\n", timeout=60)
+    fresh, heap, heap_looks_mapped = out.split()
+    if heap_looks_mapped == "True":
+        pytest.skip("this allocator gave the second array a mapping of its own too")
+    assert (fresh, heap) == ("True", "False")

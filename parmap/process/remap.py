@@ -38,8 +38,8 @@ from typing import Any
 __all__ = ["REMAP_MIN_BYTES", "WRITE_CHUNK", "can_remap", "copy_and_remap", "write_all",
            "keep", "reusable", "forget", "disable"]
 
-#: arrays at least this big are remapped in place (glibc always gives them their own
-#: mmap, so the pages around them belong to no other object)
+#: arrays at least this big are remapped in place, if they have a mapping of their own
+#: (``_own_mapping``: the pages around them then belong to no other object)
 REMAP_MIN_BYTES = 32 * 1024 ** 2
 WRITE_CHUNK = 64 * 1024 ** 2
 #: /proc/self/pagemap entry bits: page present, swapped, file-backed (or shared)
@@ -68,7 +68,21 @@ def _mmap_fn() -> Any:
 
 def can_remap(root: Any) -> bool:
     return (sys.platform.startswith("linux") and root.flags.owndata
-            and root.nbytes >= REMAP_MIN_BYTES and os.environ.get("PARMAP_NO_REMAP") is None)
+            and root.nbytes >= REMAP_MIN_BYTES and os.environ.get("PARMAP_NO_REMAP") is None
+            and _own_mapping(root.__array_interface__["data"][0], root.nbytes))
+
+
+def _own_mapping(address: int, nbytes: int) -> bool:
+    """Whether the buffer at ``address`` is a glibc chunk with a mapping of its own (as
+    large allocations usually are): 16 bytes into a page, after a size word with the
+    IS_MMAPPED bit. A large buffer can also come from the heap, after many small objects
+    were freed; its first and last pages then hold other objects, whose writes between
+    a chunk's copy and its remap would be lost, and the heap would keep the file mapped
+    after the array is freed. Other allocators: no remap (the call holds two copies)."""
+    if address % mmap.PAGESIZE != 16:
+        return False
+    size = ctypes.c_size_t.from_address(address - 8).value  # same page: readable
+    return bool(size & 2) and (size & ~7) >= nbytes + 16
 
 
 def copy_and_remap(fd: int, start: int, end: int) -> None:
