@@ -2,6 +2,7 @@
 while none of its pages changed (parmap.process.remap)."""
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
 import os
@@ -20,10 +21,15 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"),
 N = remap.REMAP_MIN_BYTES // 8 + 4096  # float64s: just above the remapping threshold
 
 
-@pytest.fixture(autouse=True)
-def reuse_enabled(monkeypatch):
-    """A refused kept file turns reuse off for the process: only for the test."""
+@pytest.fixture(autouse=True, params=[1, 2], ids=["one file", "two parts"])
+def reuse_enabled(monkeypatch, request):
+    """Every test with an array in one file and in two parts written side by side (as on
+    a machine with 2+ CPUs); a refused kept file turns reuse off: only for the test."""
+    global N
     monkeypatch.setattr(remap, "_enabled", [True])
+    monkeypatch.setattr(remap, "parts", functools.partial(remap.parts, cpus=request.param))
+    N = request.param * (remap.REMAP_MIN_BYTES // 8) + 4096
+    assert len(remap.parts(N * 8)) == request.param
 
 
 @pytest.fixture
@@ -56,11 +62,11 @@ def test_unchanged_array_is_not_written_again(copies):
     assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 1
 
 
-@pytest.mark.parametrize("where", [0, N // 2, -1])
+@pytest.mark.parametrize("where", [0.0, 0.5, 0.75, 1.0])
 def test_a_write_anywhere_sends_the_array_again(copies, where):
     arr = np.ones(N)
     run(arr)
-    arr[where] = 5.0  # one page becomes the caller's own
+    arr[min(int(where * N), N - 1)] = 5.0  # one page becomes the caller's own
     expected = (float(arr[0]), float(arr[-1]), float(N) + 4.0)
     assert run(arr) == [expected] * 4 and copies[0] == 2
     assert run(arr) == [expected] * 4 and copies[0] == 2  # and is reused from then on
@@ -94,20 +100,29 @@ def test_worker_checks_that_it_maps_the_file_that_was_sent(copies, monkeypatch, 
     other.write_bytes(bytes(N * 8 + 8192))
     fd = os.open(other, os.O_RDONLY)
     kept = remap.reusable
-    monkeypatch.setattr(remap, "reusable", lambda root, start, end: (
-        f"/proc/{os.getpid()}/fd/{fd}", kept(root, start, end)[1]))
+
+    def another_file_first(root, start, end):
+        files, identity = kept(root, start, end)
+        wrong = f"/proc/{os.getpid()}/fd/{fd}"
+        if isinstance(files, str):
+            return wrong, identity
+        return ((wrong, files[0][1]),) + files[1:], identity
+
+    monkeypatch.setattr(remap, "reusable", another_file_first)
     try:
         assert run(arr) == [(1.0, 1.0, float(N))] * 4 and copies[0] == 2
     finally:
         os.close(fd)
 
 
-def _kept_in_child(queue, fd, identity):
-    try:  # the number may have been reused since (multiprocessing opens /dev/null)
-        st = os.fstat(fd)
-        still_open = (st.st_dev, st.st_ino) == identity
-    except OSError:
-        still_open = False
+def _kept_in_child(queue, fds, identities):
+    still_open = False
+    for fd, identity in zip(fds, identities):
+        try:  # the number may have been reused since (multiprocessing opens /dev/null)
+            st = os.fstat(fd)
+            still_open = still_open or (st.st_dev, st.st_ino) == identity
+        except OSError:
+            pass
     queue.put((len(remap._kept), still_open))
 
 
@@ -115,10 +130,11 @@ def test_forked_child_does_not_hold_the_files():
     arr = np.ones(N)
     run(arr)
     assert len(remap._kept) == 1
-    _finalizer, fd, _start, _end, identity = next(iter(remap._kept.values()))
+    _finalizer, fds, _start, _end, parts = next(iter(remap._kept.values()))
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
-    child = ctx.Process(target=_kept_in_child, args=(queue, fd, identity))
+    child = ctx.Process(target=_kept_in_child,
+                        args=(queue, fds, [identity for _, _, identity in parts]))
     child.start()
     child.join(30)
     assert child.exitcode == 0 and queue.get() == (0, False)
@@ -163,3 +179,32 @@ def test_an_array_from_the_heap_is_not_remapped():
     if heap_looks_mapped == "True":
         pytest.skip("this allocator gave the second array a mapping of its own too")
     assert (fresh, heap) == ("True", "False")
+
+
+def picks(arr, indices):
+    return [float(arr[i]) for i in indices], float(arr.sum()), arr.flags.writeable
+
+
+def test_workers_see_the_whole_array_across_its_parts():
+    arr = np.arange(N, dtype=np.float64)
+    cuts = [lo // 8 for lo, _ in remap.parts(N * 8)] + [N]
+    indices = sorted({max(0, min(N - 1, c + d)) for c in cuts for d in (-1, 0, 1)})
+    expected = ([float(i) for i in indices], float(arr.sum()), False)
+    for _ in range(2):  # placed, then reused
+        assert Parallel(n_jobs=2)(delayed(picks)(arr, indices) for _ in range(4)) == \
+            [expected] * 4
+
+
+def write_first(arr):
+    before = float(arr[0])
+    arr[0] = -1.0
+    return before
+
+
+def test_parts_keep_the_modes_read_only_and_copy_on_write():
+    arr = np.ones(N)
+    with pytest.raises(ValueError, match="read-only"):
+        Parallel(n_jobs=2)(delayed(write_first)(arr) for _ in range(2))
+    out = Parallel(n_jobs=2, mmap_mode="c", batch_size=1)(
+        delayed(write_first)(arr) for _ in range(6))
+    assert out == [1.0] * 6 and float(arr[0]) == 1.0  # each batch saw the file's data

@@ -23,43 +23,63 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Any
+
+from . import remap
 
 __all__ = ["mapping", "keep_only_used", "release", "holding", "mapped_bytes", "IDLE_RELEASE"]
 
 #: seconds a worker waits for its next batch before it drops its argument mappings
 IDLE_RELEASE = 0.1
 
-#: path -> ((device, inode, size, change time), the mapping)
-_kept: dict[str, tuple[tuple[int, int, int, int], mmap.mmap]] = {}
-_used: set[str] = set()
+#: path, or parts (see ``mapping``) -> ((device, inode, size, change time) of each file,
+#: the mapping)
+_kept: dict[Any, tuple[tuple[tuple[int, int, int, int], ...], mmap.mmap]] = {}
+_used: set[Any] = set()
 _ACCESS = {"r": mmap.ACCESS_READ, "r+": mmap.ACCESS_WRITE, "c": mmap.ACCESS_COPY}
 
 
-def mapping(path: str, mode: str, expected: tuple[int, int] | None = None) -> mmap.mmap:
-    """The whole file at ``path`` mapped with ``mode`` ("r", "r+" or "c"); read-only
-    mappings are kept on POSIX (see the module doc; Windows cannot delete a mapped
-    file). ``expected``: the file's (device, inode), checked before it is opened (a
-    reused descriptor number may name a pipe, whose open would block), or OSError."""
-    if expected is not None:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) != tuple(expected):
+def mapping(files: Any, mode: str, expected: Any = None) -> mmap.mmap:
+    """The whole file at ``files`` (a path), or the files of a remapped array's parts
+    (((path, size), ...): ``remap.map_parts``), mapped with ``mode`` ("r", "r+" or "c");
+    read-only mappings are kept on POSIX (see the module doc; Windows cannot delete a
+    mapped file). ``expected``: the (device, inode) of the file, or of each part's,
+    checked before it is opened (a reused descriptor number may name a pipe, whose open
+    would block), or OSError."""
+    paths = [files] if isinstance(files, str) else [path for path, _size in files]
+    wanted = [None] * len(paths) if expected is None else \
+        [expected] if isinstance(files, str) else list(expected)
+    for path, identity in zip(paths, wanted):
+        if identity is not None and _identity(os.stat(path))[:2] != tuple(identity):
             raise OSError(f"{path} is not the file the caller sent")
     flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags)
+    fds: list[int] = []
     try:
-        st = os.fstat(fd)
-        if expected is not None and (st.st_dev, st.st_ino) != tuple(expected):
-            raise OSError(f"{path} is not the file the caller sent")
-        if mode != "r" or os.name != "posix":
-            return mmap.mmap(fd, 0, access=_ACCESS[mode])
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
-        entry = _kept.get(path)
-        if entry is None or entry[0] != identity:  # new, or the file was replaced
-            entry = _kept[path] = (identity, mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
+        for path, identity in zip(paths, wanted):
+            fds.append(os.open(path, flags))
+            if identity is not None and _identity(os.fstat(fds[-1]))[:2] != tuple(identity):
+                raise OSError(f"{path} is not the file the caller sent")
+        key = (files, tuple(_identity(os.fstat(fd)) for fd in fds))
+        if mode == "r" and os.name == "posix":
+            entry = _kept.get(files)
+            if entry is not None and entry[0] == key[1]:  # the same files as before
+                _used.add(files)
+                return entry[1]
+        if isinstance(files, str):
+            made = mmap.mmap(fds[0], 0, access=_ACCESS[mode])
+        else:
+            made = remap.map_parts(fds, [size for _path, size in files], mode)
     finally:
-        os.close(fd)
-    _used.add(path)
-    return entry[1]
+        for fd in fds:
+            os.close(fd)
+    if mode == "r" and os.name == "posix":
+        _kept[files] = (key[1], made)
+        _used.add(files)
+    return made
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns
 
 
 def keep_only_used() -> None:

@@ -1,16 +1,18 @@
 """On Linux, in the caller: a large array's own pages become its file's pages, and an
 array so remapped and unchanged since goes to the next calls without a copy.
 
-Remapping (``copy_and_remap``): the array is written to its file 64 MB at a time, and
-each chunk of the file written is mapped over the array's pages
-(``mmap(MAP_FIXED | MAP_PRIVATE)``). The array keeps its address and contents; a write
-by the caller is copy-on-write and never reaches the file.
+Remapping (``copy_and_remap``): the array is written to its files 64 MB at a time, and
+each chunk written is mapped over the array's pages (``mmap(MAP_FIXED | MAP_PRIVATE)``).
+The array keeps its address and contents; a write by the caller is copy-on-write and
+never reaches the files. From 64 MB, the array is cut into up to four parts (``parts``),
+one file each, written by as many threads (tmpfs writes one file at a time); a worker
+maps them end to end in one region (``map_parts``).
 
 Reuse across calls::
 
-    a call ends        -> for each array it remapped, a read-only descriptor of the file
-                          is kept (``keep``) before the file is unlinked, as every call's
-                          files are; it is closed when the array dies
+    a call ends        -> for each array it remapped, a read-only descriptor of each of
+                          its files is kept (``keep``) before the files are unlinked, as
+                          every call's files are; they are closed when the array dies
     a later call       -> the same array, at the same address: if /proc/self/pagemap
                           shows no page of it written since (no page private to the
                           caller, none swapped), the workers map the kept file again
@@ -35,8 +37,8 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["REMAP_MIN_BYTES", "WRITE_CHUNK", "can_remap", "copy_and_remap", "write_all",
-           "keep", "reusable", "forget", "disable"]
+__all__ = ["REMAP_MIN_BYTES", "WRITE_CHUNK", "can_remap", "parts", "copy_and_remap",
+           "map_parts", "write_all", "keep", "reusable", "forget", "disable"]
 
 #: arrays at least this big are remapped in place, if they have a mapping of their own
 #: (``_own_mapping``: the pages around them then belong to no other object)
@@ -85,9 +87,45 @@ def _own_mapping(address: int, nbytes: int) -> bool:
     return bool(size & 2) and (size & ~7) >= nbytes + 16
 
 
-def copy_and_remap(fd: int, start: int, end: int) -> None:
-    """Copy [start, end) into the file and map the file over it, one chunk at a time, so
-    the caller never holds both copies of more than one chunk."""
+def parts(nbytes: int, cpus: int | None = None) -> list[tuple[int, int]]:
+    """How a remapped array's [0, nbytes) is cut into files written side by side: tmpfs
+    writes one file at a time (the inode's lock), so 800 MB took ~0.5 s as one file and
+    ~0.28 s as two, written by two threads. Up to 4 parts of at least REMAP_MIN_BYTES,
+    page-aligned, one per CPU."""
+    count = max(1, min(4, cpus or os.cpu_count() or 1, nbytes // REMAP_MIN_BYTES))
+    cut = [nbytes * i // count // mmap.PAGESIZE * mmap.PAGESIZE for i in range(count)]
+    return list(zip(cut, cut[1:] + [nbytes]))
+
+
+def copy_and_remap(paths: list[str], start: int, bounds: list[tuple[int, int]]) -> None:
+    """Create each file of ``paths``, copy its part of the memory at ``start`` into it
+    and map it over that memory, one chunk at a time (the caller never holds both copies
+    of more than a chunk per part); the parts side by side, on threads."""
+    errors: list[BaseException] = []
+
+    def one(path: str, lo: int, hi: int) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, hi - lo)
+                _copy_and_remap(fd, start + lo, start + hi)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=one, args=(path, lo, hi), name="parmap-copy",
+                                daemon=True) for path, (lo, hi) in zip(paths[1:], bounds[1:])]
+    for helper in helpers:
+        helper.start()
+    one(paths[0], *bounds[0])
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+
+
+def _copy_and_remap(fd: int, start: int, end: int) -> None:
     map_fixed = 0x10
     mmap_fn = _mmap_fn()
     for offset in range(0, end - start, WRITE_CHUNK):
@@ -100,11 +138,32 @@ def copy_and_remap(fd: int, start: int, end: int) -> None:
             raise OSError(ctypes.get_errno(), "parmap: mmap(MAP_FIXED) failed")
 
 
+def map_parts(fds: list[int], sizes: list[int], mode: str) -> mmap.mmap:
+    """In a worker: the files of a remapped array's parts, mapped end to end in one
+    region (an anonymous mapping's, whose object unmaps it all when it goes)."""
+    region = mmap.mmap(-1, sum(sizes))
+    anchor = ctypes.c_char.from_buffer(region)
+    base = ctypes.addressof(anchor)
+    del anchor  # the region can be closed again
+    prot = mmap.PROT_READ | (0 if mode == "r" else mmap.PROT_WRITE)
+    flags = (mmap.MAP_PRIVATE if mode == "c" else mmap.MAP_SHARED) | 0x10  # MAP_FIXED
+    mmap_fn = _mmap_fn()
+    offset = 0
+    for fd, size in zip(fds, sizes):
+        if mmap_fn(base + offset, size, prot, flags, fd, 0) != base + offset:
+            region.close()
+            raise OSError(ctypes.get_errno(), "parmap: mmap(MAP_FIXED) failed")
+        offset += size
+    return region
+
+
 # ---------------------------------------------------------------------- reuse
 
-#: id(array) -> (its finalizer, which closes the descriptor; descriptor; start; end;
-#: the file's (device, inode))
-_kept: dict[int, tuple[weakref.finalize, int, int, int, tuple[int, int]]] = {}
+#: a part of a remapped array: (first address, end address, its file's (device, inode))
+_Part = tuple[int, int, tuple[int, int]]
+#: id(array) -> (its finalizer, which closes the descriptors; descriptors; start; end;
+#: the parts)
+_kept: dict[int, tuple[weakref.finalize, tuple[int, ...], int, int, tuple[_Part, ...]]] = {}
 #: reentrant: a garbage collection while it is held may run an array's finalizer (_close)
 _lock = threading.RLock()
 #: cleared once a worker could not map a kept file (a /proc closed to it): from then on
@@ -112,21 +171,25 @@ _lock = threading.RLock()
 _enabled = [True]
 
 
-def keep(root: Any, path: str, start: int, end: int) -> None:
-    """``root`` was remapped onto the file at ``path`` over [start, end): keep the file
-    open for later calls (see the module doc); the caller unlinks it as usual."""
+def keep(root: Any, paths: list[str], start: int, bounds: list[tuple[int, int]]) -> None:
+    """``root`` was remapped onto the files ``paths``, each over its ``bounds`` from
+    ``start``: keep them open for later calls (see the module doc); the caller unlinks
+    them as usual."""
+    fds: list[int] = []
+    parts: list[_Part] = []
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(fd)
+        for path, (lo, hi) in zip(paths, bounds):
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            st = os.fstat(fds[-1])
+            parts.append((start + lo, start + hi, (st.st_dev, st.st_ino)))
     except OSError:
+        parts = []
+    if not parts or not _mapped_onto(parts):  # a later call remapped it elsewhere since
+        _close_all(fds)
         return
-    identity = (st.st_dev, st.st_ino)
-    if not _mapped_onto(start, end, identity):  # a later call remapped it elsewhere since
-        os.close(fd)
-        return
-    finalizer = weakref.finalize(root, _close, id(root), fd)
+    finalizer = weakref.finalize(root, _close, id(root), tuple(fds))
     finalizer.atexit = False
-    entry = (finalizer, fd, start, end, identity)
+    entry = (finalizer, tuple(fds), start, start + bounds[-1][1], tuple(parts))
     with _lock:
         old = _kept.pop(id(root), None)
         _kept[id(root)] = entry
@@ -134,22 +197,27 @@ def keep(root: Any, path: str, start: int, end: int) -> None:
         old[0]()
 
 
-def reusable(root: Any, start: int, end: int) -> tuple[str, tuple[int, int]] | None:
-    """The path through which workers can map ``root``'s file and the file's (device,
-    inode), if an earlier call remapped it over [start, end) and none of its pages was
-    written since; else None (and the descriptor, if any, is closed)."""
+def reusable(root: Any, start: int, end: int) -> tuple[Any, Any] | None:
+    """What workers map for ``root`` and what they check it is, if an earlier call
+    remapped it over [start, end) and none of its pages was written since: one file's
+    path and (device, inode), or for several parts a tuple of (path, size) and one of
+    (device, inode). Else None (and the descriptors, if any, are closed)."""
     with _lock:
         entry = _kept.get(id(root))
     if entry is None:
         return None
-    finalizer, fd, kept_start, kept_end, identity = entry
+    finalizer, fds, kept_start, kept_end, parts = entry
     alive = finalizer.peek()
     if not _enabled[0] or alive is None or alive[0] is not root \
             or (kept_start, kept_end) != (start, end) \
-            or not _mapped_onto(start, end, identity) or not _unchanged(start, end):
+            or not _mapped_onto(parts) or not _unchanged(start, end):
         forget(root)
         return None
-    return f"/proc/{os.getpid()}/fd/{fd}", identity
+    paths = [f"/proc/{os.getpid()}/fd/{fd}" for fd in fds]
+    if len(parts) == 1:
+        return paths[0], parts[0][2]
+    return (tuple((path, hi - lo) for path, (lo, hi, _) in zip(paths, parts)),
+            tuple(identity for _, _, identity in parts))
 
 
 def disable() -> None:
@@ -158,48 +226,55 @@ def disable() -> None:
 
 
 def forget(root: Any) -> None:
-    """Close the descriptor kept for ``root``, if any."""
+    """Close the descriptors kept for ``root``, if any."""
     with _lock:
         entry = _kept.pop(id(root), None)
     if entry is not None:
         entry[0]()
 
 
-def _close(key: int, fd: int) -> None:
+def _close(key: int, fds: tuple[int, ...]) -> None:
     with _lock:
         entry = _kept.get(key)
-        if entry is not None and entry[1] == fd:
+        if entry is not None and entry[1] == fds:
             del _kept[key]
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    _close_all(fds)
 
 
-def _mapped_onto(start: int, end: int, identity: tuple[int, int]) -> bool:
-    """Whether [start, end) is mapped, all of it, onto the file ``identity`` (device,
-    inode) at the offset of each address from ``start`` (/proc/self/maps). Another call
-    may have remapped the array onto a newer file meanwhile: its pages are file pages
-    too, and only this tells the two files apart."""
-    dev, ino = identity
-    want_dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
-    covered = start
+def _close_all(fds: Any) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _mapped_onto(parts: Any) -> bool:
+    """Whether each part's addresses are mapped, all of them, onto its file (device,
+    inode) at their offset from the part's start (/proc/self/maps). Another call may
+    have remapped the array onto newer files meanwhile: their pages are file pages too,
+    and only this tells the files apart."""
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                low, high = (int(x, 16) for x in fields[0].split("-"))
-                if high <= covered or low >= end:
-                    continue
-                if low > covered or fields[3] != want_dev or int(fields[4]) != ino \
-                        or int(fields[2], 16) != low - start:
-                    return False
-                covered = high
-                if covered >= end:
-                    return True
+            lines = [line.split(maxsplit=5) for line in maps]
+        ranges = [(*(int(x, 16) for x in f[0].split("-")), int(f[2], 16), f[3], int(f[4]))
+                  for f in lines]
     except (OSError, ValueError, IndexError):
         return False
-    return False
+    for start, end, (dev, ino) in parts:
+        want_dev = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+        covered = start
+        for low, high, offset, device, inode in ranges:
+            if high <= covered or low >= end:
+                continue
+            if low > covered or device != want_dev or inode != ino or offset != low - start:
+                return False
+            covered = high
+            if covered >= end:
+                break
+        if covered < end:
+            return False
+    return True
 
 
 def _unchanged(start: int, end: int) -> bool:
@@ -230,12 +305,9 @@ def _forget_in_child() -> None:
     would outlive the caller's arrays."""
     global _lock
     _lock = threading.RLock()  # another thread may have held it at the fork
-    for finalizer, fd, *_ in list(_kept.values()):
+    for finalizer, fds, *_ in list(_kept.values()):
         finalizer.detach()
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        _close_all(fds)
     _kept.clear()
 
 

@@ -113,8 +113,8 @@ class ArgumentPlacer:
         self._copies: dict[tuple, tuple] = {}  # view's geometry -> (its root, C copy)
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
-        #: (array, file, start, end) of the arrays remapped onto their file (``remap``)
-        self._remapped: list[tuple[Any, str, int, int]] = []
+        #: (array, files, start, parts) of the arrays remapped onto their files (``remap``)
+        self._remapped: list[tuple[Any, list[str], int, list[tuple[int, int]]]] = []
         self.reuse = True  # may an array remapped by an earlier call go without a copy?
         self._folder: str | None = None
         self._lock = threading.Lock()
@@ -194,16 +194,20 @@ class ArgumentPlacer:
             kept = remap.reusable(root, start, end)
             if kept is not None:  # an earlier call's file, unchanged: no copy
                 return root, kept[0], start, kept[1]
+        if remapping:
+            remap.forget(root)  # the files it was remapped onto before, if any
+            bounds = remap.parts(end - start)
+            paths = [self._new_path(end - start) for _ in bounds]  # room for all of it
+            remap.copy_and_remap(paths, start, bounds)
+            self._remapped.append((root, paths, start, bounds))
+            if len(paths) == 1:
+                return root, paths[0], start, None
+            return root, tuple((p, hi - lo) for p, (lo, hi) in zip(paths, bounds)), start, None
         path = self._new_path(end - start)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, end - start)
-            if remapping:
-                remap.forget(root)  # the file it was remapped onto before, if any
-                remap.copy_and_remap(fd, start, end)
-                self._remapped.append((root, path, start, end))
-            else:
-                write_all(fd, byte_view(root), address - start)
+            write_all(fd, byte_view(root), address - start)
         finally:
             os.close(fd)
         return root, path, start, None
@@ -228,8 +232,8 @@ class ArgumentPlacer:
                 _PINNED.pop(key, None)  # the caller's array is the caller's again
             self._pins.clear()
             folder, self._folder = self._folder, None
-        for root, path, start, end in remapped:  # before the files are unlinked
-            remap.keep(root, path, start, end)
+        for root, paths, start, bounds in remapped:  # before the files are unlinked
+            remap.keep(root, paths, start, bounds)
         for path in files:
             unlink(path)
         if folder is not None and folder != SHM_DIR:
@@ -312,17 +316,23 @@ def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: 
     return view
 
 
-def rebuild_array(path: str, offset: int, dtype: str, shape: tuple, strides: tuple,
-                  mode: str, identity: tuple[int, int] | None = None) -> Any:
+def rebuild_array(path: Any, offset: int, dtype: str, shape: tuple, strides: tuple,
+                  mode: str, identity: Any = None) -> Any:
     """In a worker: the array, as an ``np.memmap`` view on the mapped file (a read-only
-    mapping is kept for the next batches: ``arg_maps``)."""
+    mapping is kept for the next batches: ``arg_maps``). ``path``: one file, or a
+    remapped array's parts as ((path, size), ...), mapped end to end; ``identity``:
+    what an earlier call's files must be (``remap.reusable``)."""
     try:
         mm = arg_maps.mapping(path, mode, identity)
     except OSError:
         if identity is not None:  # an earlier call's file (see ``remap``)
-            raise NotInherited(path) from None
+            raise NotInherited(str(path)) from None
         raise
-    return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
+    if isinstance(path, str):
+        return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
+    # parts: the region's own buffer is writable whatever the mode of the files in it
+    buffer = memoryview(mm).toreadonly() if mode == "r" else mm
+    return _memmap_view(shape, dtype, buffer, offset, strides, mm, path[0][0], mode)
 
 
 @atexit.register
