@@ -386,3 +386,52 @@ def test_a_workers_own_shared_memory_still_counts():
         pids = Parallel(n_jobs=2, batch_size=1, max_memory_per_child=own + 100 * 1024 ** 2)(
             delayed(leak_shared_memory)(64 * 1024 ** 2) for _ in range(8))
     assert len(set(pids)) > 2  # workers were replaced
+
+
+# ------------------------------- arrays the workers of an earlier call still hold
+
+def test_unchanged_array_is_read_again_where_the_workers_have_it(inheritance,
+                                                                 count_placements):
+    from parmap.process import inherited
+
+    arr = big(3.0, n=4 * BIG)
+    for _ in range(3):  # the first call pins it and forks; the next ones find it held
+        out = Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(4))
+        assert all(not d["mapped"] and d["sum"] == 3.0 * 4 * BIG for d in out)
+    assert count_placements == [] and len(inherited._noted) == 1
+    arr[-1] = 7.0  # the caller's page is now its own: the workers' copy is stale
+    out = Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(4))
+    assert count_placements == [arr.nbytes]
+    assert all(d["mapped"] and d["sum"] == 3.0 * (4 * BIG - 1) + 7.0 for d in out)
+
+
+def _nothing():
+    pass
+
+
+def test_a_fork_since_makes_the_array_placed(inheritance, count_placements):
+    import multiprocessing
+
+    arr = big(3.0)
+    Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(2))
+    child = multiprocessing.get_context("fork").Process(target=_nothing)
+    child.start()  # it could share a page the caller wrote: no telling them apart
+    child.join(30)
+    out = Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(2))
+    assert count_placements == [arr.nbytes] and out[0]["sum"] == 3.0 * BIG
+
+
+def test_workers_without_the_array_ask_again_and_get_it_placed(inheritance,
+                                                                count_placements,
+                                                                monkeypatch):
+    from parmap.process import inherited
+
+    arr = big(3.0)
+    Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(2))
+    real = inherited.reusable
+    monkeypatch.setattr(inherited, "reusable",
+                        lambda root: real(root) and "a key no worker has")
+    out = Parallel(n_jobs=2)(delayed(describe)(arr) for _ in range(4))
+    assert count_placements == [arr.nbytes]
+    assert all(d["mapped"] and d["sum"] == 3.0 * BIG for d in out)
+    assert inherited._noted == {}  # not tried again
