@@ -38,7 +38,7 @@ import weakref
 from typing import Any
 
 __all__ = ["REMAP_MIN_BYTES", "WRITE_CHUNK", "can_remap", "parts", "copy_and_remap",
-           "map_parts", "write_all", "keep", "reusable", "forget", "disable", "page_flags"]
+           "map_parts", "write_all", "keep", "reusable", "forget", "disable"]
 
 #: arrays at least this big are remapped in place, if they have a mapping of their own
 #: (``_own_mapping``: the pages around them then belong to no other object)
@@ -277,9 +277,9 @@ def _mapped_onto(parts: Any) -> bool:
     return True
 
 
-def page_flags(start: int, end: int) -> Any:
-    """The /proc/self/pagemap entries of the pages of [start, end), as a uint64 array,
-    or None when they cannot be read."""
+def _unchanged(start: int, end: int) -> bool:
+    """Whether no page of [start, end) is private to this process (written since the
+    remap, or swapped out, which only private pages are)."""
     import numpy as np  # the caller placing arrays has it
 
     n_pages = (end - start) // mmap.PAGESIZE
@@ -290,21 +290,11 @@ def page_flags(start: int, end: int) -> Any:
             while len(data) < n_pages * 8:
                 chunk = pagemap.read(n_pages * 8 - len(data))
                 if not chunk:
-                    return None
+                    return False
                 data += chunk
     except OSError:
-        return None
-    return np.frombuffer(data, dtype=np.uint64)
-
-
-def _unchanged(start: int, end: int) -> bool:
-    """Whether no page of [start, end) is private to this process (written since the
-    remap, or swapped out, which only private pages are)."""
-    import numpy as np
-
-    flags = page_flags(start, end)
-    if flags is None:
         return False
+    flags = np.frombuffer(data, dtype=np.uint64)
     changed = ((flags & np.uint64(_SWAPPED)) != 0) | \
         ((flags & np.uint64(_PRESENT | _FILE)) == np.uint64(_PRESENT))
     return not bool(changed.any())

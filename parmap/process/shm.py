@@ -43,7 +43,7 @@ import weakref
 from typing import Any, Protocol
 
 from .._shm_files import SHM_DIR, shm_has_room, track
-from . import arg_maps, inherited, remap
+from . import arg_maps, remap
 from .lifetime import pid_alive
 from .remap import write_all
 
@@ -112,8 +112,6 @@ class ArgumentPlacer:
         self._placed: dict[int, tuple] = {}
         self._copies: dict[tuple, tuple] = {}  # view's geometry -> (its root, C copy)
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
-        #: id(root) -> (root, the key of an earlier call's pin the workers hold: ``inherited``)
-        self._held: dict[int, tuple[Any, str]] = {}
         self._files: list[str] = []
         #: (array, files, start, parts) of the arrays remapped onto their files (``remap``)
         self._remapped: list[tuple[Any, list[str], int, list[tuple[int, int]]]] = []
@@ -168,15 +166,10 @@ class ArgumentPlacer:
         with self._lock:
             if self.can_inherit is None:
                 return None
-            key = self._pins.get(id(root)) or self._held.get(id(root), (None, None))[1]
-            if key is None:
-                if self.can_inherit():
-                    key = self._pins[id(root)] = f"{self.token}_{next(_counter)}"
-                    _PINNED[key] = root
-                else:  # workers forked for an earlier call may hold it unchanged
-                    key = inherited.reusable(root)
-                    if key is not None:
-                        self._held[id(root)] = (root, key)
+            key = self._pins.get(id(root))
+            if key is None and self.can_inherit():
+                key = self._pins[id(root)] = f"{self.token}_{next(_counter)}"
+                _PINNED[key] = root
             return key
 
     def stop_inheriting(self) -> None:
@@ -185,8 +178,6 @@ class ArgumentPlacer:
         with self._lock:
             self.can_inherit = None
             self.reuse = False
-            for root, _key in self._held.values():  # these workers lack it: not again
-                inherited.forget(root)
             for key, (_root, _path, _start, identity) in list(self._placed.items()):
                 if identity is not None:  # the worker may have failed on this file
                     del self._placed[key]
@@ -237,15 +228,12 @@ class ArgumentPlacer:
             self._placed.clear()
             self._copies.clear()
             self.can_inherit = None
-            pinned = [(_PINNED.pop(key, None), key) for key in self._pins.values()]
-            self._pins.clear()  # the caller's arrays are the caller's again
-            self._held.clear()
+            for key in self._pins.values():
+                _PINNED.pop(key, None)  # the caller's array is the caller's again
+            self._pins.clear()
             folder, self._folder = self._folder, None
         for root, paths, start, bounds in remapped:  # before the files are unlinked
             remap.keep(root, paths, start, bounds)
-        for root, key in pinned:
-            if root is not None:
-                inherited.note(root, key)
         for path in files:
             unlink(path)
         if folder is not None and folder != SHM_DIR:
