@@ -386,3 +386,18 @@ def test_a_workers_own_shared_memory_still_counts():
         pids = Parallel(n_jobs=2, batch_size=1, max_memory_per_child=own + 100 * 1024 ** 2)(
             delayed(leak_shared_memory)(64 * 1024 ** 2) for _ in range(8))
     assert len(set(pids)) > 2  # workers were replaced
+
+
+def test_an_inherited_argument_cannot_be_made_writeable(inheritance, count_placements):
+    arr = big(1.0)
+    out = Parallel(n_jobs=2)(delayed(try_writeable)(arr) for _ in range(2))
+    assert out == ["refused"] * 2 and count_placements == []
+
+
+def try_writeable(arr):
+    try:
+        arr.flags.writeable = True
+    except ValueError:
+        return "refused"
+    arr[0] = 99.0  # would change the worker's copy for every later task
+    return "allowed"

@@ -208,3 +208,28 @@ def test_parts_keep_the_modes_read_only_and_copy_on_write():
     out = Parallel(n_jobs=2, mmap_mode="c", batch_size=1)(
         delayed(write_first)(arr) for _ in range(6))
     assert out == [1.0] * 6 and float(arr[0]) == 1.0  # each batch saw the file's data
+
+
+def make_writeable(arr):
+    try:
+        arr.flags.writeable = True
+    except ValueError:
+        return "refused", arr.filename is None or os.path.exists(arr.filename)
+    return "allowed", None
+
+
+def test_a_read_only_argument_cannot_be_made_writeable():
+    # a view over PROT_READ pages made writeable would crash its worker on a write
+    arr = np.ones(N)
+    out = Parallel(n_jobs=2)(delayed(make_writeable)(arr) for _ in range(2))
+    assert out == [("refused", True)] * 2
+
+
+def filename_of(arr):
+    return isinstance(arr, np.memmap), arr.filename
+
+
+def test_an_array_in_parts_names_no_file():
+    arr = np.ones(N)  # joblib reopens a memmap by (filename, offset): not part 0's file
+    (is_memmap, name), = Parallel(n_jobs=2)(delayed(filename_of)(arr) for _ in range(1))
+    assert is_memmap and (name is None) == (len(remap.parts(N * 8)) > 1)

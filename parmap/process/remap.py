@@ -103,7 +103,7 @@ def copy_and_remap(paths: list[str], start: int, bounds: list[tuple[int, int]]) 
     of more than a chunk per part); the parts side by side, on threads."""
     errors: list[BaseException] = []
 
-    def one(path: str, lo: int, hi: int) -> None:
+    def one(path: str, lo: int, hi: int, done: threading.Event | None = None) -> None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -113,14 +113,29 @@ def copy_and_remap(paths: list[str], start: int, bounds: list[tuple[int, int]]) 
                 os.close(fd)
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            if done is not None:
+                done.set()
 
-    helpers = [threading.Thread(target=one, args=(path, lo, hi), name="parmap-copy",
-                                daemon=True) for path, (lo, hi) in zip(paths[1:], bounds[1:])]
-    for helper in helpers:
-        helper.start()
-    one(paths[0], *bounds[0])
-    for helper in helpers:
-        helper.join()
+    dones = [threading.Event() for _ in paths[1:]]
+    for path, (lo, hi), done in zip(paths[1:], bounds[1:], dones):
+        threading.Thread(target=one, args=(path, lo, hi, done), name="parmap-copy",
+                         daemon=True).start()
+    interrupted: BaseException | None = None
+    try:
+        one(paths[0], *bounds[0])
+    finally:
+        # never return while a helper may still mmap(MAP_FIXED) over the caller's memory
+        # (freed after a Ctrl-C, and perhaps another array's by then); not Thread.join:
+        # interrupted, it may mark a thread that still runs as stopped (Python 3.11)
+        for done in dones:
+            while not done.is_set():
+                try:
+                    done.wait()
+                except BaseException as exc:
+                    interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
     if errors:
         raise errors[0]
 
@@ -141,10 +156,12 @@ def _copy_and_remap(fd: int, start: int, end: int) -> None:
 def map_parts(fds: list[int], sizes: list[int], mode: str) -> mmap.mmap:
     """In a worker: the files of a remapped array's parts, mapped end to end in one
     region (an anonymous mapping's, whose object unmaps it all when it goes)."""
-    region = mmap.mmap(-1, sum(sizes))
-    anchor = ctypes.c_char.from_buffer(region)
-    base = ctypes.addressof(anchor)
-    del anchor  # the region can be closed again
+    import numpy as np  # a worker rebuilding arrays has it
+
+    # read-only for "r": no view of it can be made writeable (the pages are PROT_READ)
+    region = mmap.mmap(-1, sum(sizes),
+                       access=mmap.ACCESS_READ if mode == "r" else mmap.ACCESS_WRITE)
+    base = np.frombuffer(region, np.uint8, count=1).__array_interface__["data"][0]
     prot = mmap.PROT_READ | (0 if mode == "r" else mmap.PROT_WRITE)
     flags = (mmap.MAP_PRIVATE if mode == "c" else mmap.MAP_SHARED) | 0x10  # MAP_FIXED
     mmap_fn = _mmap_fn()

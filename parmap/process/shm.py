@@ -311,9 +311,12 @@ def rebuild_inherited(key: str, offset: int, dtype: str, shape: tuple, strides: 
     root = _PINNED.get(key)
     if root is None:
         raise NotInherited(key)
-    view = _memmap_view(shape, dtype, root, offset, strides, _InheritedPages(), None, "r")
-    view.flags.writeable = False
-    return view
+    import numpy as np
+
+    # over a read-only buffer: with the worker's writable root as its base, a task could
+    # turn the view writeable and change the array for every later task of the worker
+    frozen = np.frombuffer(memoryview(byte_view(root)).toreadonly(), dtype=np.uint8)
+    return _memmap_view(shape, dtype, frozen, offset, strides, _InheritedPages(), None, "r")
 
 
 def rebuild_array(path: Any, offset: int, dtype: str, shape: tuple, strides: tuple,
@@ -330,9 +333,12 @@ def rebuild_array(path: Any, offset: int, dtype: str, shape: tuple, strides: tup
         raise
     if isinstance(path, str):
         return _memmap_view(shape, dtype, mm, offset, strides, mm, path, mode)
-    # parts: the region's own buffer is writable whatever the mode of the files in it
-    buffer = memoryview(mm).toreadonly() if mode == "r" else mm
-    return _memmap_view(shape, dtype, buffer, offset, strides, mm, path[0][0], mode)
+    # parts: no one file holds the array, so the view names none (code that reopens a
+    # memmap by its filename and offset, as joblib does, would find part 0's file)
+    import numpy as np
+
+    return _memmap_view(shape, dtype, np.frombuffer(mm, np.uint8), offset, strides, mm,
+                        None, mode)
 
 
 @atexit.register
