@@ -130,7 +130,7 @@ def test_forked_child_does_not_hold_the_files():
     arr = np.ones(N)
     run(arr)
     assert len(remap._kept) == 1
-    _finalizer, fds, _start, _end, parts = next(iter(remap._kept.values()))
+    _finalizer, fds, parts = next(iter(remap._kept.values()))
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
     child = ctx.Process(target=_kept_in_child,

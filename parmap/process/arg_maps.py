@@ -54,15 +54,16 @@ def mapping(files: Any, mode: str, expected: Any = None) -> mmap.mmap:
             raise OSError(f"{path} is not the file the caller sent")
     flags = (os.O_RDWR if mode == "r+" else os.O_RDONLY) | getattr(os, "O_BINARY", 0)
     fds: list[int] = []
+    found: list[tuple[int, int, int, int]] = []
     try:
         for path, identity in zip(paths, wanted):
             fds.append(os.open(path, flags))
-            if identity is not None and _identity(os.fstat(fds[-1]))[:2] != tuple(identity):
+            found.append(_identity(os.fstat(fds[-1])))
+            if identity is not None and found[-1][:2] != tuple(identity):
                 raise OSError(f"{path} is not the file the caller sent")
-        key = (files, tuple(_identity(os.fstat(fd)) for fd in fds))
         if mode == "r" and os.name == "posix":
             entry = _kept.get(files)
-            if entry is not None and entry[0] == key[1]:  # the same files as before
+            if entry is not None and entry[0] == tuple(found):  # the same files as before
                 _used.add(files)
                 return entry[1]
         if isinstance(files, str):
@@ -73,7 +74,7 @@ def mapping(files: Any, mode: str, expected: Any = None) -> mmap.mmap:
         for fd in fds:
             os.close(fd)
     if mode == "r" and os.name == "posix":
-        _kept[files] = (key[1], made)
+        _kept[files] = (tuple(found), made)
         _used.add(files)
     return made
 

@@ -46,6 +46,7 @@ REMAP_MIN_BYTES = 32 * 1024 ** 2
 WRITE_CHUNK = 64 * 1024 ** 2
 #: /proc/self/pagemap entry bits: page present, swapped, file-backed (or shared)
 _PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
+_MAP_FIXED = 0x10  # not in the mmap module
 
 _libc: Any = None
 
@@ -141,14 +142,13 @@ def copy_and_remap(paths: list[str], start: int, bounds: list[tuple[int, int]]) 
 
 
 def _copy_and_remap(fd: int, start: int, end: int) -> None:
-    map_fixed = 0x10
     mmap_fn = _mmap_fn()
     for offset in range(0, end - start, WRITE_CHUNK):
         length = min(WRITE_CHUNK, end - start - offset)
         chunk = (ctypes.c_char * length).from_address(start + offset)
         write_all(fd, memoryview(chunk), offset)
         got = mmap_fn(start + offset, length, mmap.PROT_READ | mmap.PROT_WRITE,
-                      mmap.MAP_PRIVATE | map_fixed, fd, offset)
+                      mmap.MAP_PRIVATE | _MAP_FIXED, fd, offset)
         if got != start + offset:  # cannot happen with MAP_FIXED; the data is intact
             raise OSError(ctypes.get_errno(), "parmap: mmap(MAP_FIXED) failed")
 
@@ -163,7 +163,7 @@ def map_parts(fds: list[int], sizes: list[int], mode: str) -> mmap.mmap:
                        access=mmap.ACCESS_READ if mode == "r" else mmap.ACCESS_WRITE)
     base = np.frombuffer(region, np.uint8, count=1).__array_interface__["data"][0]
     prot = mmap.PROT_READ | (0 if mode == "r" else mmap.PROT_WRITE)
-    flags = (mmap.MAP_PRIVATE if mode == "c" else mmap.MAP_SHARED) | 0x10  # MAP_FIXED
+    flags = (mmap.MAP_PRIVATE if mode == "c" else mmap.MAP_SHARED) | _MAP_FIXED
     mmap_fn = _mmap_fn()
     offset = 0
     for fd, size in zip(fds, sizes):
@@ -178,9 +178,8 @@ def map_parts(fds: list[int], sizes: list[int], mode: str) -> mmap.mmap:
 
 #: a part of a remapped array: (first address, end address, its file's (device, inode))
 _Part = tuple[int, int, tuple[int, int]]
-#: id(array) -> (its finalizer, which closes the descriptors; descriptors; start; end;
-#: the parts)
-_kept: dict[int, tuple[weakref.finalize, tuple[int, ...], int, int, tuple[_Part, ...]]] = {}
+#: id(array) -> (its finalizer, which closes the descriptors; descriptors; the parts)
+_kept: dict[int, tuple[weakref.finalize, tuple[int, ...], tuple[_Part, ...]]] = {}
 #: reentrant: a garbage collection while it is held may run an array's finalizer (_close)
 _lock = threading.RLock()
 #: cleared once a worker could not map a kept file (a /proc closed to it): from then on
@@ -206,7 +205,7 @@ def keep(root: Any, paths: list[str], start: int, bounds: list[tuple[int, int]])
         return
     finalizer = weakref.finalize(root, _close, id(root), tuple(fds))
     finalizer.atexit = False
-    entry = (finalizer, tuple(fds), start, start + bounds[-1][1], tuple(parts))
+    entry = (finalizer, tuple(fds), tuple(parts))
     with _lock:
         old = _kept.pop(id(root), None)
         _kept[id(root)] = entry
@@ -223,10 +222,10 @@ def reusable(root: Any, start: int, end: int) -> tuple[Any, Any] | None:
         entry = _kept.get(id(root))
     if entry is None:
         return None
-    finalizer, fds, kept_start, kept_end, parts = entry
+    finalizer, fds, parts = entry
     alive = finalizer.peek()
     if not _enabled[0] or alive is None or alive[0] is not root \
-            or (kept_start, kept_end) != (start, end) \
+            or (parts[0][0], parts[-1][1]) != (start, end) \
             or not _mapped_onto(parts) or not _unchanged(start, end):
         forget(root)
         return None

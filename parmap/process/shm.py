@@ -178,10 +178,11 @@ class ArgumentPlacer:
         with self._lock:
             self.can_inherit = None
             self.reuse = False
-            for key, (_root, _path, _start, identity) in list(self._placed.items()):
-                if identity is not None:  # the worker may have failed on this file
-                    del self._placed[key]
-                    remap.disable()
+            reused = [key for key, entry in self._placed.items() if entry[3] is not None]
+            for key in reused:  # the worker may have failed on this file
+                del self._placed[key]
+            if reused:
+                remap.disable()
 
     def _place(self, root: Any) -> tuple:
         address = root.__array_interface__["data"][0]
