@@ -74,6 +74,24 @@ def test_a_worker_holds_at_most_two_jobs():
     assert len(scheduler.pending) == 2
 
 
+def test_only_a_request_that_fits_in_the_pipe_waits_behind_a_running_job():
+    # the worker reads its pipe only between batches: a queued request larger than its
+    # pipe's room would make the pool's write (under its lock) wait for the worker
+    scheduler = Scheduler()
+    big = job("A", 1)
+    big.payload = b"x" * 5000
+    small = job("A", 2)
+    scheduler.add(big)
+    scheduler.add(small)
+    busy = slot(job("A", 0, expected=PREFETCH_MAX / 10))
+    busy.room = 4096
+    placed = drain(scheduler, [busy], size=1)
+    assert [queued for _, queued in placed] == [small]  # big waits for a free worker
+    assert list(scheduler.pending) == [big]
+    busy.jobs.clear()  # idle now: the worker is reading, so any size may go
+    assert scheduler.next_assignment([busy], 1) == (busy, big)
+
+
 def test_drop_forgets_one_calls_jobs_and_requeue_puts_jobs_first():
     scheduler = Scheduler()
     a, b = job("A"), job("B")

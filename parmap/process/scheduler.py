@@ -17,7 +17,10 @@ Rules:
    first task must not hold a quick one back (joblib's "fastest first" test).
    A queued job cannot move to a worker that falls idle, so long jobs are never
    queued (they would hold the end of a call back), and a worker never holds two
-   calls' jobs (cancelling one call never kills another call's work).
+   calls' jobs (cancelling one call never kills another call's work). Only a job whose
+   request fits in the ``room`` of the worker's pipe is queued: writing it never waits
+   for the worker, which reads its pipe only between batches (the pool writes under its
+   lock, which the manager needs to read the reply the worker may be blocked sending).
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
 4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
@@ -78,9 +81,9 @@ class PoolJob:
 class WorkerSlot:
     """What the scheduler knows of a worker; the pool's worker record extends it."""
 
-    __slots__ = ("jobs", "dead", "status", "budget", "after")
+    __slots__ = ("jobs", "dead", "status", "budget", "after", "room")
 
-    def __init__(self, status: Sequence[float], budget: float = inf):
+    def __init__(self, status: Sequence[float], budget: float = inf, room: float = inf):
         self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
         self.dead = False
         #: (index of the running task, its start time or 0.0), written by the worker
@@ -89,6 +92,8 @@ class WorkerSlot:
         self.budget = budget
         #: the retired worker it replaces, while that one still runs its last jobs
         self.after: WorkerSlot | None = None
+        #: bytes a queued request may take in its task pipe (see rule 2)
+        self.room = room
 
     def ready(self) -> bool:
         """Live, and not waiting for the worker it replaces to finish (a replacement
@@ -125,8 +130,8 @@ class Worker(WorkerSlot):
     __slots__ = ("process", "task_conn", "result_conn", "wid")
 
     def __init__(self, process: ProcessHandle, task_conn: Connection, result_conn: Connection,
-                 status: Any, wid: int, budget: float):
-        super().__init__(status, budget)
+                 status: Any, wid: int, budget: float, room: float):
+        super().__init__(status, budget, room)
         self.process = process
         self.task_conn = task_conn
         self.result_conn = result_conn
@@ -174,9 +179,9 @@ class Scheduler:
             if worker.dead or not worker.jobs or len(worker.jobs) >= PREFETCH or \
                     not all(held.known_short for held in worker.jobs):
                 continue
-            owner, budget = worker.jobs[0].owner, worker.budget
-            job = next((j for j in pending
-                        if j.owner is owner and j.short and len(j.batch) <= budget), None)
+            owner, budget, room = worker.jobs[0].owner, worker.budget, worker.room
+            job = next((j for j in pending if j.owner is owner and j.short and len(
+                j.batch) <= budget and len(j.payload or b"") <= room), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job

@@ -27,7 +27,8 @@ from typing import Any
 from . import worker
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
-           "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context"]
+           "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
+           "task_pipe_room", "TASK_PIPE_BYTES"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -226,6 +227,34 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
         task_r.close()
         result_w.close()
     return process, task_w, result_r, status
+
+
+#: what a worker's task pipe is asked to hold (Linux; its pages are taken only as data
+#: comes): a batch of a few thousand tiny tasks can wait there while the worker runs one
+TASK_PIPE_BYTES = 256 * 1024
+#: what a pipe holds elsewhere for sure (macOS starts at 16 KB; Windows' named pipes
+#: that multiprocessing makes, 8 KB)
+_PORTABLE_PIPE_BYTES = 8192
+
+
+def task_pipe_room(fd: int) -> int:
+    """How large a message may wait in a worker's task pipe (``fd``: its write end) while
+    the worker runs a batch, so that writing it never waits for the worker: the pipe
+    holds at most that one message then (``scheduler``, rule 2), with a page to spare
+    for a STOP behind it. On Linux the pipe is first enlarged to ``TASK_PIPE_BYTES``
+    (or as far as the user's pipe quota lets it)."""
+    capacity = _PORTABLE_PIPE_BYTES
+    if sys.platform.startswith("linux"):
+        import fcntl  # stdlib, POSIX only
+
+        try:
+            capacity = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, TASK_PIPE_BYTES)
+        except OSError:  # over the quota (or not a pipe): what it holds now
+            try:
+                capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+            except OSError:
+                pass
+    return max(0, capacity - mmap.PAGESIZE - 8)
 
 
 def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: bool,

@@ -4,9 +4,9 @@
 
     start:  SIGINT ignored (Ctrl-C is the parent's) ─ die with the parent ─ faulthandler
             ─ thread caps in the environment ─ worker id and state ─ the initializer, once
-    loop:   request = protocol.decode_request(pipe)        (a reader thread drains the
-            batch = Batch(start, tasks, func, nested)       pipe, so the pool's writes
-            reply = OK results | ERR CapturedError          never wait for us)
+    loop:   request = protocol.decode_request(pipe)        (read here, between batches:
+            batch = Batch(start, tasks, func, nested)       the pool queues only what
+            reply = OK results | ERR CapturedError          fits in the pipe)
             status[RSS] = resident set size (see ``recycling``)
             pipe <- protocol.encode_reply(...)
     exit:   on STOP, the finalizer (if any), once
@@ -25,11 +25,9 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import time
 from multiprocessing.connection import Connection
-from queue import Empty, SimpleQueue
-from typing import Any, Callable
+from typing import Any
 
 from .._delayed import Batch
 from .._record import BatchRecord
@@ -177,10 +175,10 @@ def _run_initializer(init: bytes | None) -> BaseException | None:
 def _serve(task_conn: Connection, result_conn: Connection, status: Any,
            init_error: BaseException | None, parent_pid: int, rss: RssProbe) -> None:
     tracker = _SharedTracker(status)
-    recv, send = _start_reader(task_conn), result_conn.send_bytes
+    send = result_conn.send_bytes
     sends_arrays = False  # have results of this worker gone through /dev/shm yet?
     while True:
-        message = _next_message(recv)
+        message = _next_message(task_conn)
         if message == protocol.STOP:
             arg_maps.release()
             return
@@ -249,37 +247,18 @@ def _observed(t0: float) -> BatchRecord:
     return record
 
 
-def _next_message(recv: Callable[..., bytes]) -> bytes:
-    """The next message; while argument files stay mapped (``arg_maps``), they are
-    dropped if it takes longer than ``arg_maps.IDLE_RELEASE`` seconds to come."""
-    if arg_maps.holding():
-        try:
-            return recv(timeout=arg_maps.IDLE_RELEASE)
-        except Empty:
+def _next_message(task_conn: Connection) -> bytes:
+    """The next message, read here, between batches: the pool queues a request behind a
+    running batch only if it fits in the pipe (``scheduler``, rule 2), so its writes
+    never wait for us. While argument files stay mapped (``arg_maps``), they are dropped
+    if it takes longer than ``arg_maps.IDLE_RELEASE`` seconds to come. STOP when the
+    parent closed the pipe (it is gone or stopping)."""
+    try:
+        if arg_maps.holding() and not task_conn.poll(arg_maps.IDLE_RELEASE):
             arg_maps.release()
-    return recv()
-
-
-def _start_reader(task_conn: Connection) -> Callable[..., bytes]:
-    """Drain the task pipe in a thread; return the function that gets the next message.
-
-    The parent queues the next batch while this one runs; reading it at once means the
-    parent's write never waits for us, whatever the pipe's size (see ``pool``).
-    """
-    inbox: SimpleQueue[bytes] = SimpleQueue()
-
-    def read() -> None:
-        try:
-            while True:
-                message = task_conn.recv_bytes()
-                inbox.put(message)
-                if message == protocol.STOP:
-                    return
-        except (EOFError, OSError):  # the parent closed the pipe: it is gone or stopping
-            inbox.put(protocol.STOP)
-
-    threading.Thread(target=read, name="parmap-task-reader", daemon=True).start()
-    return inbox.get
+        return task_conn.recv_bytes()
+    except (EOFError, OSError):
+        return protocol.STOP
 
 
 class _SharedTracker:
