@@ -12,6 +12,7 @@ import time
 import pytest
 
 from parmap import Parallel, WorkerCrashedError, delayed
+from parmap.process.manager import _Waiter
 from parmap.process.spawn import TASK_PIPE_BYTES, task_pipe_room
 
 from .conftest import child_pids, run_script, shm_entries
@@ -101,6 +102,27 @@ def test_task_pipes_are_enlarged_and_their_room_leaves_a_page(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_managers_wait_sees_a_new_pipe_on_a_reused_descriptor():
+    # the manager keeps one poll object while it waits on the same objects; a worker's
+    # replacement may get the very descriptor numbers its predecessor's pipe had
+    waiter = _Waiter()
+    old_r, old_w = multiprocessing.Pipe(duplex=False)
+    old_w.send_bytes(b"x")
+    assert waiter.wait([old_r], 1.0) == [old_r]
+    old_r.close()
+    old_w.close()
+    new_r, new_w = multiprocessing.Pipe(duplex=False)  # the lowest free numbers: the same
+    new_w.send_bytes(b"y")
+    assert waiter.wait([new_r], 1.0) == [new_r]
+    assert new_r.recv_bytes() == b"y"
+    started = time.monotonic()
+    assert waiter.wait([new_r], 0.05) == []  # nothing to read: the timeout ends it
+    assert time.monotonic() - started >= 0.04
+    new_w.close()  # a closed end counts as ready, as with multiprocessing's wait
+    assert waiter.wait([new_r], 1.0) == [new_r]
+    new_r.close()
 
 
 def initialize(value):
