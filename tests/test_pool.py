@@ -3,6 +3,7 @@ start methods, concurrent calls, and what travels to the workers."""
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from parmap import Parallel, WorkerCrashedError, delayed
 from parmap.process.manager import _Waiter
-from parmap.process.spawn import TASK_PIPE_BYTES, task_pipe_room
+from parmap.process.spawn import task_pipe_room
 
 from .conftest import child_pids, run_script, shm_entries
 from .process_helpers import exit_on, healthy, identity, pid_of
@@ -70,38 +71,49 @@ def test_large_requests_and_replies_of_quick_tasks_never_deadlock():
     # replies are larger than a pipe holds: a request queued behind a running batch
     # would make the pool's write, under its lock, wait for a worker that reads its pipe
     # only between batches, while that worker waits for the pool to read its reply
-    blob = b"x" * (TASK_PIPE_BYTES + 100_000)
+    blob = b"x" * 400_000  # a pipe holds 64 KB (Linux's default)
     out = Parallel(n_jobs=2, batch_size=1, idle_timeout=123.0)(
         delayed(identity)(blob) for _ in range(80))
     assert len(out) == 80 and all(item == blob for item in out)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
-def test_task_pipes_are_enlarged_and_their_room_leaves_a_page(monkeypatch):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_GETPIPE_SZ is Linux's")
+def test_a_task_pipes_room_leaves_a_page_for_a_stop():
     import fcntl
 
     r, w = os.pipe()
+    conn = multiprocessing.connection.Connection(w, readable=False)  # closes w
     try:
+        capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
         room = task_pipe_room(w)
-        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == TASK_PIPE_BYTES
-        assert room == TASK_PIPE_BYTES - os.sysconf("SC_PAGE_SIZE") - 8
+        assert room == capacity - os.sysconf("SC_PAGE_SIZE") - 8
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == capacity  # its size is left alone
+        os.set_blocking(w, False)  # a request that fills the room, then a STOP: no wait
+        conn.send_bytes(b"x" * room)
+        conn.send_bytes(b"")
     finally:
         os.close(r)
-        os.close(w)
-    real = fcntl.fcntl
+        conn.close()
 
-    def over_quota(fd, cmd, *args):
-        if cmd == fcntl.F_SETPIPE_SZ:
-            raise PermissionError("over the user's pipe quota")
-        return real(fd, cmd, *args)
 
-    monkeypatch.setattr(fcntl, "fcntl", over_quota)
+def doubled(data):
+    return data + data
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_behind_a_queued_request_never_deadlocks():
+    # max_tasks_per_child=2: a worker's second job may wait in its pipe, and the STOP
+    # that retires the worker goes right behind it, while the worker may be blocked
+    # sending a reply larger than a pipe; requests around the room's size
     r, w = os.pipe()
-    try:  # what the pipe holds as it is (64 KB by default)
-        assert task_pipe_room(w) == real(w, fcntl.F_GETPIPE_SZ) - os.sysconf("SC_PAGE_SIZE") - 8
-    finally:
-        os.close(r)
-        os.close(w)
+    room = task_pipe_room(w)
+    os.close(r)
+    os.close(w)
+    for size in range(room - 6000, room + 1, 1500):
+        blobs = [bytes([i]) * size for i in range(24)]
+        out = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=2, idle_timeout=61.0)(
+            delayed(doubled)(blob) for blob in blobs)
+        assert out == [blob + blob for blob in blobs]
 
 
 def test_the_managers_wait_sees_a_new_pipe_on_a_reused_descriptor():

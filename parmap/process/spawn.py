@@ -28,7 +28,7 @@ from . import worker
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
-           "task_pipe_room", "TASK_PIPE_BYTES"]
+           "task_pipe_room"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -229,32 +229,27 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     return process, task_w, result_r, status
 
 
-#: what a worker's task pipe is asked to hold (Linux; its pages are taken only as data
-#: comes): a batch of a few thousand tiny tasks can wait there while the worker runs one
-TASK_PIPE_BYTES = 256 * 1024
-#: what a pipe holds elsewhere for sure (macOS starts at 16 KB; Windows' named pipes
-#: that multiprocessing makes, 8 KB)
+#: what a pipe holds for sure where its size cannot be read (macOS starts at 16 KB;
+#: Windows' named pipes that multiprocessing makes, 8 KB)
 _PORTABLE_PIPE_BYTES = 8192
 
 
 def task_pipe_room(fd: int) -> int:
-    """How large a message may wait in a worker's task pipe (``fd``: its write end) while
+    """How large a request may wait in a worker's task pipe (``fd``: its write end) while
     the worker runs a batch, so that writing it never waits for the worker: the pipe
-    holds at most that one message then (``scheduler``, rule 2), with a page to spare
-    for a STOP behind it. On Linux the pipe is first enlarged to ``TASK_PIPE_BYTES``
-    (or as far as the user's pipe quota lets it)."""
-    capacity = _PORTABLE_PIPE_BYTES
+    holds at most that one request then (``scheduler``, rule 2), and a STOP behind it.
+    The pipe keeps its size (a larger one would count against the user's pipe quota,
+    which every program of the user shares). Linux counts a pipe in page-sized slots:
+    a page is kept for the STOP, and 8 bytes let the request's last page take its
+    header; elsewhere a pipe counts bytes."""
     if sys.platform.startswith("linux"):
         import fcntl  # stdlib, POSIX only
 
         try:
-            capacity = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, TASK_PIPE_BYTES)
-        except OSError:  # over the quota (or not a pipe): what it holds now
-            try:
-                capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
-            except OSError:
-                pass
-    return max(0, capacity - mmap.PAGESIZE - 8)
+            return max(0, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) - mmap.PAGESIZE - 8)
+        except OSError:  # not a pipe (cannot happen here): as elsewhere
+            pass
+    return _PORTABLE_PIPE_BYTES - 16
 
 
 def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: bool,
