@@ -52,14 +52,16 @@ def test_idle_workers_exit_after_idle_timeout():
     healthy()  # and a new pool starts on demand
 
 
-def test_a_pool_with_an_endless_idle_timeout_stays(monkeypatch):
-    # the manager's wait had no end to compute: it crashed (OverflowError in select)
+@pytest.mark.parametrize("idle", [float("inf"), 1e7])
+def test_a_pool_with_an_endless_idle_timeout_stays(monkeypatch, idle):
+    # the manager's wait had no end to compute (inf), or one longer than poll() takes
+    # (1e7 s, ~4 months): it crashed (OverflowError in select)
     errors = []
     monkeypatch.setattr(threading, "excepthook", errors.append)
-    Parallel(n_jobs=2, idle_timeout=float("inf"))(delayed(pid_of)(i) for i in range(4))
+    Parallel(n_jobs=2, idle_timeout=idle)(delayed(pid_of)(i) for i in range(4))
     workers = set(child_pids())
     time.sleep(0.3)  # the manager waits, idle, now
-    second = Parallel(n_jobs=2, idle_timeout=float("inf"))(delayed(pid_of)(i) for i in range(4))
+    second = Parallel(n_jobs=2, idle_timeout=idle)(delayed(pid_of)(i) for i in range(4))
     # the same workers, reused (which of them ran which batch is a race)
     assert len(workers) == 2 and set(second) <= workers and set(child_pids()) == workers
     assert not errors
@@ -134,6 +136,9 @@ def test_the_managers_wait_sees_a_new_pipe_on_a_reused_descriptor():
     assert time.monotonic() - started >= 0.04
     new_w.close()  # a closed end counts as ready, as with multiprocessing's wait
     assert waiter.wait([new_r], 1.0) == [new_r]
+    # a wait longer than poll()'s int of milliseconds (idle_timeout=1e7) was an
+    # OverflowError, which ended the manager
+    assert waiter.wait([new_r], 1e7) == [new_r]
     new_r.close()
 
 

@@ -238,6 +238,9 @@ class Manager(threading.Thread):
                 pass
 
 
+_MAX_MS = 2 ** 31 - 1
+
+
 class _Waiter:
     """``multiprocessing.connection.wait``, keeping one ``select.poll`` for as long as
     the objects waited on stay the same ones (POSIX): a new selector with every
@@ -251,7 +254,7 @@ class _Waiter:
 
     def wait(self, objects: list[Any], timeout: float | None) -> list[Any]:
         if not hasattr(select, "poll"):  # Windows
-            return wait(objects, timeout)
+            return wait(objects, None if timeout is None else min(timeout, _MAX_MS / 1000))
         if len(objects) != len(self._objects) or any(
                 a is not b for a, b in zip(objects, self._objects)):
             poll = select.poll()
@@ -261,7 +264,9 @@ class _Waiter:
                 poll.register(fd, select.POLLIN)
                 by_fd[fd] = obj
             self._objects, self._poll, self._by_fd = list(objects), poll, by_fd
-        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        # poll() takes a C int of milliseconds: a longer wait (an idle_timeout of a month)
+        # ends early, and the manager waits again
+        ms = None if timeout is None else min(max(0, math.ceil(timeout * 1000)), _MAX_MS)
         return [self._by_fd[fd] for fd, _ in self._poll.poll(ms)]
 
 

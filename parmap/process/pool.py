@@ -20,7 +20,8 @@ Data flow::
    call, so that it starts the next batch without a round trip through the manager.
    A job waits in a busy worker's pipe only if it fits there, so the pool's writes never
    wait on a worker that runs a batch (no deadlock on full pipes); the worker reads its
-   pipe itself between batches, with no thread to hand a batch over (~60 µs a call).
+   pipe itself between batches, with no thread to hand a batch over (~35 µs of a
+   call of 4 tiny tasks).
 2. The manager thread (``manager.py``) waits on results and on process sentinels
    *together*, so a worker that dies (segfault, os._exit, SIGKILL, OOM killer) is
    noticed as fast as a result.
