@@ -102,6 +102,18 @@ def doubled(data):
     return data + data
 
 
+def test_elsewhere_a_task_pipes_room_is_what_posix_guarantees(monkeypatch):
+    # macOS and FreeBSD count bytes but may give a new pipe a page or less; a request
+    # and a STOP behind it must fit in PIPE_BUF (512), header included
+    monkeypatch.setattr(sys, "platform", "darwin")
+    r, w = os.pipe()
+    try:
+        assert task_pipe_room(w) + 4 + 4 <= 512
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 @pytest.mark.timeout(60)
 def test_a_stop_behind_a_queued_request_never_deadlocks():
     # max_tasks_per_child=2: a worker's second job may wait in its pipe, and the STOP

@@ -229,9 +229,10 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     return process, task_w, result_r, status
 
 
-#: what a pipe holds for sure where its size cannot be read (macOS starts at 16 KB;
-#: Windows' named pipes that multiprocessing makes, 8 KB)
-_PORTABLE_PIPE_BYTES = 8192
+#: what a pipe holds for sure where its size cannot be read: POSIX's PIPE_BUF at least
+#: (macOS and FreeBSD shrink a new pipe to a page or less when pipe memory runs short;
+#: the buffer sizes of Windows' named pipes are advisory)
+_PORTABLE_PIPE_BYTES = 512
 
 
 def task_pipe_room(fd: int) -> int:
@@ -249,7 +250,7 @@ def task_pipe_room(fd: int) -> int:
             return max(0, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) - mmap.PAGESIZE - 8)
         except OSError:  # not a pipe (cannot happen here): as elsewhere
             pass
-    return _PORTABLE_PIPE_BYTES - 16
+    return _PORTABLE_PIPE_BYTES - 8  # the request's header and a STOP
 
 
 def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: bool,
