@@ -98,10 +98,6 @@ def test_a_task_pipes_room_leaves_a_page_for_a_stop():
         conn.close()
 
 
-def doubled(data):
-    return data + data
-
-
 def test_elsewhere_a_task_pipes_room_is_what_posix_guarantees(monkeypatch):
     # macOS and FreeBSD count bytes but may give a new pipe a page or less; a request
     # and a STOP behind it must fit in PIPE_BUF (512), header included
@@ -112,6 +108,10 @@ def test_elsewhere_a_task_pipes_room_is_what_posix_guarantees(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def doubled(data):
+    return data + data
 
 
 @pytest.mark.timeout(60)
