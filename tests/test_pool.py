@@ -74,7 +74,7 @@ def test_large_requests_and_replies_of_quick_tasks_never_deadlock():
     # would make the pool's write, under its lock, wait for a worker that reads its pipe
     # only between batches, while that worker waits for the pool to read its reply
     blob = b"x" * 400_000  # a pipe holds 64 KB (Linux's default)
-    out = Parallel(n_jobs=2, batch_size=1, idle_timeout=123.0)(
+    out = Parallel(n_jobs=2, batch_size=1)(
         delayed(identity)(blob) for _ in range(80))
     assert len(out) == 80 and all(item == blob for item in out)
 
@@ -125,7 +125,7 @@ def test_a_stop_behind_a_queued_request_never_deadlocks():
     os.close(w)
     for size in range(room - 6000, room + 1, 1500):
         blobs = [bytes([i]) * size for i in range(24)]
-        out = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=2, idle_timeout=61.0)(
+        out = Parallel(n_jobs=2, batch_size=1, max_tasks_per_child=2)(
             delayed(doubled)(blob) for blob in blobs)
         assert out == [blob + blob for blob in blobs]
 

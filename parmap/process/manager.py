@@ -248,22 +248,21 @@ class _Waiter:
     takes two or three rounds. Any event counts (a closed pipe, an error), as there."""
 
     def __init__(self) -> None:
-        self._objects: list[Any] = []
         self._poll: Any = None
-        self._by_fd: dict[int, Any] = {}
+        self._by_fd: dict[int, Any] = {}  # the objects waited on, in their order
 
     def wait(self, objects: list[Any], timeout: float | None) -> list[Any]:
         if not hasattr(select, "poll"):  # Windows
             return wait(objects, None if timeout is None else min(timeout, _MAX_MS / 1000))
-        if len(objects) != len(self._objects) or any(
-                a is not b for a, b in zip(objects, self._objects)):
+        if self._poll is None or len(objects) != len(self._by_fd) or any(
+                a is not b for a, b in zip(objects, self._by_fd.values())):
             poll = select.poll()
             by_fd = {}
             for obj in objects:
                 fd = obj if isinstance(obj, int) else obj.fileno()
                 poll.register(fd, select.POLLIN)
                 by_fd[fd] = obj
-            self._objects, self._poll, self._by_fd = list(objects), poll, by_fd
+            self._poll, self._by_fd = poll, by_fd
         # poll() takes a C int of milliseconds: a longer wait (an idle_timeout of a month)
         # ends early, and the manager waits again
         ms = None if timeout is None else min(max(0, math.ceil(timeout * 1000)), _MAX_MS)
