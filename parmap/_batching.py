@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 __all__ = ["AutoBatchSizer", "MAX_GROWTH", "MAX_AUTO_BATCH", "MAX_PRIMED", "MAX_BATCH_BYTES",
-           "remember", "estimate_nbytes", "fit_to_limit"]
+           "MIN_SPLIT", "remember", "estimate_nbytes", "fit_to_limit"]
 
 #: auto batching never grows a batch by more than this factor at once: one fast first
 #: task must not make the second batch take seconds
@@ -30,6 +30,8 @@ MAX_AUTO_BATCH = 10_000
 MAX_PRIMED = MAX_GROWTH ** 2
 #: the results of one batch take at most about this many bytes (one task's may exceed it)
 MAX_BATCH_BYTES = 8 * 1024 ** 2
+#: batches shrinking towards the end of a call stop at about this many seconds of work
+MIN_SPLIT = 0.002
 #: the cost of moving a result byte to the caller (pickling, a pipe, unpickling): ~1 GB/s
 SECONDS_PER_BYTE = 1e-9
 
@@ -50,6 +52,7 @@ class AutoBatchSizer:
         self._per_task: float | None = None
         self._bytes_per_task = 0.0
         self._shrunk = MAX_AUTO_BATCH  # the last size shrunk towards the end
+        self._even = False  # split into n_jobs equal batches from the start (see prime)
         self._cap = MAX_AUTO_BATCH
         self.n_tasks = n_tasks or None
         if n_tasks:
@@ -88,6 +91,7 @@ class AutoBatchSizer:
         self._per_task = per_task
         if n_tasks and n_tasks * per_task <= self.target:
             size = max(1, min(math.ceil(n_tasks / self.n_jobs), MAX_AUTO_BATCH))
+            self._even = True
         else:  # a guess from another call: trust it only so far
             size = min(max(1, int(self.target / per_task)), self._cap, MAX_PRIMED)
         self.size = min(size, self._byte_cap())
@@ -95,23 +99,28 @@ class AutoBatchSizer:
     def next_size(self, dispatched: int) -> int:
         """The size of the next batch, ``dispatched`` tasks in. When the number of tasks
         is known, batches shrink towards the end (at most 1/(2·n_jobs) of what is left)
-        so that the workers finish together."""
-        if self.n_tasks is None:
+        so that the workers finish together: down to single tasks, but not below
+        ``MIN_SPLIT`` seconds of work (splitting a shorter batch saves less waiting at
+        the end than the extra round trip costs). Once shrunk, they never grow back
+        (the last 4 sleeps of 10 ms after batches shrunk to 2 went to one worker)."""
+        if self.n_tasks is None or self._even:
             return self.size
         left = self.n_tasks - dispatched
-        if self._per_task is not None and left * self._per_task <= self.target:
-            # what is left is quick: no more shrinking, but no growing back either (the
-            # last 4 sleeps of 10 ms after batches shrunk to 2 went to one worker)
-            return min(self.size, self._shrunk)
-        size = max(1, min(self.size, math.ceil(left / (2 * self.n_jobs))))
+        size = min(self.size, self._shrunk, math.ceil(left / (2 * self.n_jobs)))
+        if self._per_task is not None:
+            size = max(size, min(self.size, self._shrunk, int(MIN_SPLIT / self._per_task)))
+        size = max(1, size)
         if size < self.size:
             self._shrunk = size
         return size
 
-    @property
-    def per_task(self) -> float | None:
-        """Seconds per task, as measured so far (None before any measurement)."""
-        return self._per_task
+    def expect(self, n_tasks: int, after: int | None) -> tuple[float | None, float | None]:
+        """Seconds a batch of ``n_tasks`` should run, and seconds of the ``after`` tasks
+        that follow it; None where not measured yet, or ``after`` is unknown."""
+        per_task = self._per_task
+        if per_task is None:
+            return None, None
+        return per_task * n_tasks, None if after is None else per_task * after
 
     def _resize(self) -> None:
         assert self._per_task is not None  # called after a measurement

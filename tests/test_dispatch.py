@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parmap import Parallel, ParallelBackendBase, delayed
-from parmap._batching import MAX_AUTO_BATCH, AutoBatchSizer
+from parmap._batching import MAX_AUTO_BATCH, MIN_SPLIT, AutoBatchSizer
 from parmap.backends.threading import ThreadingBackend
 
 from .conftest import recording
@@ -131,8 +131,23 @@ def test_batches_shrunk_towards_the_end_do_not_grow_back():
     while done < 200:
         sizes.append(sizer.next_size(done))
         done += sizes[-1]
-    # the last 4 quick tasks go to two workers, not all to one while the other waits
-    assert sizes == [3, 3, 2, 2, 2]
+    # down to single tasks at the very end: the two workers finish within one task (10
+    # ms) of each other; the last 4 never go to one worker while the other waits
+    assert sizes == [3, 3, 2, 1, 1, 1, 1]
+
+
+def test_batches_of_quick_tasks_stop_shrinking_at_min_split():
+    sizer = AutoBatchSizer(target=0.05, n_jobs=2, n_tasks=100_000)
+    for _ in range(4):  # 1 us a task: grows (16-fold a step) to MAX_AUTO_BATCH
+        sizer.observe(sizer.size, 1e-6 * sizer.size)
+    assert sizer.size == MAX_AUTO_BATCH
+    sizes, done = [], 0
+    while done < 100_000:
+        sizes.append(sizer.next_size(done))
+        done += sizes[-1]
+    assert sizes == sorted(sizes, reverse=True)  # never growing back
+    # a batch of MIN_SPLIT's worth is not split further: the round trip would cost more
+    assert min(sizes[:-1]) == int(MIN_SPLIT / 1e-6)
 
 
 def test_auto_batch_size_capped_by_known_length():
@@ -169,6 +184,28 @@ def test_small_call_of_a_known_tiny_function_is_split_in_n_jobs_batches(sized):
     out = Parallel(n_jobs=2, backend=backend)(tasks if sized else iter(tasks))
     assert out == [3 * i for i in range(6)]
     assert backend.sizes == [3, 3]
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["list", "generator"])
+def test_a_batch_tells_the_measured_work_that_follows_it(sized):
+    seen = []
+
+    class Recording(ThreadingBackend):
+        def submit(self, batch, callback):
+            seen.append((batch.start, len(batch), batch.expected, batch.ahead))
+            super().submit(batch, callback)
+
+    tasks = [delayed(time.sleep)(0.002) for _ in range(40)]
+    Parallel(n_jobs=2, backend=Recording())(tasks if sized else iter(tasks))
+    measured = [(start, n, expected, ahead) for start, n, expected, ahead in seen
+                if expected is not None]
+    assert measured  # the sizer measured the first batches
+    for start, n, expected, ahead in measured:
+        if sized:  # the tasks after this batch, at the measured time per task
+            assert ahead == pytest.approx(expected / n * (40 - start - n))
+        else:
+            assert ahead is None  # an end not known yet
+    assert all(ahead is None for _, _, expected, ahead in seen if expected is None)
 
 
 def test_learnt_size_of_the_first_batch_is_bounded():
