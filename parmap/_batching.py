@@ -114,13 +114,10 @@ class AutoBatchSizer:
             self._shrunk = size
         return size
 
-    def expect(self, n_tasks: int, after: int | None) -> tuple[float | None, float | None]:
-        """Seconds a batch of ``n_tasks`` should run, and seconds of the ``after`` tasks
-        that follow it; None where not measured yet, or ``after`` is unknown."""
-        per_task = self._per_task
-        if per_task is None:
-            return None, None
-        return per_task * n_tasks, None if after is None else per_task * after
+    @property
+    def per_task(self) -> float | None:
+        """Seconds per task, as measured so far (None before any measurement)."""
+        return self._per_task
 
     def _resize(self) -> None:
         assert self._per_task is not None  # called after a measurement

@@ -86,7 +86,7 @@ class Batch:
     """
 
     __slots__ = ("start", "tasks", "func", "unary", "tracker", "duration", "failed",
-                 "expected", "ahead", "transform", "nested", "nbytes", "record")
+                 "expected", "transform", "nested", "nbytes", "record")
 
     def __init__(self, start: int, tasks: list, func: Callable[..., Any] | None = None,
                  nested: Mapping[str, Any] | None = None):
@@ -105,9 +105,6 @@ class Batch:
         self.duration = 0.0  # seconds spent running the tasks, set by __call__
         self.failed = -1  # position in the batch of the task that raised
         self.expected: float | None = None  # seconds the dispatcher expects it to run
-        #: seconds of work the dispatcher knows will follow it (tasks not yet batched, a
-        #: known number of them); None where that is unknown
-        self.ahead: float | None = None
         #: bytes its results took to reach the caller, where a backend serialised them
         self.nbytes = -1
         self.record: BatchRecord | None = None

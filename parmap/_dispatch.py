@@ -201,8 +201,8 @@ class Dispatcher:
             return
         batch = Batch(start, tasks, func, self._nested)
         batch.unary = unary
-        after = None if self.n_tasks is None else self.n_tasks - start - len(tasks)
-        batch.expected, batch.ahead = self.sizer.expect(len(tasks), after)
+        if self.sizer.per_task is not None:
+            batch.expected = self.sizer.per_task * len(tasks)
         job = _Job(batch)
         if self._track:
             batch.tracker = job

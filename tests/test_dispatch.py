@@ -186,28 +186,6 @@ def test_small_call_of_a_known_tiny_function_is_split_in_n_jobs_batches(sized):
     assert backend.sizes == [3, 3]
 
 
-@pytest.mark.parametrize("sized", [True, False], ids=["list", "generator"])
-def test_a_batch_tells_the_measured_work_that_follows_it(sized):
-    seen = []
-
-    class Recording(ThreadingBackend):
-        def submit(self, batch, callback):
-            seen.append((batch.start, len(batch), batch.expected, batch.ahead))
-            super().submit(batch, callback)
-
-    tasks = [delayed(time.sleep)(0.002) for _ in range(40)]
-    Parallel(n_jobs=2, backend=Recording())(tasks if sized else iter(tasks))
-    measured = [(start, n, expected, ahead) for start, n, expected, ahead in seen
-                if expected is not None]
-    assert measured  # the sizer measured the first batches
-    for start, n, expected, ahead in measured:
-        if sized:  # the tasks after this batch, at the measured time per task
-            assert ahead == pytest.approx(expected / n * (40 - start - n))
-        else:
-            assert ahead is None  # an end not known yet
-    assert all(ahead is None for _, _, expected, ahead in seen if expected is None)
-
-
 def test_learnt_size_of_the_first_batch_is_bounded():
     sizer = AutoBatchSizer(target=0.02, n_jobs=2)
     sizer.observe(1000, 1e-3)  # a previous call: a microsecond per task

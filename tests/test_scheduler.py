@@ -5,9 +5,9 @@ from parmap._delayed import Batch
 from parmap.process.scheduler import PREFETCH_MAX, PoolJob, Scheduler, WorkerSlot
 
 
-def job(owner, start=0, expected=None, timeout=None, n=1, ahead=None):
+def job(owner, start=0, expected=None, timeout=None, n=1):
     batch = Batch(start, [(abs, (i,), {}) for i in range(n)])
-    batch.expected, batch.ahead = expected, ahead
+    batch.expected = expected
     return PoolJob(owner, batch, b"payload", lambda outcome: None, timeout)
 
 
@@ -39,8 +39,7 @@ def test_idle_workers_first_then_new_ones_up_to_the_size():
     assert placed[0] == (0, a)  # the idle live worker
     assert placed[1] == (2, b)  # a new worker: only one live worker for a size of 2
     assert len(placed) == 2 and list(scheduler.pending) == [c]  # a and b: length unknown
-    for measured in (a, b):  # measured short now: c (no estimate) may wait behind one
-        measured.expected, measured.known_short = PREFETCH_MAX / 10, True
+    a.known_short = b.known_short = True  # measured: c (no estimate) may wait behind one
     assert drain(scheduler, workers, size=2)[0][1] is c
     assert not scheduler.pending
 
@@ -66,30 +65,17 @@ def test_long_jobs_wait_for_a_free_worker_and_calls_never_share_a_worker():
     assert list(scheduler.pending) == [long_job, other_call]
 
 
-def test_a_long_job_waits_in_a_pipe_only_while_known_work_covers_the_wait():
-    # two workers, batches of 50 ms: a queued one waits 50 ms and runs 50 ms, during
-    # which the other worker needs 2 x 100 ms of work not yet dispatched
-    def placed(pending, held, queue_long=True):
-        scheduler = Scheduler(queue_long)
-        scheduler.add(pending)
-        full = slot(job("A", 90, expected=0.05), job("A", 94, expected=0.05))
-        workers = [slot(*held), full]
-        return [queued for _, queued in drain(scheduler, workers, size=2)]
-
-    covered = job("A", 4, expected=0.05, ahead=0.2)
-    assert placed(covered, [job("A", 0, expected=0.05)]) == [covered]
-    # not where workers retire on their memory, read between batches
-    assert placed(covered, [job("A", 0, expected=0.05)], queue_long=False) == []
-    # near the end, or with an end unknown, it waits for a free worker
-    assert placed(job("A", 4, expected=0.05, ahead=0.19), [job("A", 0, expected=0.05)]) == []
-    assert placed(job("A", 4, expected=0.05), [job("A", 0, expected=0.05)]) == []
-    # the wait is that of every job the worker holds; nothing waits behind an unmeasured one
-    assert placed(covered, [job("A", 0, expected=0.1)]) == []
-    assert placed(covered, [job("A", 0)]) == []
-    # a short job behind a long one would wait for all of it: only when covered too
-    assert placed(job("A", 4, expected=0.001), [job("A", 0, expected=0.05)]) == []
-    short_covered = job("A", 4, expected=0.001, ahead=0.11)
-    assert placed(short_covered, [job("A", 0, expected=0.05)]) == [short_covered]
+def test_no_job_is_queued_ahead_of_another_calls_pending_job():
+    # the workers of a call fed this way never fall idle: the other call would wait for
+    # this one to end
+    scheduler = Scheduler()
+    other, ours = job("B", 0), job("A", 5, expected=PREFETCH_MAX / 10)
+    scheduler.add(other)
+    scheduler.add(ours)
+    workers = [slot(job("A", 0, expected=PREFETCH_MAX / 10))]
+    assert drain(scheduler, workers, size=1) == []
+    workers[0].jobs.clear()  # its batch done: the worker takes the older job first
+    assert scheduler.next_assignment(workers, 1) == (workers[0], other)
 
 
 def test_a_worker_holds_at_most_two_jobs():

@@ -70,7 +70,7 @@ class WorkerPool:
         self.active_calls = 0
         self.lock = threading.Lock()
         self.workers: list[Worker] = []
-        self.scheduler = Scheduler(queue_long=options.max_memory_per_child is None)
+        self.scheduler = Scheduler()
         self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
         self.cpus = cpu_count()  # once: the thread caps of every worker it starts
         self._launcher: Launcher | None = None  # started with the first retirement

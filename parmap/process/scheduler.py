@@ -9,29 +9,20 @@ Rules:
 
 1. A pending job goes to an idle live worker; if there is none and fewer live workers
    than the pool's size exist, to a new worker (the pool starts it).
-2. If every worker is busy, a job may wait in the pipe of a worker that runs a job of
-   the same call and holds fewer than ``PREFETCH`` jobs: the worker starts it without a
-   round trip through the manager (two process wake-ups: ~0.5 ms a batch measured here,
-   ~2 % of a call of 10 ms tasks in 50 ms batches). Behind a job of unknown length (the
-   first batches of a call) nothing waits: one slow first task must not hold a quick
-   one back (joblib's "fastest first" test). A queued job cannot move to a worker that
-   falls idle, so it may wait only where that costs little:
-
-   - a *short* job (expected under ``PREFETCH_MAX``, or not measured yet) behind jobs
-     measured short: it waits a few milliseconds at most;
-   - any measured job, behind any measured jobs, while the dispatcher knows of enough
-     work still to come (``Batch.ahead``) to keep the other workers busy for as long
-     as it waits: ``ahead >= size * (its expected time + that of the jobs before it)``.
-     Near the end of a call (or where the number of tasks is unknown) a long job waits
-     for a free worker, so it cannot hold the end of the call back. Nor is a long job
-     queued in a pool with ``max_memory_per_child``: a worker's memory is read between
-     batches, and one over the limit would run its queued job before it retires.
-
-   A worker never holds two calls' jobs (cancelling one call never kills another call's
-   work). Only a job whose request fits in the ``room`` of the worker's pipe is queued:
-   writing it never waits for the worker, which reads its pipe only between batches
-   (the pool writes under its lock, which the manager needs to read the reply the
-   worker may be blocked sending).
+2. If every worker is busy, a *short* job (expected to run under ``PREFETCH_MAX``) may
+   wait in the pipe of a worker that runs a job of the same call and holds fewer than
+   ``PREFETCH`` jobs, when the jobs that worker holds are *known* to be short (measured,
+   not merely unmeasured): the worker starts it without a round trip through the manager.
+   Behind a job of unknown length (the first batches of a call) nothing waits: one slow
+   first task must not hold a quick one back (joblib's "fastest first" test).
+   A queued job cannot move to a worker that falls idle, so long jobs are never
+   queued (they would hold the end of a call back), and a worker never holds two
+   calls' jobs (cancelling one call never kills another call's work), and no job is
+   queued ahead of another call's pending job (workers kept fed that way would not
+   fall idle for it until this call ends). Only a job whose
+   request fits in the ``room`` of the worker's pipe is queued: writing it never waits
+   for the worker, which reads its pipe only between batches (the pool writes under its
+   lock, which the manager needs to read the reply the worker may be blocked sending).
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
 4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
@@ -42,6 +33,7 @@ Rules:
 from __future__ import annotations
 
 from collections import deque
+from itertools import takewhile
 from math import inf
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -54,8 +46,8 @@ __all__ = ["PoolJob", "WorkerSlot", "Worker", "ProcessHandle", "Scheduler", "PRE
 
 #: jobs a worker may hold: the running one and the next, queued in its pipe
 PREFETCH = 2
-#: a job expected to run shorter than this (seconds) may be queued behind other short
-#: ones anywhere in a call: it cannot hold the end of the call back for long
+#: only a job expected to run shorter than this (seconds) is queued behind another: its
+#: round trip (~0.3 ms) matters, and it cannot hold the end of a call back for long
 PREFETCH_MAX = 0.01
 
 
@@ -63,7 +55,7 @@ class PoolJob:
     """One batch travelling through the pool."""
 
     __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short",
-                 "known_short", "expected", "ahead")
+                 "known_short")
 
     def __init__(self, owner: object, batch: Batch, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
@@ -75,11 +67,10 @@ class PoolJob:
         self.callback = callback
         self.timeout = timeout
         self.cancelled = False
-        #: seconds it is expected to run, and of known work to follow it (rule 2)
-        self.expected, self.ahead = expected, ahead = batch.expected, batch.ahead
-        #: may wait behind short jobs (unmeasured counts as short)
+        expected = batch.expected
+        #: may wait behind another job (unmeasured counts as short)
         self.short = expected is None or expected < PREFETCH_MAX
-        #: a short job may wait behind this one (measured short)
+        #: another job may wait behind this one (measured short)
         self.known_short = expected is not None and expected < PREFETCH_MAX
 
     def describe(self) -> str:
@@ -154,21 +145,11 @@ class Worker(WorkerSlot):
         return self.jobs[0] if self.jobs else None
 
 
-def _covered(job: PoolJob, waits: float, size: int) -> bool:
-    """Whether enough known work follows ``job`` to keep ``size`` workers busy while it
-    waits ``waits`` seconds for a worker and then runs (rule 2)."""
-    expected, ahead = job.expected, job.ahead
-    return expected is not None and ahead is not None and ahead >= size * (waits + expected)
-
-
 class Scheduler:
     """The queue of jobs waiting for a worker, and the rules that place them."""
 
-    def __init__(self, queue_long: bool = True) -> None:
+    def __init__(self) -> None:
         self.pending: deque[PoolJob] = deque()
-        #: whether long jobs may be queued (rule 2): not where workers are retired on
-        #: their memory, which is read between batches (a queued job runs first)
-        self.queue_long = queue_long
 
     def add(self, job: PoolJob) -> None:
         self.pending.append(job)
@@ -197,19 +178,16 @@ class Scheduler:
             return idle, pending.popleft()
         if sum(not w.dead for w in workers) < size:
             return None, pending.popleft()
-        for worker in workers:  # rule 2: queue a job behind one of its own call
-            held = worker.jobs
-            if worker.dead or not held or len(held) >= PREFETCH or \
-                    any(j.expected is None for j in held):
+        for worker in workers:  # rule 2: queue a short job behind one of its own call
+            if worker.dead or not worker.jobs or len(worker.jobs) >= PREFETCH or \
+                    not all(held.known_short for held in worker.jobs):
                 continue
-            owner, budget, room = held[0].owner, worker.budget, worker.room
-            behind_short = all(j.known_short for j in held)
-            waits = sum(j.expected for j in held)  # type: ignore[misc]
-            job = next((j for j in pending if j.owner is owner and len(j.batch) <= budget
-                        and len(j.payload or b"") <= room
-                        and ((j.short and behind_short)
-                             or (self.queue_long and _covered(j, waits, size)))),
-                       None)
+            owner, budget, room = worker.jobs[0].owner, worker.budget, worker.room
+            # never ahead of another call's pending job: that one waits for a worker to
+            # fall idle, and workers fed this way would not until this call ends
+            ours = takewhile(lambda j: j.owner is owner, pending)
+            job = next((j for j in ours if j.short and len(j.batch) <= budget
+                        and len(j.payload or b"") <= room), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job
