@@ -103,12 +103,14 @@ class AutoBatchSizer:
         ``MIN_SPLIT`` seconds of work (splitting a shorter batch saves less waiting at
         the end than the extra round trip costs). Once shrunk, they never grow back
         (the last 4 sleeps of 10 ms after batches shrunk to 2 went to one worker)."""
-        if self.n_tasks is None or self._even:
+        if self.n_tasks is None:
             return self.size
-        left = self.n_tasks - dispatched
+        left, per_task = self.n_tasks - dispatched, self._per_task
+        if self._even and per_task is not None and left * per_task <= self.target:
+            return min(self.size, self._shrunk)  # still as quick as when it was split
         size = min(self.size, self._shrunk, math.ceil(left / (2 * self.n_jobs)))
-        if self._per_task is not None:
-            size = max(size, min(self.size, self._shrunk, int(MIN_SPLIT / self._per_task)))
+        if per_task is not None:
+            size = max(size, min(self.size, self._shrunk, int(MIN_SPLIT / per_task)))
         size = max(1, size)
         if size < self.size:
             self._shrunk = size

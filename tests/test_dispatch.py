@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parmap import Parallel, ParallelBackendBase, delayed
+from parmap import _batching
 from parmap._batching import MAX_AUTO_BATCH, MIN_SPLIT, AutoBatchSizer
 from parmap.backends.threading import ThreadingBackend
 
@@ -134,6 +135,19 @@ def test_batches_shrunk_towards_the_end_do_not_grow_back():
     # down to single tasks at the very end: the two workers finish within one task (10
     # ms) of each other; the last 4 never go to one worker while the other waits
     assert sizes == [3, 3, 2, 1, 1, 1, 1]
+
+
+def test_an_even_split_from_history_still_shrinks_once_tasks_prove_slow():
+    _batching.remember(triple, 1e-6)  # history: quick, so 40 tasks are split in 2 halves
+    sizer = AutoBatchSizer(target=0.05, n_jobs=2, n_tasks=40)
+    sizer.prime(triple, 40)
+    assert sizer.next_size(0) == 20
+    sizer.observe(20, 0.2)  # 10 ms a task in this call: the rest shrinks as usual
+    sizes, done = [], 20
+    while done < 40:
+        sizes.append(sizer.next_size(done))
+        done += sizes[-1]
+    assert sizes[0] <= 5 and sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
 
 
 def test_batches_of_quick_tasks_stop_shrinking_at_min_split():
