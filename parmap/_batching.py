@@ -110,7 +110,7 @@ class AutoBatchSizer:
             return min(self.size, self._shrunk)  # still as quick as when it was split
         size = min(self.size, self._shrunk, math.ceil(left / (2 * self.n_jobs)))
         if per_task is not None:
-            size = max(size, min(self.size, self._shrunk, int(MIN_SPLIT / per_task)))
+            size = max(size, min(self.size, self._shrunk, round(MIN_SPLIT / per_task)))
         size = max(1, size)
         if size < self.size:
             self._shrunk = size

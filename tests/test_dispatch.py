@@ -161,7 +161,7 @@ def test_batches_of_quick_tasks_stop_shrinking_at_min_split():
         done += sizes[-1]
     assert sizes == sorted(sizes, reverse=True)  # never growing back
     # a batch of MIN_SPLIT's worth is not split further: the round trip would cost more
-    assert min(sizes[:-1]) == int(MIN_SPLIT / 1e-6)
+    assert min(sizes[:-1]) == round(MIN_SPLIT / 1e-6) == 2000
 
 
 def test_auto_batch_size_capped_by_known_length():

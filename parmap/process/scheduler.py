@@ -18,8 +18,10 @@ Rules:
    A queued job cannot move to a worker that falls idle, so long jobs are never
    queued (they would hold the end of a call back), and a worker never holds two
    calls' jobs (cancelling one call never kills another call's work), and no job is
-   queued ahead of another call's pending job (workers kept fed that way would not
-   fall idle for it until this call ends). Only a job whose
+   queued ahead of a pending job of a call that holds no worker (workers kept fed that
+   way would not fall idle for it until this call ends; calls that each hold a worker
+   keep queueing, or every batch of two concurrent calls would pay a round trip).
+   Only a job whose
    request fits in the ``room`` of the worker's pipe is queued: writing it never waits
    for the worker, which reads its pipe only between batches (the pool writes under its
    lock, which the manager needs to read the reply the worker may be blocked sending).
@@ -178,16 +180,17 @@ class Scheduler:
             return idle, pending.popleft()
         if sum(not w.dead for w in workers) < size:
             return None, pending.popleft()
+        served = {id(w.jobs[0].owner) for w in workers if w.jobs and not w.dead}
         for worker in workers:  # rule 2: queue a short job behind one of its own call
             if worker.dead or not worker.jobs or len(worker.jobs) >= PREFETCH or \
                     not all(held.known_short for held in worker.jobs):
                 continue
             owner, budget, room = worker.jobs[0].owner, worker.budget, worker.room
-            # never ahead of another call's pending job: that one waits for a worker to
-            # fall idle, and workers fed this way would not until this call ends
-            ours = takewhile(lambda j: j.owner is owner, pending)
-            job = next((j for j in ours if j.short and len(j.batch) <= budget
-                        and len(j.payload or b"") <= room), None)
+            # never ahead of a pending job of a call that holds no worker: it waits for
+            # one to fall idle, and workers fed this way would not until this call ends
+            ahead = takewhile(lambda j: id(j.owner) in served, pending)
+            job = next((j for j in ahead if j.owner is owner and j.short and len(
+                j.batch) <= budget and len(j.payload or b"") <= room), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job
