@@ -20,11 +20,11 @@ Rules:
    calls' jobs (cancelling one call never kills another call's work), and no job is
    queued ahead of a pending job of a call that holds no worker (workers kept fed that
    way would not fall idle for it until this call ends; calls that each hold a worker
-   keep queueing, or every batch of two concurrent calls would pay a round trip).
-   Only a job whose
-   request fits in the ``room`` of the worker's pipe is queued: writing it never waits
-   for the worker, which reads its pipe only between batches (the pool writes under its
-   lock, which the manager needs to read the reply the worker may be blocked sending).
+   keep queueing, or every batch of two concurrent calls would pay a round trip). Only
+   a job whose request fits in the ``room`` of the worker's pipe is queued: writing it
+   never waits for the worker, which reads its pipe only between batches (the pool
+   writes under its lock, which the manager needs to read the reply the worker may be
+   blocked sending).
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
 4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
