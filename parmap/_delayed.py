@@ -21,7 +21,7 @@ from ._errors import add_task_note
 from ._public import public
 from ._record import BatchRecord, run_observed
 
-__all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact"]
+__all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact", "expand"]
 
 #: ``(function, args, kwargs)``
 Task = tuple
@@ -190,3 +190,14 @@ def compact(tasks: list) -> tuple[Callable[..., Any] | None, list]:
     if len(args) == len(tasks):
         return func, args
     return None, tasks
+
+
+def expand(func: Callable[..., Any] | None, items: list, unary: bool) -> list:
+    """The task tuples of a compact form (the inverse of :func:`compact`): ``items`` are
+    argument tuples of ``func``, or its single arguments where ``unary``; with ``func``
+    None they are task tuples already."""
+    if func is None:
+        return items
+    if unary:
+        return [(func, (x,), {}) for x in items]
+    return [(func, args, {}) for args in items]

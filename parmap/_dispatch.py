@@ -183,13 +183,11 @@ class Dispatcher:
             self._fitted = size
         observer = self.observer
         read_from = perf_counter() if observer is not None else 0.0
-        if start == 0:  # the first batch; its size may come from earlier calls
-            func, tasks, unary = None, self._input.take(size), False
-            if tasks and self._fixed_size is None and \
-                    type(tasks[0]) is tuple and len(tasks[0]) == 3:
-                tasks, size = self._first_batch(tasks, size)
-        else:
-            func, tasks, unary = self._input.take_compact(size)
+        func, tasks, unary = self._input.take_compact(size)
+        # the first batch; its size may come from earlier calls of the function
+        if start == 0 and tasks and self._fixed_size is None and (
+                func is not None or type(tasks[0]) is tuple and len(tasks[0]) == 3):
+            func, tasks, unary, size = self._first_batch(func, tasks, unary, size)
         if tasks and func is None:
             func, tasks = _checked_compact(tasks, start)
         # only now: a consumer that sees the input exhausted with no batch left returns,
@@ -215,31 +213,34 @@ class Dispatcher:
             observer.submitting(batch, perf_counter() - read_from)
         self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
 
-    def _first_batch(self, tasks: list, size: int) -> tuple[list, int]:
-        """Size the first batch from earlier calls of the same function, if any."""
+    def _first_batch(self, func: Callable[..., Any] | None, tasks: list, unary: bool,
+                     size: int) -> tuple[Callable[..., Any] | None, list, bool, int]:
+        """Size the first batch (read by ``take_compact``, and in its form) from earlier
+        calls of the same function, if any."""
         if self._prime:
-            self.sizer.prime(tasks[0][0], self.n_tasks)
+            self.sizer.prime(func if func is not None else tasks[0][0], self.n_tasks)
         want = self.sizer.size
         if self._max_size is not None:
             want = fit_to_limit(want, self._max_size)
         if want <= size:
-            return tasks, size
+            return func, tasks, unary, size
         # an input of unknown length: read enough to give every worker a batch (within
         # MAX_PRIMED), one more to tell if that was all: n_jobs tasks that wait for each
         # other must not share a batch because an earlier call found the function quick
         ahead = want if self.n_tasks is not None else \
             max(want, min(want * self.n_jobs, MAX_PRIMED))
-        tasks += self._input.take(ahead + 1 - len(tasks))
+        func, tasks, unary = self._input.take_more((func, tasks, unary),
+                                                   ahead + 1 - len(tasks))
         if len(tasks) > ahead:
-            self._input.push_back(tasks[want:])
+            self._input.push_back(func, tasks[want:], unary)
             tasks = tasks[:want]
         elif self.n_tasks is None and len(tasks) > 1:
             # that was every task: share them out so that every worker gets some
             share = math.ceil(len(tasks) / self.n_jobs)
             self.sizer.size = share  # the next batches too: one per worker, not one more
-            self._input.push_back(tasks[share:])
+            self._input.push_back(func, tasks[share:], unary)
             tasks = tasks[:share]
-        return tasks, len(tasks)  # the end, if this was it, shows on the next read
+        return func, tasks, unary, len(tasks)  # the end, if this was it, shows next read
 
     def _on_done(self, job: _Job, outcome: Outcome) -> None:
         """Backend callback, from any thread."""

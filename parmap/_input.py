@@ -13,7 +13,7 @@ from itertools import chain, islice
 from operator import length_hint
 from typing import Any, Callable, Iterable, Iterator
 
-from ._delayed import is_task
+from ._delayed import expand, is_task
 from ._genexpr import delayed_calls
 
 __all__ = ["LockedIterator"]
@@ -82,9 +82,23 @@ class LockedIterator:
             return None, tasks + self.take(n - len(tasks)), False
         return func, args, False
 
-    def push_back(self, tasks: list) -> None:
-        """Make ``tasks``, read by :meth:`take`, the next ones read. Lock held."""
-        if self._unary is not None:
-            self._it = chain([args[0] for _, args, _ in tasks], self._it)
+    def take_more(self, read: tuple[Callable[..., Any] | None, list, bool], n: int
+                  ) -> tuple[Callable[..., Any] | None, list, bool]:
+        """``read`` (a result of :meth:`take_compact`) followed by up to ``n`` more tasks,
+        in its compact form while they share it. Lock held."""
+        func, tasks, unary = read
+        more_func, more, more_unary = self.take_compact(n)
+        if not more:
+            return read
+        if func is not None and more_func is func and more_unary == unary:
+            return func, tasks + more, unary
+        return None, expand(func, tasks, unary) + expand(more_func, more, more_unary), False
+
+    def push_back(self, func: Callable[..., Any] | None, items: list, unary: bool) -> None:
+        """Make ``items`` (in :meth:`take_compact`'s form) the next ones read. Lock
+        held."""
+        if self._unary is not None:  # the input gives the single arguments of _unary
+            back = items if unary else [args[0] for _, args, _ in expand(func, items, False)]
         else:
-            self._it = chain(tasks, self._it)
+            back = expand(func, items, unary)
+        self._it = chain(back, self._it)

@@ -271,6 +271,30 @@ def test_batches_read_one_task_at_a_time_keep_every_kind_of_task(position):
         assert got == expected
 
 
+def quintuple(x):
+    return 5 * x
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["list", "generator"])
+@pytest.mark.parametrize("position", [0, 1, 7, 40])
+def test_a_first_batch_sized_from_history_keeps_every_kind_of_task(position, sized):
+    """A first batch that earlier calls make large reads ahead in compact form; a task of
+    another function, with keywords or given by hand, inside it or among what it puts
+    back, is neither lost nor moved."""
+    Parallel(n_jobs=2, backend="threading")(delayed(quintuple)(i) for i in range(5000))
+    for odd, result in [(delayed(triple)(5), 15), (delayed(quintuple)(x=4), 20),
+                        ((quintuple, (6,), {}), 30)]:
+        tasks = [delayed(quintuple)(i) for i in range(60)]
+        tasks[position] = odd
+        backend = recording(ThreadingBackend)()
+        got = Parallel(n_jobs=2, backend=backend)(tasks if sized else iter(tasks))
+        expected = [5 * i for i in range(60)]
+        expected[position] = result
+        assert got == expected and sum(backend.sizes) == 60
+        if position > 0 or odd[0] is quintuple:  # the first task's function is known
+            assert backend.sizes[0] > 1
+
+
 class _NoTruth:
     """Like a numpy array of several items: asking for its truth value raises."""
 
