@@ -1,6 +1,7 @@
 """Every bad argument gets a ValueError/TypeError that names it."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import parmap
@@ -58,7 +59,7 @@ def test_bad_batch_size(value):
 
 @pytest.mark.parametrize("value, expected", [
     ("all", None), (3, 3), ("3", 3), ("2*n_jobs", 8), ("2 * n_jobs", 8), ("n_jobs", 4),
-    ("3*n_jobs+1", 13), ("(n_jobs + 2) // 2", 3), ("n_jobs / 2", 2), ("-n_jobs + 10", 6)])
+    (" 3 *\tn_jobs ", 12), ("3*n_jobs+1", 13), ("(n_jobs + 2) // 2", 3), ("n_jobs / 2", 2), ("-n_jobs + 10", 6)])
 def test_pre_dispatch_expressions(value, expected):
     assert parse_pre_dispatch(value, 4) == expected
 
@@ -101,9 +102,26 @@ def test_bad_other_arguments(key, value):
 
 @pytest.mark.parametrize("value, expected", [(None, None), (0, 0), (1000, 1000), ("1M", 2**20),
                                              ("500K", 500 * 1024), ("2G", 2 * 2**30),
-                                             ("1.5k", 1536), ("10", 10)])
+                                             ("1.5k", 1536), ("10", 10), (" 2 MB ", 2 * 2**20),
+                                             ("1.5 kb", 1536), ("7B", 7), (np.int64(5), 5)])
 def test_max_nbytes_sizes(value, expected):
     assert parse_size(value) == expected
+
+
+def test_numpy_numbers_are_accepted_where_numbers_are():
+    """As any numbers.Real / numbers.Integral: numpy's scalars pass the checks."""
+    assert check_n_jobs(np.int64(2)) == 2 and check_n_jobs(np.float32(3.0)) == 3
+    assert Parallel(n_jobs=np.int32(2), batch_size=np.int64(4), timeout=np.float64(1.5),
+                    verbose=np.int8(0))(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="batch_size"):
+        Parallel(batch_size=np.float64(4.0))
+
+
+@pytest.mark.parametrize("value", ["1.M", "M", "1K B", "1..5K", ".5M", "1e3", "-1K", "²K",
+                                   "", "B", 1.5, np.float64(2.0)])
+def test_bad_max_nbytes_sizes(value):
+    with pytest.raises(ValueError, match="max_nbytes must be None, a non-negative int"):
+        parse_size(value)
 
 
 def test_delayed_rejects_non_callables():
