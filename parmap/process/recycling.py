@@ -35,11 +35,6 @@ from typing import Any, Protocol, Sequence
 
 from . import arg_maps
 
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None  # type: ignore[assignment]
-
 __all__ = ["Recycler", "RssProbe", "RSS", "run_finalizer", "format_bytes"]
 
 #: the slot of a worker's shared status array that holds its RSS (bytes; 0: unknown)
@@ -144,7 +139,9 @@ class RssProbe:
                              * self.page)
             except (OSError, ValueError, IndexError):
                 self.fd = None
-        if resource is None:
+        try:
+            import resource  # stdlib, ~0.3 ms: only where /proc/self/statm is not
+        except ImportError:  # Windows
             return 0.0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak, not now
         return float(peak if sys.platform == "darwin" else peak * 1024)

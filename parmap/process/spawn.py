@@ -81,7 +81,8 @@ _spawning = threading.local()
 
 
 def _skip_main_in_workers() -> None:
-    """Make spawn/forkserver workers started by parmap skip re-running ``__main__``.
+    """Make spawn/forkserver workers started by parmap skip re-running ``__main__``
+    (installed before the first such start: ``prestart``, ``start_process``).
 
     multiprocessing re-imports the main script in every spawned child, which breaks
     scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
@@ -104,9 +105,6 @@ def _skip_main_in_workers() -> None:
 
     get_preparation_data._parmap = True  # type: ignore[attr-defined]
     spawn.get_preparation_data = get_preparation_data
-
-
-_skip_main_in_workers()
 
 
 def exit_description(exitcode: int | None) -> str:
@@ -159,6 +157,7 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     forkserver_context(cloudpickle)
     from multiprocessing import forkserver
 
+    _skip_main_in_workers()
     _spawning.active = True  # the server must not import __main__ either
     try:
         forkserver.ensure_running()
@@ -264,6 +263,8 @@ def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
     ignored while it starts (it inherits that; Ctrl-C is the caller's), without
     multiprocessing's re-import of ``__main__``."""
     process: BaseProcess = ctx.Process(target=target, name=name, daemon=False, args=args)
+    if ctx.get_start_method() != "fork":  # (fork: no multiprocessing.spawn import, ~0.6 ms)
+        _skip_main_in_workers()
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     _spawning.active = True
