@@ -38,7 +38,7 @@ def check_n_jobs(n_jobs: object, name: str = "n_jobs") -> int | None:
     if not _is_real(value):
         raise TypeError(f"{name} must be a non-zero int or None, got "
                         f"{type(n_jobs).__name__} {n_jobs!r:.60}")
-    number = float(value)
+    number = _as_float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite, non-zero number, got {n_jobs!r}")
     result = int(number)
@@ -76,10 +76,10 @@ def check_verbose(value: object) -> float:
 def check_timeout(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not _is_real(value) or not float(value) > 0:
+    if isinstance(value, bool) or not _is_real(value) or not _as_float(value) > 0:
         raise ValueError(f"timeout must be None or a positive number of seconds, got "
                          f"{value!r}")
-    return float(value)
+    return _as_float(value)
 
 
 def check_batch_size(value: object) -> int | str:
@@ -114,18 +114,26 @@ def _is_real(value: object) -> TypeGuard[numbers.Real]:
     import ~0.8 ms: only for a type other than int, float, str and None."""
     if type(value) in (int, float):
         return True
-    if isinstance(value, (str, type(None))):
+    if type(value) in (str, type(None)):
         return False
     import numbers  # stdlib
 
     return isinstance(value, numbers.Real)
 
 
+def _as_float(value: numbers.Real) -> float:
+    """``float(value)``, infinite for an int too large for a float."""
+    try:
+        return float(value)
+    except OverflowError:
+        return -math.inf if value < 0 else math.inf
+
+
 def _is_integral(value: object) -> TypeGuard[numbers.Integral]:
     """``isinstance(value, numbers.Integral)``, as :func:`_is_real`."""
     if type(value) is int:
         return True
-    if isinstance(value, (str, float, type(None))):
+    if type(value) in (str, float, type(None)):
         return False
     import numbers  # stdlib
 
@@ -145,7 +153,11 @@ def _size_in_bytes(text: str) -> int | None:
     whole, dot, fraction = text[:len(text) - len(unit)].rstrip().partition(".")
     if not whole.isdecimal() or dot and not fraction.isdecimal():
         return None
-    return int(float(f"{whole}.{fraction or 0}") * _UNITS[unit])
+    scale, denominator = _UNITS[unit], int(10 ** len(fraction))
+    try:  # exact: a float loses bytes beyond 2**53, and overflows
+        return int(whole) * scale + int(fraction or "0") * scale // denominator
+    except ValueError:  # more digits than int() converts (4300)
+        return None
 
 
 def parse_size(value: object, name: str = "max_nbytes") -> int | None:
@@ -182,7 +194,7 @@ def parse_pre_dispatch(value: object, n_jobs: int) -> int | None:
     else:
         raise TypeError(f"pre_dispatch must be 'all', a positive int or an expression of "
                         f"n_jobs such as '2*n_jobs', got {type(value).__name__} {value!r:.40}")
-    if not math.isfinite(number) or int(number) < 1:
+    if isinstance(number, float) and not math.isfinite(number) or int(number) < 1:
         raise ValueError(f"pre_dispatch={value!r} gives {number!r} batches for n_jobs={n_jobs}; "
                          f"it must be at least 1")
     return int(number)
@@ -192,7 +204,8 @@ def _times_n_jobs(text: str) -> int | None:
     """``k`` of the usual ``"k * n_jobs"``, else None (read by hand, as ``_size_in_bytes``)."""
     factor, star, rest = text.partition("*")
     factor = factor.strip()
-    if star and rest.strip() == "n_jobs" and factor.isascii() and factor.isdigit():
+    if star and rest.strip() == "n_jobs" and factor.isascii() and factor.isdigit() \
+            and len(factor) <= 4300:  # what int() converts
         return int(factor)
     return None
 

@@ -6,11 +6,12 @@ import pytest
 
 import parmap
 from parmap import Parallel, delayed, effective_n_jobs, parallel_config
-from parmap._checks import check_n_jobs, parse_pre_dispatch, parse_size, resolve_n_jobs
+from parmap._checks import (check_n_jobs, check_timeout, parse_pre_dispatch, parse_size,
+                            resolve_n_jobs)
 from parmap.backends.threading import ThreadingBackend
 
 
-@pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5])
+@pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5, 10**400])
 def test_bad_n_jobs_is_a_value_error(value):
     with pytest.raises(ValueError, match="n_jobs"):
         Parallel(n_jobs=value)
@@ -66,7 +67,7 @@ def test_pre_dispatch_expressions(value, expected):
 
 @pytest.mark.parametrize("value", [
     "__import__('os').system('true')", "n_jobs ** 2", "x * 2", "0", "n_jobs - 4", "1/0",
-    "n_jobs()", "[1]", "2*", "open('f')", "1e400", True, 0, -3])
+    "n_jobs()", "[1]", "2*", "open('f')", "1e400", True, 0, -3, "1" * 5000 + "*n_jobs"])
 def test_bad_pre_dispatch(value):
     with pytest.raises(ValueError, match="pre_dispatch"):
         parse_pre_dispatch(value, 4)
@@ -83,6 +84,10 @@ def test_bad_pre_dispatch_rejected_by_parallel():
 def test_bad_timeout(value):
     with pytest.raises(ValueError, match="timeout"):
         Parallel(timeout=value)
+
+
+def test_a_timeout_too_large_for_a_float_is_no_timeout():
+    assert check_timeout(10**400) == check_timeout(float("inf")) == float("inf")
 
 
 def test_bad_backend_name_lists_choices():
@@ -103,7 +108,8 @@ def test_bad_other_arguments(key, value):
 @pytest.mark.parametrize("value, expected", [(None, None), (0, 0), (1000, 1000), ("1M", 2**20),
                                              ("500K", 500 * 1024), ("2G", 2 * 2**30),
                                              ("1.5k", 1536), ("10", 10), (" 2 MB ", 2 * 2**20),
-                                             ("1.5 kb", 1536), ("7B", 7), (np.int64(5), 5)])
+                                             ("1.5 kb", 1536), ("7B", 7), (np.int64(5), 5),
+                                             ("9007199254740993", 2**53 + 1)])
 def test_max_nbytes_sizes(value, expected):
     assert parse_size(value) == expected
 
@@ -118,7 +124,7 @@ def test_numpy_numbers_are_accepted_where_numbers_are():
 
 
 @pytest.mark.parametrize("value", ["1.M", "M", "1K B", "1..5K", ".5M", "1e3", "-1K", "²K",
-                                   "", "B", 1.5, np.float64(2.0)])
+                                   "", "B", 1.5, np.float64(2.0), "1" * 5000])
 def test_bad_max_nbytes_sizes(value):
     with pytest.raises(ValueError, match="max_nbytes must be None, a non-negative int"):
         parse_size(value)

@@ -18,6 +18,7 @@ import pytest
 import parmap
 from parmap import Parallel, TaskTimeoutError, WorkerCrashedError, delayed, parallel_config
 from parmap._batching import fit_to_limit
+from parmap.process.recycling import RssProbe
 
 from .conftest import child_pids, run_script
 
@@ -297,6 +298,16 @@ def test_max_memory_per_child_keeps_a_leaking_loop_bounded():
 
 
 # ---------------------------------------------------------------------- SIGKILL
+
+def test_the_rss_probe_falls_back_to_the_peak_where_statm_is_not_read():
+    probe = RssProbe()
+    now = probe()
+    assert now > 0
+    probe.fd = None  # as on a system without /proc/self/statm (or after it failed)
+    # getrusage's peak: about what was resident then at least (the kernel's RSS counts
+    # lag a little: 34.6 MB of peak against 34.98 MB resident was seen)
+    assert probe() >= now / 2
+
 
 def hog_then_die(i):
     state = parmap.worker_state()

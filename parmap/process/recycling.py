@@ -139,12 +139,26 @@ class RssProbe:
                              * self.page)
             except (OSError, ValueError, IndexError):
                 self.fd = None
+        return _peak_rss()
+
+
+_resource: list = []  # [the resource module, or None where it does not exist]
+
+
+def _peak_rss() -> float:
+    """The process's peak RSS in bytes, from ``getrusage`` (0.0: unknown)."""
+    if not _resource:  # imported once, only where /proc/self/statm is not read (~0.3 ms)
         try:
-            import resource  # stdlib, ~0.3 ms: only where /proc/self/statm is not
+            import resource  # stdlib
         except ImportError:  # Windows
-            return 0.0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak, not now
-        return float(peak if sys.platform == "darwin" else peak * 1024)
+            _resource.append(None)
+        else:
+            _resource.append(resource)
+    resource = _resource[0]
+    if resource is None:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak, not now
+    return float(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def run_finalizer(finalizer: bytes | None) -> None:
