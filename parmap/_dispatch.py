@@ -105,6 +105,7 @@ def _checked_compact(tasks: list, start: int) -> tuple[Callable[..., Any] | None
     ``delayed(f)(x)`` (the batch's fast loop); an item that is not a task is named. The
     shape checks run at C speed; only a batch that fails them is checked task by task."""
     if not (set(map(type, tasks)) == {tuple} and set(map(len, tasks)) == {3}
+            and all(map(callable, map(_FUNC, tasks)))
             and set(map(type, map(_ARGS, tasks))) == {tuple}
             and set(map(type, map(_KWARGS, tasks))) == {dict}):
         for offset, task in enumerate(tasks):
@@ -112,7 +113,7 @@ def _checked_compact(tasks: list, start: int) -> tuple[Callable[..., Any] | None
     return compact(tasks)
 
 
-_ARGS, _KWARGS = itemgetter(1), itemgetter(2)
+_FUNC, _ARGS, _KWARGS = itemgetter(0), itemgetter(1), itemgetter(2)
 
 
 class Dispatcher:

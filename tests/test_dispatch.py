@@ -302,7 +302,8 @@ class _NoTruth:
         raise ValueError("the truth value is ambiguous")
 
 
-@pytest.mark.parametrize("bad", [abs, "abc", (double, 1), (double, (1,), _NoTruth())])
+@pytest.mark.parametrize("bad", [abs, "abc", (double, 1), (double, (1,), _NoTruth()),
+                                 (1, (2,), {})])
 def test_an_item_that_is_not_a_task_after_the_first_batch_is_named(bad):
     items = [delayed(double)(i) for i in range(30)]
     items[20] = bad
