@@ -3,8 +3,9 @@
 Only :class:`LockedIterator`'s holder reads: the caller's thread, or a backend thread
 completing a batch (``_dispatch``). Tasks are read one at a time in compact form
 (:meth:`LockedIterator.take_compact`), so each task tuple is freed as soon as its
-arguments are taken; the first batch too, however large earlier calls make it. An input written ``delayed(f)(x) for x in xs`` is not run at
-all: its ``x``'s are read straight from ``xs`` (see ``_genexpr``).
+arguments are taken; the first batch too, however large earlier calls make it. An input
+written ``delayed(f)(x) for x in xs`` is not run at all: its ``x``'s are read straight
+from ``xs`` (see ``_genexpr``).
 """
 from __future__ import annotations
 

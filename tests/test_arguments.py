@@ -60,7 +60,8 @@ def test_bad_batch_size(value):
 
 @pytest.mark.parametrize("value, expected", [
     ("all", None), (3, 3), ("3", 3), ("2*n_jobs", 8), ("2 * n_jobs", 8), ("n_jobs", 4),
-    (" 3 *\tn_jobs ", 12), ("3*n_jobs+1", 13), ("(n_jobs + 2) // 2", 3), ("n_jobs / 2", 2), ("-n_jobs + 10", 6)])
+    (" 3 *\tn_jobs ", 12), ("3*n_jobs+1", 13), ("(n_jobs + 2) // 2", 3), ("n_jobs / 2", 2),
+    ("-n_jobs + 10", 6)])
 def test_pre_dispatch_expressions(value, expected):
     assert parse_pre_dispatch(value, 4) == expected
 

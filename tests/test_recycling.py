@@ -297,17 +297,18 @@ def test_max_memory_per_child_keeps_a_leaking_loop_bounded():
     assert "300.0 MB" in message and "leak" in message
 
 
-# ---------------------------------------------------------------------- SIGKILL
-
 def test_the_rss_probe_falls_back_to_the_peak_where_statm_is_not_read():
     probe = RssProbe()
     now = probe()
     assert now > 0
+    os.close(probe.fd)
     probe.fd = None  # as on a system without /proc/self/statm (or after it failed)
     # getrusage's peak: about what was resident then at least (the kernel's RSS counts
     # lag a little: 34.6 MB of peak against 34.98 MB resident was seen)
     assert probe() >= now / 2
 
+
+# ---------------------------------------------------------------------- SIGKILL
 
 def hog_then_die(i):
     state = parmap.worker_state()
