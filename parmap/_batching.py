@@ -106,11 +106,12 @@ class AutoBatchSizer:
         if self.n_tasks is None:
             return self.size
         left, per_task = self.n_tasks - dispatched, self._per_task
+        cap = min(self.size, self._shrunk)
         if self._even and per_task is not None and left * per_task <= self.target:
-            return min(self.size, self._shrunk)  # still as quick as when it was split
-        size = min(self.size, self._shrunk, math.ceil(left / (2 * self.n_jobs)))
+            return cap  # still as quick as when it was split
+        size = min(cap, math.ceil(left / (2 * self.n_jobs)))
         if per_task is not None:
-            size = max(size, min(self.size, self._shrunk, round(MIN_SPLIT / per_task)))
+            size = max(size, min(cap, round(MIN_SPLIT / per_task)))
         size = max(1, size)
         if size < self.size:
             self._shrunk = size

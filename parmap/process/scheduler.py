@@ -180,15 +180,16 @@ class Scheduler:
             return idle, pending.popleft()
         if sum(not w.dead for w in workers) < size:
             return None, pending.popleft()
+        # rule 2: queue a short job behind one of its own call, never ahead of a pending
+        # job of a call that holds no worker: it waits for one to fall idle, and workers
+        # fed this way would not until this call ends
         served = {id(w.jobs[0].owner) for w in workers if w.jobs and not w.dead}
-        for worker in workers:  # rule 2: queue a short job behind one of its own call
+        ahead = list(takewhile(lambda j: id(j.owner) in served, pending))
+        for worker in workers if ahead else ():
             if worker.dead or not worker.jobs or len(worker.jobs) >= PREFETCH or \
                     not all(held.known_short for held in worker.jobs):
                 continue
             owner, budget, room = worker.jobs[0].owner, worker.budget, worker.room
-            # never ahead of a pending job of a call that holds no worker: it waits for
-            # one to fall idle, and workers fed this way would not until this call ends
-            ahead = takewhile(lambda j: id(j.owner) in served, pending)
             job = next((j for j in ahead if j.owner is owner and j.short and len(
                 j.batch) <= budget and len(j.payload or b"") <= room), None)
             if job is not None:
