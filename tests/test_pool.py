@@ -209,6 +209,38 @@ def test_start_methods(method):
     assert out == [3 * i for i in range(10)]
 
 
+EXIT_WITH_PRIVATE_POOLS_IN_USE = """
+import threading, time
+from parmap import Parallel, delayed
+
+def slow(i):
+    time.sleep(0.05 if i < 2 else 30)
+    return i
+
+def run(**options):
+    Parallel(n_jobs=2, **options)(delayed(slow)(i) for i in range(6))
+
+shared = Parallel(n_jobs=2, return_as="generator")(delayed(slow)(i) for i in range(6))
+print(next(shared))
+# other options while the shared pool is busy: a private pool, left open at exit
+private = Parallel(n_jobs=2, max_tasks_per_child=2, return_as="generator")(
+    delayed(slow)(i) for i in range(6))
+print(next(private))
+threading.Thread(target=run, kwargs={"max_tasks_per_child": 3}, daemon=True).start()
+time.sleep(0.5)  # the daemon thread's call holds a third pool
+print("end", flush=True)
+"""
+
+
+def test_interpreter_exit_stops_private_pools_still_in_use():
+    """A private pool in use at exit (a result generator left open, a call on a daemon
+    thread) is shut down with the shared one: its workers are not daemonic, and
+    multiprocessing's exit handler would otherwise wait for them forever."""
+    t0 = time.monotonic()
+    assert run_script(EXIT_WITH_PRIVATE_POOLS_IN_USE, timeout=60).split() == ["0", "0", "end"]
+    assert time.monotonic() - t0 < 20
+
+
 def test_bad_backend_arguments():
     with pytest.raises(ValueError, match="start_method"):
         Parallel(n_jobs=2, start_method="teleport")

@@ -3,14 +3,18 @@
 A call acquires it (resizing it to its ``n_jobs``) and releases it when done; a call
 whose options differ while the shared pool is busy gets a private pool of its own, shut
 down with the call. The thread-cap variables of the environment (``OMP_NUM_THREADS``,
-...) count as options: workers read them when they start. The shared pool closes itself after ``idle_timeout`` without calls,
-and at interpreter exit.
+...) count as options: workers read them when they start. The shared pool closes itself
+after ``idle_timeout`` without calls. At interpreter exit every pool is shut down, private
+ones included (a call still running on a daemon thread, or a result generator left open,
+keeps its pool in use; its workers are not daemonic, and multiprocessing's exit handler
+would wait for them forever).
 """
 from __future__ import annotations
 
 import atexit
 import os
 import threading
+import weakref
 from time import monotonic
 
 from .pool import PoolOptions, WorkerPool
@@ -20,6 +24,8 @@ __all__ = ["acquire_pool", "release_pool", "shutdown_all"]
 
 _registry_lock = threading.Lock()
 _shared: list[WorkerPool] = []  # the reusable pool (at most one), shared by every call
+#: private pools of calls still running (see acquire_pool), for shutdown_all
+_private: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
 #: the thread-cap variables (OMP_NUM_THREADS, ...) of this process when the shared pool's
 #: workers started: they read them at start, so a change needs new workers
 _shared_env: list[tuple] = []
@@ -39,6 +45,7 @@ def acquire_pool(size: int, options: PoolOptions) -> WorkerPool:
             if pool.active_calls and not pool.closed:
                 private = WorkerPool(size, options, private=True)
                 private.active_calls += 1
+                _private.add(private)
                 return private
             _shared.clear()
             pool.shutdown()
@@ -69,6 +76,7 @@ def release_pool(pool: WorkerPool) -> None:
         pool.active_calls -= 1
         pool.last_active = monotonic()
     if pool.private and pool.active_calls <= 0:
+        _private.discard(pool)
         pool.shutdown()
     # a shared pool's manager needs no wake: it already waits no longer than the idle
     # timeout that starts now (see Manager._wait_timeout)
@@ -82,10 +90,11 @@ def _forget(pool: WorkerPool) -> None:
 
 
 def shutdown_all() -> None:
-    """Stop the shared pool (tests, interpreter exit)."""
+    """Stop the shared pool and the private pools still in use (tests, interpreter exit)."""
     with _registry_lock:
-        pools = list(_shared)
+        pools = list(_shared) + list(_private)
         _shared.clear()
+        _private.clear()
     for pool in pools:
         pool.shutdown()
 
@@ -93,6 +102,7 @@ def shutdown_all() -> None:
 def _after_fork_in_child() -> None:
     # A process forked by the user must not drive the parent's workers.
     _shared.clear()
+    _private.clear()
 
 
 atexit.register(shutdown_all)
