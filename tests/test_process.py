@@ -142,6 +142,21 @@ def test_worker_killed_from_outside():
     healthy()
 
 
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_that_died_idle_cost_the_next_call_nothing(method):
+    """Workers killed between two calls, before the pool noticed: the next call's
+    batches went to them. The workers never took them, so they run elsewhere, rather
+    than fail the call as a crash of a task that never started."""
+    for _ in range(5):
+        pids = set(Parallel(n_jobs=2, start_method=method)(
+            delayed(os.getpid)() for _ in range(8)))
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert Parallel(n_jobs=2, start_method=method)(
+            delayed(abs)(-x) for x in range(8)) == list(range(8))
+    healthy()
+
+
 # --------------------------------------------------------------------------- timeout
 
 def test_timeout_kills_stuck_worker_and_pool_recovers():

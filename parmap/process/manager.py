@@ -180,7 +180,12 @@ class Manager(threading.Thread):
 
     def _reap(self, worker: Worker, finished: _Finished) -> int | None:
         """A worker exited: its last replies and its crash error go to ``finished``;
-        returns its pid (the caller sweeps its result files once the replies are read)."""
+        returns its pid (the caller sweeps its result files once the replies are read).
+
+        Only a job the worker took from its pipe is blamed. The others never ran: a
+        worker that died idle (killed, the OOM killer) may have been given a job before
+        this thread noticed. They are sent again: requeued if their bytes are kept, else
+        answered RETRY, so that the caller encodes them again."""
         pool = self.pool
         if worker.jobs and not worker.result_conn.closed:
             try:  # a result sent just before the worker died still counts
@@ -190,13 +195,15 @@ class Manager(threading.Thread):
                 pass
         worker.process.join(timeout=STOP_GRACE)
         job = worker.running()
+        if job is not None and not worker.started(job):
+            job = None
         if job is not None and not job.cancelled and not pool.closed:
             finished.append((job, _crash_error(worker, job)))
-        again = [j for j in worker.jobs
-                 if j is not job and not j.cancelled and j.payload is not None]
+        again = [j for j in worker.jobs if j is not job and not j.cancelled]
         worker.jobs.clear()
-        if again and not pool.closed:  # queued behind the crash, never started
-            pool.scheduler.requeue(again)
+        if again and not pool.closed:
+            pool.scheduler.requeue(j for j in again if j.payload is not None)
+            finished.extend((j, protocol.retry_reply()) for j in again if j.payload is None)
         for conn in (worker.task_conn, worker.result_conn):
             conn.close()
         pool.workers.remove(worker)

@@ -42,6 +42,7 @@ import multiprocessing as mp
 import os
 import sys
 import threading
+from contextlib import suppress
 from multiprocessing.connection import wait
 from time import monotonic
 from typing import Callable
@@ -143,18 +144,14 @@ class WorkerPool:
 
     def kill(self, worker: Worker) -> None:
         worker.dead = True
-        try:
+        with suppress(Exception):  # already gone
             worker.process.kill()
-        except Exception:  # already gone
-            pass
 
     def stop(self, worker: Worker) -> None:
         """Ask an idle worker to exit; the manager reaps it. Lock held."""
         worker.dead = True
-        try:
+        with suppress(OSError):
             worker.task_conn.send_bytes(protocol.STOP)
-        except OSError:
-            pass
 
     def resize(self, size: int) -> None:
         """Grow at once, or stop idle workers beyond ``size``."""
@@ -213,12 +210,13 @@ class WorkerPool:
                 worker = slot  # type: ignore[assignment]
             worker.jobs.append(job)
             payload = job.payload
-            if len(worker.jobs) == 1:  # runs at once: never sent again, the bytes can go
+            if len(worker.jobs) == 1:  # runs at once: the bytes can go (see manager._reap)
                 job.payload = None
             try:
                 worker.task_conn.send_bytes(payload)  # type: ignore[arg-type]
+                worker.sent = job.seq = worker.sent + 1
             except OSError:
-                pass  # the worker died: the manager reports it through its sentinel
+                pass  # the worker died: the manager sends the job again as it reaps it
             pending = scheduler.pending
             if recycler.assigned(worker, len(job.batch),
                                  len(pending[0].batch) if pending else 0):

@@ -60,13 +60,19 @@ from .._errors import CapturedError, SerializationError, func_name
 from .._record import BatchRecord
 from . import shm, shm_results
 
-__all__ = ["OK", "ERR", "RETRY", "STOP", "Request", "Reply", "encode_request",
-           "decode_request", "encode_reply", "error_reply", "retry_reply",
-           "unloadable_request", "decode_reply", "discard_reply", "dumps",
+__all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "Request", "Reply",
+           "encode_request", "decode_request", "encode_reply", "error_reply",
+           "retry_reply", "unloadable_request", "decode_reply", "discard_reply", "dumps",
            "dumps_importable"]
 
 OK, ERR, RETRY_STATUS = 0, 1, 2
 STOP = b""
+#: the status a worker shares with the pool, in doubles: the running task's index and
+#: its start time (with a timeout), the worker's RSS (``recycling.RSS``), and ``READ``,
+#: how many requests it has taken from its pipe (counted before it decodes one): a
+#: worker that dies with requests still in its pipe never started them
+STATUS_SLOTS = 4
+READ = 3
 
 
 class _Retry:

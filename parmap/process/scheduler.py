@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from .._delayed import Batch
 from .._errors import call_repr
+from .protocol import READ
 
 __all__ = ["PoolJob", "WorkerSlot", "Worker", "ProcessHandle", "Scheduler", "PREFETCH",
            "PREFETCH_MAX"]
@@ -57,7 +58,7 @@ class PoolJob:
     """One batch travelling through the pool."""
 
     __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short",
-                 "known_short")
+                 "known_short", "seq")
 
     def __init__(self, owner: object, batch: Batch, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
@@ -69,6 +70,9 @@ class PoolJob:
         self.callback = callback
         self.timeout = timeout
         self.cancelled = False
+        #: where it was written in its worker's pipe (that worker's ``sent`` then); 0 if
+        #: not written (yet, or the write failed)
+        self.seq = 0
         expected = batch.expected
         #: may wait behind another job (unmeasured counts as short)
         self.short = expected is None or expected < PREFETCH_MAX
@@ -86,11 +90,13 @@ class PoolJob:
 class WorkerSlot:
     """What the scheduler knows of a worker; the pool's worker record extends it."""
 
-    __slots__ = ("jobs", "dead", "status", "budget", "after", "room")
+    __slots__ = ("jobs", "dead", "status", "budget", "after", "room", "sent")
 
     def __init__(self, status: Sequence[float], budget: float = inf, room: float = inf):
         self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
         self.dead = False
+        #: requests written to its pipe; the worker counts those it read (status[READ])
+        self.sent = 0
         #: (index of the running task, its start time or 0.0), written by the worker
         self.status = status
         #: how many more tasks it may be given (``max_tasks_per_child``)
@@ -146,6 +152,11 @@ class Worker(WorkerSlot):
         """The job the worker is running (or about to): the oldest it holds."""
         return self.jobs[0] if self.jobs else None
 
+    def started(self, job: PoolJob) -> bool:
+        """Whether the worker took ``job`` from its pipe (a dead worker's other jobs
+        never ran: written after its last read, or not written at all)."""
+        return 0 < job.seq <= self.status[READ]
+
 
 class Scheduler:
     """The queue of jobs waiting for a worker, and the rules that place them."""
@@ -158,7 +169,10 @@ class Scheduler:
 
     def requeue(self, jobs: Iterable[PoolJob]) -> None:
         """Jobs a dead worker held but never started go first."""
-        self.pending.extendleft(reversed(list(jobs)))
+        jobs = list(jobs)
+        for job in jobs:
+            job.seq = 0  # written to no pipe now
+        self.pending.extendleft(reversed(jobs))
 
     def drop(self, owner: object) -> None:
         """Forget the pending jobs of a cancelled call."""

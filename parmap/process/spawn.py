@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import worker
+from .protocol import STATUS_SLOTS
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
@@ -203,11 +204,12 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
         resource_tracker.ensure_running()
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
-    # (task index, start time) for timeouts; RSS. A forked child inherits an anonymous
+    # (task index, start time) for timeouts; RSS; requests read (protocol.STATUS_SLOTS).
+    # A forked child inherits an anonymous
     # shared mapping; other children get a RawArray, which pickles (sharedctypes and
     # ctypes cost the caller ~4 ms of imports, and each array ~0.5 ms)
-    status = memoryview(mmap.mmap(-1, 24)).cast("d") if method == "fork" else \
-        ctx.RawArray("d", 3)
+    status = memoryview(mmap.mmap(-1, 8 * STATUS_SLOTS)).cast("d") if method == "fork" \
+        else ctx.RawArray("d", STATUS_SLOTS)
     # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be
     # capped to one thread by a call (its variable is read only when libgomp loads)
     cap_openmp = method == "fork" and one_thread and _openmp_pool_running()

@@ -7,7 +7,8 @@
     loop:   request = protocol.decode_request(pipe)        (read here, between batches:
             batch = Batch(start, tasks, func, nested)       the pool queues only what
             reply = OK results | ERR CapturedError          fits in the pipe)
-            status[RSS] = resident set size (see ``recycling``)
+            status[RSS] = resident set size (see ``recycling``); status[READ]
+            counts the requests taken from the pipe (see ``protocol``)
             pipe <- protocol.encode_reply(...)
     exit:   on STOP, the finalizer (if any), once
 
@@ -182,6 +183,7 @@ def _serve(task_conn: Connection, result_conn: Connection, status: Any,
         if message == protocol.STOP:
             arg_maps.release()
             return
+        status[protocol.READ] += 1  # before anything that could fail on this batch
         t0 = time.monotonic()
         try:
             request = protocol.decode_request(message)

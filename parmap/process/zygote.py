@@ -46,6 +46,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import worker
+from .protocol import STATUS_SLOTS
 from .lifetime import PARENT_POLL, pid_alive, prepare_children
 from .spawn import choose_start_method, forkserver_context, setup_bytes, start_process, \
     thread_caps
@@ -53,8 +54,8 @@ from .spawn import choose_start_method, forkserver_context, setup_bytes, start_p
 __all__ = ["Zygote", "ZygoteChild", "usable", "zygote_main"]
 
 _INT = struct.Struct("i")
-#: the bytes of the status a worker shares with the pool: (task index, start time, RSS)
-_STATUS_BYTES = 3 * 8
+#: the bytes of the status a worker shares with the pool (``protocol.STATUS_SLOTS``)
+_STATUS_BYTES = STATUS_SLOTS * 8
 #: exit code reported when the zygote died before it could report one (as multiprocessing)
 UNKNOWN_EXIT = 255
 #: seconds the caller waits for the zygote's answer (a fork takes milliseconds) before
