@@ -157,6 +157,23 @@ def test_workers_that_died_idle_cost_the_next_call_nothing(method):
     healthy()
 
 
+def exit_at_start():
+    os._exit(3)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_workers_that_die_before_reading_anything_fail_the_call(method):
+    """A worker that dies before it takes its first batch (here its initializer exits)
+    leaves the batch unread: it goes to another worker, a few times at most, and then
+    the call fails with the crash, rather than starting workers forever."""
+    t0 = time.monotonic()
+    with pytest.raises(WorkerCrashedError, match="exit code 3 while running task"):
+        Parallel(n_jobs=2, initializer=exit_at_start, start_method=method)(
+            delayed(abs)(-x) for x in range(4))
+    assert time.monotonic() - t0 < 10
+    healthy()
+
+
 # --------------------------------------------------------------------------- timeout
 
 def test_timeout_kills_stuck_worker_and_pool_recovers():

@@ -161,6 +161,9 @@ class ProcessBackend(ParallelBackendBase):
         payload = protocol.encode_request(batch, track, placer, result_nbytes)
         if record is not None:
             record.pickle_s, record.request_bytes = perf_counter() - t0, len(payload)
+        if placer is None:  # no arrays pinned, so no worker can ask for the batch again
+            pool.submit(PoolJob(owner, batch, payload, callback, timeout))
+            return
 
         # ``done`` refers to itself (it resubmits), so it lives until a garbage collection:
         # it holds the batch and the dispatcher's callback (hence the batch's arguments,
@@ -174,11 +177,9 @@ class ProcessBackend(ParallelBackendBase):
                 final(outcome)
                 return
             # a worker that was not forked after our arrays were pinned, or could not
-            # open an earlier call's file of one: place them; or a worker died before it
-            # took the batch, whose bytes the pool no longer kept: encode it again
+            # open an earlier call's file of one: place them
             try:
-                if placer is not None:
-                    placer.stop_inheriting()
+                placer.stop_inheriting()
                 again = protocol.encode_request(held[0], track, placer, result_nbytes)
                 pool.submit(PoolJob(owner, held[0], again, done, timeout))
             except BaseException as exc:  # the call is failing: report, never hang

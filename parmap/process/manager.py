@@ -33,12 +33,15 @@ from .scheduler import PoolJob, Scheduler, Worker
 from .spawn import exit_description
 from .zygote import Zygote
 
-__all__ = ["Manager", "PoolView", "STOP_GRACE", "DEADLINE_POLL"]
+__all__ = ["Manager", "PoolView", "STOP_GRACE", "DEADLINE_POLL", "MAX_RESENDS"]
 
 #: seconds a worker gets to exit after a polite stop before it is killed
 STOP_GRACE = 1.0
 #: how often the manager checks task deadlines while a timeout is in force
 DEADLINE_POLL = 0.05
+#: a job first in line when its worker died before taking it goes to another worker;
+#: after this many such deaths it is blamed for the crash (see ``Manager._reap``)
+MAX_RESENDS = 2
 
 #: what a round hands to callbacks: (job, reply bytes or exception); job None for the
 #: reply of a cancelled batch, whose result files only need unlinking
@@ -168,8 +171,6 @@ class Manager(threading.Thread):
             worker.result_conn.close()  # the sentinel tells why
             return
         job = worker.jobs.popleft() if worker.jobs else None
-        if worker.jobs:
-            worker.jobs[0].payload = None  # running now: it will not be re-sent
         self.pool.last_active = monotonic()
         if self.pool.recycler.over_memory(worker, job.owner if job is not None else None):
             self.pool.retire(worker)
@@ -182,10 +183,12 @@ class Manager(threading.Thread):
         """A worker exited: its last replies and its crash error go to ``finished``;
         returns its pid (the caller sweeps its result files once the replies are read).
 
-        Only a job the worker took from its pipe is blamed. The others never ran: a
-        worker that died idle (killed, the OOM killer) may have been given a job before
-        this thread noticed. They are sent again: requeued if their bytes are kept, else
-        answered RETRY, so that the caller encodes them again."""
+        Only a job the worker took from its pipe is blamed. The others never ran (a
+        worker that died idle, killed or by the OOM killer, may have been given a job
+        before this thread noticed): they go back to the queue. A job that was first in
+        line at more than ``MAX_RESENDS`` such deaths is blamed all the same, so that a
+        worker dying before it reads anything (its initializer exits) fails the call,
+        rather than starting workers forever."""
         pool = self.pool
         if worker.jobs and not worker.result_conn.closed:
             try:  # a result sent just before the worker died still counts
@@ -195,15 +198,15 @@ class Manager(threading.Thread):
                 pass
         worker.process.join(timeout=STOP_GRACE)
         job = worker.running()
-        if job is not None and not worker.started(job):
+        if job is not None and not worker.started(job) and job.resent < MAX_RESENDS:
+            job.resent += 1
             job = None
         if job is not None and not job.cancelled and not pool.closed:
             finished.append((job, _crash_error(worker, job)))
         again = [j for j in worker.jobs if j is not job and not j.cancelled]
         worker.jobs.clear()
-        if again and not pool.closed:
-            pool.scheduler.requeue(j for j in again if j.payload is not None)
-            finished.extend((j, protocol.retry_reply()) for j in again if j.payload is None)
+        if again and not pool.closed:  # never started
+            pool.scheduler.requeue(again)
         for conn in (worker.task_conn, worker.result_conn):
             conn.close()
         pool.workers.remove(worker)

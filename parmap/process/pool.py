@@ -209,11 +209,8 @@ class WorkerPool:
             else:
                 worker = slot  # type: ignore[assignment]
             worker.jobs.append(job)
-            payload = job.payload
-            if len(worker.jobs) == 1:  # runs at once: the bytes can go (see manager._reap)
-                job.payload = None
             try:
-                worker.task_conn.send_bytes(payload)  # type: ignore[arg-type]
+                worker.task_conn.send_bytes(job.payload)
                 worker.sent = job.seq = worker.sent + 1
             except OSError:
                 pass  # the worker died: the manager sends the job again as it reaps it

@@ -69,7 +69,7 @@ OK, ERR, RETRY_STATUS = 0, 1, 2
 STOP = b""
 #: the status a worker shares with the pool, in doubles: the running task's index and
 #: its start time (with a timeout), the worker's RSS (``recycling.RSS``), and ``READ``,
-#: how many requests it has taken from its pipe (counted before it decodes one): a
+#: how many messages it has taken from its pipe (counted as one starts to arrive): a
 #: worker that dies with requests still in its pipe never started them
 STATUS_SLOTS = 4
 READ = 3

@@ -76,7 +76,8 @@ def release_pool(pool: WorkerPool) -> None:
         pool.active_calls -= 1
         pool.last_active = monotonic()
     if pool.private and pool.active_calls <= 0:
-        _private.discard(pool)
+        with _registry_lock:  # shutdown_all may be going through the set
+            _private.discard(pool)
         pool.shutdown()
     # a shared pool's manager needs no wake: it already waits no longer than the idle
     # timeout that starts now (see Manager._wait_timeout)

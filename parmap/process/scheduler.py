@@ -58,21 +58,24 @@ class PoolJob:
     """One batch travelling through the pool."""
 
     __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short",
-                 "known_short", "seq")
+                 "known_short", "seq", "resent")
 
     def __init__(self, owner: object, batch: Batch, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
         self.owner = owner
         self.batch = batch
-        #: the request's bytes, kept while the job may still be sent again (a worker
-        #: that dies before starting it); dropped once it runs
-        self.payload: bytes | None = payload
+        #: the request's bytes, kept until the reply: a worker may die before it takes
+        #: them from its pipe, and another worker then gets them (``manager._reap``)
+        self.payload = payload
         self.callback = callback
         self.timeout = timeout
         self.cancelled = False
         #: where it was written in its worker's pipe (that worker's ``sent`` then); 0 if
         #: not written (yet, or the write failed)
         self.seq = 0
+        #: times it was sent again, as the first job of a worker that died before taking
+        #: it (``MAX_RESENDS``)
+        self.resent = 0
         expected = batch.expected
         #: may wait behind another job (unmeasured counts as short)
         self.short = expected is None or expected < PREFETCH_MAX
@@ -205,7 +208,7 @@ class Scheduler:
                 continue
             owner, budget, room = worker.jobs[0].owner, worker.budget, worker.room
             job = next((j for j in ahead if j.owner is owner and j.short and len(
-                j.batch) <= budget and len(j.payload or b"") <= room), None)
+                j.batch) <= budget and len(j.payload) <= room), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job

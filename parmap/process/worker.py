@@ -24,11 +24,12 @@ from __future__ import annotations
 import faulthandler
 import os
 import pickle
+import select
 import signal
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 from .._delayed import Batch
 from .._record import BatchRecord
@@ -177,13 +178,13 @@ def _serve(task_conn: Connection, result_conn: Connection, status: Any,
            init_error: BaseException | None, parent_pid: int, rss: RssProbe) -> None:
     tracker = _SharedTracker(status)
     send = result_conn.send_bytes
+    readable = _readable(task_conn)
     sends_arrays = False  # have results of this worker gone through /dev/shm yet?
     while True:
-        message = _next_message(task_conn)
+        message = _next_message(task_conn, status, readable)
         if message == protocol.STOP:
             arg_maps.release()
             return
-        status[protocol.READ] += 1  # before anything that could fail on this batch
         t0 = time.monotonic()
         try:
             request = protocol.decode_request(message)
@@ -249,15 +250,32 @@ def _observed(t0: float) -> BatchRecord:
     return record
 
 
-def _next_message(task_conn: Connection) -> bytes:
+def _readable(conn: Connection) -> Callable[[], Any]:
+    """Waits until ``conn`` has data (or its end); one ``select.poll`` kept for it
+    (``Connection.poll`` builds a selector at every call)."""
+    if not hasattr(select, "poll"):  # Windows
+        return lambda: conn.poll(None)
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return poller.poll
+
+
+def _next_message(task_conn: Connection, status: Any, readable: Callable[[], Any]
+                  ) -> bytes:
     """The next message, read here, between batches: the pool queues a request behind a
     running batch only if it fits in the pipe (``scheduler``, rule 2), so its writes
     never wait for us. While argument files stay mapped (``arg_maps``), they are dropped
     if it takes longer than ``arg_maps.IDLE_RELEASE`` seconds to come. STOP when the
-    parent closed the pipe (it is gone or stopping)."""
+    parent closed the pipe (it is gone or stopping).
+
+    A message is counted as taken (``status[READ]``) once it starts to arrive, before it
+    is read: a worker that dies reading it (a request too large for its memory) is
+    blamed for it, not handed it again (see ``protocol.STATUS_SLOTS``)."""
     try:
         if arg_maps.holding() and not task_conn.poll(arg_maps.IDLE_RELEASE):
             arg_maps.release()
+        readable()
+        status[protocol.READ] += 1
         return task_conn.recv_bytes()
     except (EOFError, OSError):
         return protocol.STOP
