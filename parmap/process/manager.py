@@ -120,6 +120,7 @@ class Manager(threading.Thread):
                     if worker.process.sentinel in ready:
                         reaped.append(self._reap(worker, finished))
                 self._check_deadlines(finished)
+                _drop_taken_requests(pool.workers)
                 if not pool.closed:
                     pool.assign_pending()
                     self._maybe_idle_out()
@@ -205,8 +206,8 @@ class Manager(threading.Thread):
             finished.append((job, _crash_error(worker, job)))
         again = [j for j in worker.jobs if j is not job and not j.cancelled]
         worker.jobs.clear()
-        if again and not pool.closed:  # never started
-            pool.scheduler.requeue(again)
+        if again and not pool.closed:  # never started, so their bytes are all kept
+            pool.scheduler.requeue(j for j in again if j.payload is not None)
         for conn in (worker.task_conn, worker.result_conn):
             conn.close()
         pool.workers.remove(worker)
@@ -246,6 +247,15 @@ class Manager(threading.Thread):
                 job.callback(error)
             except Exception:
                 pass
+
+
+def _drop_taken_requests(workers: list[Worker]) -> None:
+    """A request its worker has taken is never sent again (``Manager._reap``): its bytes
+    (large arguments that are not arrays) need not wait for the reply."""
+    for worker in workers:
+        job = worker.running()
+        if job is not None and job.payload is not None and worker.started(job):
+            job.payload = None
 
 
 _MAX_MS = 2 ** 31 - 1

@@ -210,7 +210,7 @@ class WorkerPool:
                 worker = slot  # type: ignore[assignment]
             worker.jobs.append(job)
             try:
-                worker.task_conn.send_bytes(job.payload)
+                worker.task_conn.send_bytes(job.payload)  # type: ignore[arg-type]
                 worker.sent = job.seq = worker.sent + 1
             except OSError:
                 pass  # the worker died: the manager sends the job again as it reaps it

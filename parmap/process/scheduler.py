@@ -64,9 +64,9 @@ class PoolJob:
                  callback: Callable[[Any], None], timeout: float | None):
         self.owner = owner
         self.batch = batch
-        #: the request's bytes, kept until the reply: a worker may die before it takes
-        #: them from its pipe, and another worker then gets them (``manager._reap``)
-        self.payload = payload
+        #: the request's bytes, kept until its worker has taken them from its pipe: it
+        #: may die before, and another worker then gets them (``manager._reap``)
+        self.payload: bytes | None = payload
         self.callback = callback
         self.timeout = timeout
         self.cancelled = False
@@ -208,7 +208,7 @@ class Scheduler:
                 continue
             owner, budget, room = worker.jobs[0].owner, worker.budget, worker.room
             job = next((j for j in ahead if j.owner is owner and j.short and len(
-                j.batch) <= budget and len(j.payload) <= room), None)
+                j.batch) <= budget and len(j.payload or b"") <= room), None)
             if job is not None:
                 pending.remove(job)
                 return worker, job
