@@ -174,6 +174,32 @@ def test_workers_that_die_before_reading_anything_fail_the_call(method):
     healthy()
 
 
+def limit_memory_and_count(path):
+    """Initializer: note this worker's start, and leave it ~150 MB of address space more."""
+    import resource
+
+    with open(path, "a") as f:
+        f.write("x")
+    pages = int(open("/proc/self/statm").read().split()[0])
+    room = pages * os.sysconf("SC_PAGE_SIZE") + 150 * 1024 ** 2
+    resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads /proc")
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_worker_that_dies_taking_a_request_is_blamed_at_once(tmp_path, method):
+    """A request larger than the pipe is counted as taken when it starts to arrive: the
+    worker that cannot hold it (MemoryError while reading) is blamed, and no other
+    worker is started to try it again."""
+    starts = tmp_path / "starts"
+    blob = b"x" * (300 * 1024 ** 2)
+    with pytest.raises(WorkerCrashedError, match="while running task 0"):
+        Parallel(n_jobs=2, start_method=method, initializer=limit_memory_and_count,
+                 initargs=(str(starts),))(delayed(len)(b) for b in [blob, b"y"])
+    assert starts.read_text() == "xx"  # the two first workers only
+    healthy()
+
+
 # --------------------------------------------------------------------------- timeout
 
 def test_timeout_kills_stuck_worker_and_pool_recovers():

@@ -65,6 +65,7 @@ class PoolView(Protocol):
     workers: list[Worker]
     wake_r: Connection
     wake_w: Connection
+    wake_lock: Any
     on_close: Callable[[Any], None] | None
 
     def assign_pending(self) -> None: ...
@@ -98,8 +99,9 @@ class Manager(threading.Thread):
         while True:
             with pool.lock:
                 if pool.closed and not pool.workers:
-                    pool.wake_r.close()
-                    pool.wake_w.close()
+                    with pool.wake_lock:  # (see WorkerPool.wake)
+                        pool.wake_r.close()
+                        pool.wake_w.close()
                     return
                 workers = list(pool.workers)
                 timeout = self._wait_timeout()

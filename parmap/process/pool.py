@@ -76,6 +76,9 @@ class WorkerPool:
         self.cpus = cpu_count()  # once: the thread caps of every worker it starts
         self._launcher: Launcher | None = None  # started with the first retirement
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
+        #: held to write to the wake pipe and to close it: a write racing the close
+        #: could land in a pipe made meanwhile on the same descriptor (a worker's)
+        self.wake_lock = threading.Lock()
         self.last_active = monotonic()
         self.rounds = 0  # manager loop iterations completed, callbacks included
         self.round_done = threading.Condition(self.lock)
@@ -209,11 +212,13 @@ class WorkerPool:
             else:
                 worker = slot  # type: ignore[assignment]
             worker.jobs.append(job)
+            # counted before it is written: a worker may die while taking it (the write
+            # then fails), and status[READ] alone says whether it did
+            worker.sent = job.seq = worker.sent + 1
             try:
                 worker.task_conn.send_bytes(job.payload)  # type: ignore[arg-type]
-                worker.sent = job.seq = worker.sent + 1
             except OSError:
-                pass  # the worker died: the manager sends the job again as it reaps it
+                pass  # the worker died: the manager reaps it (see manager._reap)
             pending = scheduler.pending
             if recycler.assigned(worker, len(job.batch),
                                  len(pending[0].batch) if pending else 0):
@@ -257,10 +262,8 @@ class WorkerPool:
         """Make the manager look again (new workers, deadlines, closing)."""
         if self._manager is None:
             return  # nothing to wake (and nobody would drain the pipe)
-        try:
+        with self.wake_lock, suppress(OSError):  # closed: the manager has ended
             self.wake_w.send_bytes(b"!")
-        except OSError:
-            pass
 
     # ------------------------------------------------------------------ shutdown
     def close_locked(self) -> None:
