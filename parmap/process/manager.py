@@ -208,8 +208,8 @@ class Manager(threading.Thread):
             finished.append((job, _crash_error(worker, job)))
         again = [j for j in worker.jobs if j is not job and not j.cancelled]
         worker.jobs.clear()
-        if again and not pool.closed:  # never started, so their bytes are all kept
-            pool.scheduler.requeue(j for j in again if j.payload is not None)
+        if again and not pool.closed:  # never taken, so their bytes are all kept
+            pool.scheduler.requeue(again)
         for conn in (worker.task_conn, worker.result_conn):
             conn.close()
         pool.workers.remove(worker)

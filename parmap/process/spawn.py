@@ -204,10 +204,10 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
         resource_tracker.ensure_running()
     task_r, task_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
-    # (task index, start time) for timeouts; RSS; requests read (protocol.STATUS_SLOTS).
-    # A forked child inherits an anonymous
-    # shared mapping; other children get a RawArray, which pickles (sharedctypes and
-    # ctypes cost the caller ~4 ms of imports, and each array ~0.5 ms)
+    # (task index, start time) for timeouts; RSS; messages read (protocol.STATUS_SLOTS).
+    # A forked child inherits an anonymous shared mapping; other children get a
+    # RawArray, which pickles (sharedctypes and ctypes cost the caller ~4 ms of imports,
+    # and each array ~0.5 ms)
     status = memoryview(mmap.mmap(-1, 8 * STATUS_SLOTS)).cast("d") if method == "fork" \
         else ctx.RawArray("d", STATUS_SLOTS)
     # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be

@@ -8,7 +8,7 @@
             batch = Batch(start, tasks, func, nested)       the pool queues only what
             reply = OK results | ERR CapturedError          fits in the pipe)
             status[RSS] = resident set size (see ``recycling``); status[READ]
-            counts the requests taken from the pipe (see ``protocol``)
+            counts the messages taken from the pipe (see ``protocol``)
             pipe <- protocol.encode_reply(...)
     exit:   on STOP, the finalizer (if any), once
 

@@ -46,8 +46,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import worker
-from .protocol import STATUS_SLOTS
 from .lifetime import PARENT_POLL, pid_alive, prepare_children
+from .protocol import STATUS_SLOTS
 from .spawn import choose_start_method, forkserver_context, setup_bytes, start_process, \
     thread_caps
 
