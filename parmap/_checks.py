@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
@@ -40,7 +41,7 @@ def check_n_jobs(n_jobs: object, name: str = "n_jobs") -> int | None:
                         f"{type(n_jobs).__name__} {n_jobs!r:.60}")
     number = _as_float(value)
     if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite, non-zero number, got {n_jobs!r}")
+        raise ValueError(f"{name} must be a finite, non-zero number, got {_shown(n_jobs)}")
     result = int(number)
     if result == 0:
         raise ValueError(f"{name} == 0 in Parallel has no meaning ({name}={n_jobs!r}): use a "
@@ -85,9 +86,18 @@ def check_timeout(value: object) -> float | None:
 def check_batch_size(value: object) -> int | str:
     if isinstance(value, str) and value == "auto":
         return "auto"
-    if _is_integral(value) and not isinstance(value, bool) and int(value) > 0:
+    if _is_integral(value) and not isinstance(value, bool) and 0 < int(value) <= sys.maxsize:
         return int(value)
-    raise ValueError(f"batch_size must be 'auto' or a positive int, got {value!r}")
+    raise ValueError(f"batch_size must be 'auto' or a positive int up to sys.maxsize, got "
+                     f"{_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut to 60 characters; an int too long for Python to print (more
+    than 4300 digits) by its size."""
+    if isinstance(value, int) and value.bit_length() > 14_000:
+        return f"an int of {value.bit_length()} bits"
+    return f"{value!r:.60}"
 
 
 def check_positive_int(name: str) -> Callable[[object], int | None]:

@@ -135,6 +135,9 @@ class Parallel:
                 "the generator of this Parallel call was cancelled when its `with "
                 "Parallel(...)` block ended: read a generator's results inside the "
                 "block, or use return_as='list'"))
+        if exc_type is not None:  # leaving on an error (a timeout, Ctrl-C): stop, and
+            # do not wait for the tasks still running (a stuck thread is abandoned)
+            self._backend.abort_everything(ensure_ready=False)
         self._backend.terminate()
 
     def _effective_n_jobs(self) -> int:

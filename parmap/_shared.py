@@ -17,6 +17,7 @@ import itertools
 import math
 import operator
 import os
+import sys
 import weakref
 from typing import Any
 
@@ -54,6 +55,9 @@ def shared_array(shape: int | tuple[int, ...] | list[int], dtype: Any = "float64
     if any(n < 0 for n in dims):
         raise ValueError(f"shared_array(shape=...): negative dimensions in {dims}")
     nbytes = math.prod(dims) * dtype.itemsize
+    if nbytes > sys.maxsize:
+        raise ValueError(f"shared_array(shape=...): {dims} of {dtype} takes {nbytes} bytes, "
+                         f"more than a file can hold")
     path = _new_file(max(nbytes, 1))  # mmap cannot map an empty file
     owner = os.getpid()
     try:

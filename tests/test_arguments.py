@@ -11,7 +11,8 @@ from parmap._checks import (check_n_jobs, check_timeout, parse_pre_dispatch, par
 from parmap.backends.threading import ThreadingBackend
 
 
-@pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5, 10**400])
+@pytest.mark.parametrize("value", [0, "0", True, False, "two", "", float("nan"), 0.5, 10**400,
+                                   pytest.param(10**5000, id="10**5000")])
 def test_bad_n_jobs_is_a_value_error(value):
     with pytest.raises(ValueError, match="n_jobs"):
         Parallel(n_jobs=value)
@@ -52,7 +53,8 @@ def test_bad_return_as(value):
         Parallel(return_as=value)
 
 
-@pytest.mark.parametrize("value", [0, -1, "big", 1.5, True, None])
+@pytest.mark.parametrize("value", [0, -1, "big", 1.5, True, None, 2 ** 63, 10 ** 30,
+                                   pytest.param(10 ** 5000, id="10**5000")])
 def test_bad_batch_size(value):
     with pytest.raises(ValueError, match="batch_size"):
         Parallel(batch_size=value)

@@ -113,19 +113,36 @@ def test_exception_inside_generator_consumer_cancels(parallel_backend):
     assert len(ran) <= 3  # task 0 and the ones already running when the consumer raised
 
 
-def test_thread_timeout_raises_timeout_error():
-    release = threading.Event()
-
+def stuck_on_one(release: threading.Event):
+    """A task function whose task 1 waits for ``release`` (10 s at most)."""
     def stuck(i):
         if i == 1:
             release.wait(10)
         return i
+    return stuck
 
+
+def test_thread_timeout_raises_timeout_error():
+    release = threading.Event()
+    stuck = stuck_on_one(release)
     t0 = time.monotonic()
     with pytest.raises(TaskTimeoutError, match=r"task 1 \(stuck\(1\)\).*timeout=0.2") as info:
         Parallel(n_jobs=2, backend="threading", timeout=0.2)(
             delayed(stuck)(i) for i in range(4))
     assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - t0 < 1.5
+    release.set()
+
+
+def test_leaving_a_with_block_on_a_thread_timeout_does_not_wait_for_the_stuck_task():
+    """The timeout, or any error, ends the block at once: the stuck thread is abandoned
+    as it is without the block (leaving used to join it)."""
+    release = threading.Event()
+    stuck = stuck_on_one(release)
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError):
+        with Parallel(n_jobs=2, backend="threading", timeout=0.2) as parallel:
+            parallel(delayed(stuck)(i) for i in range(4))
     assert time.monotonic() - t0 < 1.5
     release.set()
 

@@ -54,6 +54,9 @@ def test_bad_arguments_are_named():
         shared_array("3")
     with pytest.raises(ValueError, match="shape"):
         shared_array((2, -1))
+    for shape in [10 ** 19, (10 ** 12, 10 ** 12)]:  # more bytes than a file can hold
+        with pytest.raises(ValueError, match="shape"):
+            shared_array(shape)
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
