@@ -56,8 +56,8 @@ def shared_array(shape: int | tuple[int, ...] | list[int], dtype: Any = "float64
         raise ValueError(f"shared_array(shape=...): negative dimensions in {dims}")
     nbytes = math.prod(dims) * dtype.itemsize
     if nbytes > sys.maxsize:
-        raise ValueError(f"shared_array(shape=...): {dims} of {dtype} takes {nbytes} bytes, "
-                         f"more than a file can hold")
+        raise ValueError(f"shared_array(shape=...): so many elements of {dtype} take more "
+                         f"bytes than a file can hold (sys.maxsize)")
     path = _new_file(max(nbytes, 1))  # mmap cannot map an empty file
     owner = os.getpid()
     try:

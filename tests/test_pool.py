@@ -217,8 +217,14 @@ def slow(i):
     time.sleep(0.05 if i < 2 else 30)
     return i
 
+started = threading.Event()
+
 def run(**options):
-    Parallel(n_jobs=2, **options)(delayed(slow)(i) for i in range(6))
+    results = Parallel(n_jobs=2, return_as="generator", **options)(
+        delayed(slow)(i) for i in range(6))
+    next(results)
+    started.set()
+    threading.Event().wait()  # the call, and its pool, stay in use until exit
 
 shared = Parallel(n_jobs=2, return_as="generator")(delayed(slow)(i) for i in range(6))
 print(next(shared))
@@ -227,7 +233,7 @@ private = Parallel(n_jobs=2, max_tasks_per_child=2, return_as="generator")(
     delayed(slow)(i) for i in range(6))
 print(next(private))
 threading.Thread(target=run, kwargs={"max_tasks_per_child": 3}, daemon=True).start()
-time.sleep(0.5)  # the daemon thread's call holds a third pool
+assert started.wait(30)  # the daemon thread's call holds a third pool
 print("end", flush=True)
 """
 

@@ -201,7 +201,7 @@ class Manager(threading.Thread):
                 pass
         worker.process.join(timeout=STOP_GRACE)
         job = worker.running()
-        if job is not None and not worker.started(job) and job.resent < MAX_RESENDS:
+        if job is not None and not worker.took_running() and job.resent < MAX_RESENDS:
             job.resent += 1
             job = None
         if job is not None and not job.cancelled and not pool.closed:
@@ -256,7 +256,7 @@ def _drop_taken_requests(workers: list[Worker]) -> None:
     (large arguments that are not arrays) need not wait for the reply."""
     for worker in workers:
         job = worker.running()
-        if job is not None and job.payload is not None and worker.started(job):
+        if job is not None and job.payload is not None and worker.took_running():
             job.payload = None
 
 

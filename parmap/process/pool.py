@@ -214,7 +214,7 @@ class WorkerPool:
             worker.jobs.append(job)
             # counted before it is written: a worker may die while taking it (the write
             # then fails), and status[READ] alone says whether it did
-            worker.sent = job.seq = worker.sent + 1
+            worker.sent += 1
             try:
                 worker.task_conn.send_bytes(job.payload)  # type: ignore[arg-type]
             except OSError:

@@ -58,7 +58,7 @@ class PoolJob:
     """One batch travelling through the pool."""
 
     __slots__ = ("owner", "batch", "payload", "callback", "timeout", "cancelled", "short",
-                 "known_short", "seq", "resent")
+                 "known_short", "resent")
 
     def __init__(self, owner: object, batch: Batch, payload: bytes,
                  callback: Callable[[Any], None], timeout: float | None):
@@ -70,9 +70,6 @@ class PoolJob:
         self.callback = callback
         self.timeout = timeout
         self.cancelled = False
-        #: where it was written in its worker's pipe (that worker's ``sent`` then); 0 if
-        #: not written (yet, or the write failed)
-        self.seq = 0
         #: times it was sent again, as the first job of a worker that died before taking
         #: it (``MAX_RESENDS``)
         self.resent = 0
@@ -98,7 +95,8 @@ class WorkerSlot:
     def __init__(self, status: Sequence[float], budget: float = inf, room: float = inf):
         self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
         self.dead = False
-        #: requests written to its pipe; the worker counts those it read (status[READ])
+        #: requests written to its pipe (the jobs it holds are the last of them, in
+        #: order); the worker counts those it took (status[READ])
         self.sent = 0
         #: (index of the running task, its start time or 0.0), written by the worker
         self.status = status
@@ -155,10 +153,10 @@ class Worker(WorkerSlot):
         """The job the worker is running (or about to): the oldest it holds."""
         return self.jobs[0] if self.jobs else None
 
-    def started(self, job: PoolJob) -> bool:
-        """Whether the worker took ``job`` from its pipe (a dead worker's other jobs
-        never ran: written after its last read, or not written at all)."""
-        return 0 < job.seq <= self.status[READ]
+    def took_running(self) -> bool:
+        """Whether the worker took its oldest job from its pipe (a dead worker's other
+        jobs never ran: they were written after its last read)."""
+        return bool(self.jobs) and self.status[READ] > self.sent - len(self.jobs)
 
 
 class Scheduler:
@@ -172,10 +170,7 @@ class Scheduler:
 
     def requeue(self, jobs: Iterable[PoolJob]) -> None:
         """Jobs a dead worker held but never started go first."""
-        jobs = list(jobs)
-        for job in jobs:
-            job.seq = 0  # written to no pipe now
-        self.pending.extendleft(reversed(jobs))
+        self.pending.extendleft(reversed(list(jobs)))
 
     def drop(self, owner: object) -> None:
         """Forget the pending jobs of a cancelled call."""
