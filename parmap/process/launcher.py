@@ -11,7 +11,6 @@ import threading
 
 from .manager import STOP_GRACE, PoolView
 from .scheduler import Worker
-from .spawn import choose_start_method
 from .zygote import Zygote, usable
 
 __all__ = ["Launcher"]
@@ -22,9 +21,8 @@ class Launcher(threading.Thread):
     with its first retirement, ended by the pool's shutdown.
 
     A new worker joins the pool (and gets work) only once its process has started, so
-    nothing is ever sent to a process that does not exist yet. With the fork start
-    method the process is started under the pool lock (a forked child must close its
-    siblings' pipe ends, which must not change meanwhile); otherwise outside it.
+    nothing is ever sent to a process that does not exist yet. The process is started
+    outside the pool lock.
     """
 
     def __init__(self, pool: PoolView):
@@ -86,7 +84,6 @@ class Launcher(threading.Thread):
 
     def _loop(self) -> None:
         pool = self.pool
-        forking = choose_start_method(pool.options.start_method) == "fork"
         while True:
             started: list[Worker] = []
             with pool.lock:
@@ -95,14 +92,11 @@ class Launcher(threading.Thread):
                     pool.recycler.replacing.clear()
                     return
                 wids = list(pool.recycler.replacing)
-                if forking:
-                    started = [pool.launch(wid) for wid in wids]
-            if not forking:
-                for wid in wids:
-                    worker = self._launch(wid) if not pool.closed else None
-                    if worker is None:
-                        break  # closed: no more workers for it
-                    started.append(worker)
+            for wid in wids:
+                worker = self._launch(wid) if not pool.closed else None
+                if worker is None:
+                    break  # closed: no more workers for it
+                started.append(worker)
             with pool.lock:
                 closed = pool.closed
                 for worker in started:

@@ -54,7 +54,7 @@ from .launcher import Launcher
 from .options import PoolOptions
 from .recycling import Recycler
 from .scheduler import PoolJob, ProcessHandle, Scheduler, Worker
-from .spawn import choose_start_method, prestart, start_worker, task_pipe_room
+from .spawn import choose_start_method, keep_from_forks, prestart, start_worker, task_pipe_room
 from .zygote import Zygote
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
@@ -76,6 +76,7 @@ class WorkerPool:
         self.cpus = cpu_count()  # once: the thread caps of every worker it starts
         self._launcher: Launcher | None = None  # started with the first retirement
         self.wake_r, self.wake_w = mp.Pipe(duplex=False)
+        keep_from_forks(self.wake_r, self.wake_w)
         #: held to write to the wake pipe and to close it: a write racing the close
         #: could land in a pipe made meanwhile on the same descriptor (a worker's)
         self.wake_lock = threading.Lock()
@@ -109,8 +110,8 @@ class WorkerPool:
 
     def launch(self, wid: int, zygote: Zygote | None = None) -> Worker:
         """Start a worker process (forked by ``zygote`` if given: a replacement, see
-        ``zygote.py``); the caller adds it to ``workers`` (lock held then). Without the
-        lock only when no fork is involved (nothing to inherit)."""
+        ``zygote.py``); the caller adds it to ``workers`` (lock held then). The start
+        itself needs no pool lock (``spawn.start_lock`` orders the starts)."""
         options = self.options
         process: ProcessHandle
         if zygote is not None:
@@ -118,11 +119,9 @@ class WorkerPool:
                 self.size, self.cpus, options.inner_max_num_threads, options.initializer,
                 wid, options.finalizer)
         else:
-            inherited = [self.wake_r, self.wake_w] + [
-                conn for w in self.workers for conn in (w.task_conn, w.result_conn)]
             process, task_w, result_r, status = start_worker(
                 options.start_method, self.size, self.cpus, options.inner_max_num_threads,
-                options.initializer, inherited, wid, options.finalizer,
+                options.initializer, wid, options.finalizer,
                 options.warm_cloudpickle,
                 # the manager outlives every worker (it reaps them); the launcher
                 # thread ends at close, before retired workers finish their finalizer

@@ -20,16 +20,18 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Iterator
 
 from . import worker
 from .protocol import STATUS_SLOTS
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
-           "task_pipe_room"]
+           "task_pipe_room", "keep_from_forks", "starting", "start_lock"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -79,6 +81,86 @@ def _openmp_pool_running() -> bool:
 
 
 _spawning = threading.local()
+
+# ------------------------------------------------------- what a forked process keeps
+# A forked child inherits every descriptor of its parent. One that belongs to a pool
+# keeps that pool's pipes open where they should close: a dead worker's task pipe, still
+# open for reading in another process, blocks the pool's next write to it instead of
+# failing it (a call that never ends), and a zygote lives on while a copy of its socket
+# does. So every process forked from this one, by any thread and by any code, closes
+# them at once (``os.register_at_fork``): the pools' own ends, registered for their life
+# (``keep_from_forks``), and the ends a thread hands to the process it is starting
+# (``starting``), but those handed to itself. Each is known by its file (device, inode)
+# too: another thread may have closed it just before the fork (the descriptor is gone,
+# or already reused for something else, while the object still names it), and then the
+# child leaves that descriptor alone.
+
+#: the pools' ends of their pipes and sockets (wake pipes, workers' pipes, zygotes) ->
+#: their file
+_pool_ends: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
+#: thread id -> the ends it is handing to the process it starts, with their files
+_handing: dict[int, list[tuple[Any, tuple[int, int]]]] = {}
+#: held while a worker or a zygote starts, from its pipes' making to the closing of its
+#: ends here, so that no other start of ours forks meanwhile and copies them;
+#: multiprocessing's own pipes for a forked process (its sentinel's) are in the caller
+#: in that time too
+start_lock = threading.Lock()
+
+
+def _fd(end: Any) -> int:
+    return end if isinstance(end, int) else end.fileno()
+
+
+def _file(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def keep_from_forks(*ends: Any) -> None:
+    """``ends`` (connections, sockets) are a pool's: no forked process keeps them."""
+    for end in ends:
+        _pool_ends[end] = _file(_fd(end))
+
+
+@contextmanager
+def starting(*ends: Any) -> Iterator[None]:
+    """This thread hands ``ends`` (connections, sockets, descriptors) to a process it
+    starts: a process that another thread forks meanwhile closes them."""
+    ident = threading.get_ident()
+    _handing[ident] = [(end, _file(_fd(end))) for end in ends]
+    try:
+        yield
+    finally:
+        _handing.pop(ident, None)
+
+
+def _close_in_forked_child() -> None:
+    own = _handing.pop(threading.get_ident(), [])  # the forking thread's own start
+    kept = {_fd(end) for end, _ in own}
+    for end, file in [*_pool_ends.items(), *(pair for ends in _handing.values()
+                                             for pair in ends)]:
+        try:
+            fd = _fd(end)
+            stale = fd in kept or fd < 0 or _file(fd) != file
+        except OSError:  # a connection closed meanwhile
+            stale = True
+        if stale:  # closed by another thread before the fork (its number maybe reused):
+            _stale.append(end)  # its object must never close that number here
+        else:
+            os.close(fd) if isinstance(end, int) else end.close()
+    _pool_ends.clear()
+    _handing.clear()
+    if start_lock.locked():  # held by a thread that does not exist here
+        start_lock.release()
+
+
+#: in a forked child: ends that were closed in the parent as it forked, kept referenced
+#: (a collected connection closes the descriptor number it names)
+_stale: list[Any] = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 def _skip_main_in_workers() -> None:
@@ -177,13 +259,13 @@ def thread_caps(pool_size: int, cpus: int, inner_max_num_threads: int | None
 
 def start_worker(start_method: str | None, pool_size: int, cpus: int,
                  inner_max_num_threads: int | None, initializer: bytes | None,
-                 inherited: list[Connection], wid: int = 0, finalizer: bytes | None = None,
+                 wid: int = 0, finalizer: bytes | None = None,
                  cloudpickle: bool = False, steady_thread: bool = False
                  ) -> tuple[BaseProcess, Connection, Connection, Any]:
     """Start one worker process; return (process, task pipe end, result pipe end, status).
 
-    ``inherited`` are the caller's pipe ends a forked child must close at once (its
-    siblings' and the pool's): a worker holds only its own. ``wid`` is the worker's id
+    A forked worker keeps none of the pools' pipe ends, its own pool's included (see
+    ``keep_from_forks``): it holds only its own two. ``wid`` is the worker's id
     (``parmap.worker_id()``), ``finalizer`` cloudpickle bytes it runs when it stops;
     ``cloudpickle`` as for :func:`prestart`. ``cpus``: the CPU count, which the pool
     reads once (the cgroup quota is ~0.7 ms to read, again for every recycled worker).
@@ -202,8 +284,6 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
         from multiprocessing import resource_tracker
 
         resource_tracker.ensure_running()
-    task_r, task_w = ctx.Pipe(duplex=False)
-    result_r, result_w = ctx.Pipe(duplex=False)
     # (task index, start time) for timeouts; RSS; messages read (protocol.STATUS_SLOTS).
     # A forked child inherits an anonymous shared mapping; other children get a
     # RawArray, which pickles (sharedctypes and ctypes cost the caller ~4 ms of imports,
@@ -220,13 +300,17 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
                         environ is not None)
     death_signal = method == "forkserver" or steady_thread or \
         threading.current_thread() is threading.main_thread()
-    try:
-        process = start_process(ctx, worker.worker_main, "parmap-worker", (
-            task_r, result_w, status, os.getpid(), setup, inherited if method == "fork" else [],
-            None, death_signal))
-    finally:
-        task_r.close()
-        result_w.close()
+    with start_lock:  # the worker's ends are here from now until its start: no fork of ours
+        task_r, task_w = ctx.Pipe(duplex=False)
+        result_r, result_w = ctx.Pipe(duplex=False)
+        keep_from_forks(task_w, result_r)
+        with starting(task_r, result_w):  # a fork by other code closes them
+            try:
+                process = start_process(ctx, worker.worker_main, "parmap-worker", (
+                    task_r, result_w, status, os.getpid(), setup, None, death_signal))
+            finally:
+                task_r.close()
+                result_w.close()
     return process, task_w, result_r, status
 
 

@@ -67,13 +67,11 @@ def _enable_faulthandler() -> None:
 
 
 def worker_main(task_conn: Connection, result_conn: Connection, status: Any, parent_pid: int,
-                setup: bytes, close_conns: list[Connection], guardian: int | None = None,
-                death_signal: bool = True) -> None:
+                setup: bytes, guardian: int | None = None, death_signal: bool = True) -> None:
     """Entry point of a worker process (``guardian``, ``death_signal``: see
-    ``lifetime.die_with_parent``)."""
+    ``lifetime.die_with_parent``). Forked, it has closed the pools' pipe ends already
+    (``spawn.keep_from_forks``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    for conn in close_conns:  # other workers' pipe ends inherited through fork
-        conn.close()
     die_with_parent(parent_pid, guardian, death_signal)
     _enable_faulthandler()
     env, init, cap_openmp, (wid, finalizer), whole = pickle.loads(setup)

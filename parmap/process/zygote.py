@@ -48,8 +48,8 @@ from typing import Any
 from . import worker
 from .lifetime import PARENT_POLL, pid_alive, prepare_children
 from .protocol import STATUS_SLOTS
-from .spawn import choose_start_method, forkserver_context, setup_bytes, start_process, \
-    thread_caps
+from .spawn import choose_start_method, forkserver_context, keep_from_forks, setup_bytes, \
+    start_lock, start_process, starting, thread_caps
 
 __all__ = ["Zygote", "ZygoteChild", "usable", "zygote_main"]
 
@@ -108,18 +108,19 @@ class Zygote:
     """The caller's side: starts the zygote, asks it for workers, closes it."""
 
     def __init__(self, cloudpickle: bool):
-        ours, theirs = socket.socketpair()
-        _open.update((ours, theirs))  # from now on, not inherited by os.fork()
-        try:
-            self.process: BaseProcess = start_process(
-                forkserver_context(cloudpickle), zygote_main, "parmap-zygote",
-                (theirs, os.getpid()))
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-            _open.discard(theirs)
+        with start_lock:  # (see spawn.start_worker)
+            ours, theirs = socket.socketpair()
+            keep_from_forks(ours)  # a zygote exits when its socket's last copy closes
+            with starting(theirs):
+                try:
+                    self.process: BaseProcess = start_process(
+                        forkserver_context(cloudpickle), zygote_main, "parmap-zygote",
+                        (theirs, os.getpid()))
+                except BaseException:
+                    ours.close()
+                    raise
+                finally:
+                    theirs.close()
         ours.settimeout(ANSWER_TIMEOUT)  # a zygote that does not answer counts as gone
         self.sock = ours
 
@@ -134,29 +135,34 @@ class Zygote:
             cwd = None
         request = pickle.dumps((setup_bytes(environ, initializer, False, wid, finalizer, True),
                                 sys.path, cwd, current_process().name))
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
-        exit_r, exit_w = os.pipe()
-        status_fd = os.memfd_create("parmap-worker-status", os.MFD_CLOEXEC)
-        theirs = [task_r, result_w, status_fd, exit_w]
-        try:
-            os.ftruncate(status_fd, _STATUS_BYTES)
-            status = _status_view(status_fd)
-            socket.send_fds(self.sock, [_INT.pack(len(request))], theirs)
-            self.sock.sendall(request)
-            pid = _INT.unpack(_receive_exactly(self.sock, _INT.size))[0]
-            if pid <= 0:
-                raise OSError(-pid, f"parmap's zygote could not fork a worker: "
-                                    f"{os.strerror(-pid)}")
-        except BaseException:
-            for fd in (task_w, result_r, exit_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in theirs:
-                os.close(fd)
-        return (ZygoteChild(pid, exit_r), Connection(task_w, readable=False),
-                Connection(result_r, writable=False), status)
+        with start_lock:  # (see spawn.start_worker)
+            task_r, task_w = os.pipe()
+            result_r, result_w = os.pipe()
+            exit_r, exit_w = os.pipe()
+            status_fd = os.memfd_create("parmap-worker-status", os.MFD_CLOEXEC)
+            theirs = [task_r, result_w, status_fd, exit_w]
+            task_conn, result_conn = Connection(task_w, readable=False), \
+                Connection(result_r, writable=False)
+            keep_from_forks(task_conn, result_conn)
+            with starting(*theirs):
+                try:
+                    os.ftruncate(status_fd, _STATUS_BYTES)
+                    status = _status_view(status_fd)
+                    socket.send_fds(self.sock, [_INT.pack(len(request))], theirs)
+                    self.sock.sendall(request)
+                    pid = _INT.unpack(_receive_exactly(self.sock, _INT.size))[0]
+                    if pid <= 0:
+                        raise OSError(-pid, f"parmap's zygote could not fork a worker: "
+                                            f"{os.strerror(-pid)}")
+                except BaseException:
+                    task_conn.close()
+                    result_conn.close()
+                    os.close(exit_r)
+                    raise
+                finally:
+                    for fd in theirs:
+                        os.close(fd)
+        return ZygoteChild(pid, exit_r), task_conn, result_conn, status
 
     def close(self) -> None:
         """No more workers: the zygote exits once its children have."""
@@ -168,21 +174,6 @@ class Zygote:
         if self.process.exitcode is None:  # its children die with it
             self.process.kill()
             self.process.join(timeout)
-
-
-#: the sockets to this process's zygotes, which a process it forks must not keep: a
-#: zygote exits when its socket's last copy closes
-_open: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-
-
-def _close_in_forked_child() -> None:
-    for sock in list(_open):
-        sock.close()
-    _open.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 def _status_view(fd: int) -> Any:
@@ -317,7 +308,7 @@ def _child(fds: list[int], payload: bytes, owner: int, zygote: int, number: int)
         try:
             worker.worker_main(Connection(task_r, writable=False),
                                Connection(result_w, readable=False), status, owner, setup,
-                               [], guardian=zygote)
+                               guardian=zygote)
         finally:
             # as multiprocessing's children do on the way out: run its finalizers,
             # end the daemonic processes a task started and join the others

@@ -1,0 +1,121 @@
+"""What a forked worker inherits: no pipe end of any pool, its own pool's included.
+
+A forked child copies every descriptor of its parent. A copy of a pool's pipe end in
+another process keeps that pipe open: a dead worker's task pipe, still open for reading
+elsewhere, blocks the pool's next write to it instead of failing it, and the call waits
+forever. So a worker keeps only its own task pipe's read end and result pipe's write end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from parmap import Parallel, delayed
+from parmap.process import registry, spawn
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+
+
+def held_pipes(_=None):
+    """In a worker: the pipes it holds, each with the set of its ends held (r, w)."""
+    held: dict[str, set[str]] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                flags = int(info.readline().split()[1], 8)
+        except OSError:  # the directory's own descriptor, closed meanwhile
+            continue
+        if name.startswith("pipe:"):
+            held.setdefault(name, set()).add("w" if flags & 3 == os.O_WRONLY else "r")
+    return held
+
+
+def slowly(x):
+    time.sleep(0.05)
+    return x
+
+
+def end_names(pool):
+    """The pipes a pool holds an end of: its wake pipe, its workers' pipes."""
+    conns = [pool.wake_r, pool.wake_w]
+    for worker in pool.workers:
+        conns += [worker.task_conn, worker.result_conn]
+    return {os.readlink(f"/proc/self/fd/{conn.fileno()}") for conn in conns}
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_hold_no_pipe_end_of_another_pool_nor_of_their_own():
+    # a busy shared pool; a call with other options meanwhile gets a private pool,
+    # whose workers fork while the shared pool's ends are open here
+    busy = Parallel(n_jobs=2, start_method="fork", return_as="generator")(
+        delayed(slowly)(i) for i in range(40))
+    next(busy)
+    try:
+        others = end_names(registry._shared[0])
+        seen = Parallel(n_jobs=2, start_method="fork", max_tasks_per_child=1000,
+                        batch_size=1)(delayed(held_pipes)(i) for i in range(8))
+    finally:
+        busy.close()
+    for held in seen:
+        assert not others & set(held), "a worker holds another pool's pipe"
+        # its own task pipe for reading, its result pipe for writing: never both ends
+        assert not [name for name, ends in held.items() if ends == {"r", "w"}]
+
+
+def _forked_child_pipes() -> dict:
+    """Fork here (as any other code of the caller's may) and return the pipes the child
+    holds; the child must be free to start workers of its own."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            pipes = {k: sorted(v) for k, v in held_pipes().items()}
+            # the thread starting a worker holds parmap's start lock; it is not here
+            can_start = spawn.start_lock.acquire(timeout=5)
+            os.write(write, json.dumps([pipes, can_start]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        held, can_start = json.loads(answer.read())
+    os.waitpid(pid, 0)
+    assert can_start, "the forked child could never start a worker of its own"
+    return held
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_meanwhile_does_not_keep_the_pipes_another_thread_hands_to_its_worker(
+        monkeypatch):
+    # One thread starts a worker and is held in the middle, the worker's ends of its
+    # pipes open here. parmap's own starts wait for it (one at a time); a fork by other
+    # code meanwhile, on another thread, must close those ends in its child.
+    real_start, paused, go, handed = spawn.start_process, threading.Event(), \
+        threading.Event(), []
+
+    def held_start(ctx, target, name, args):
+        if threading.current_thread().name == "starter" and not handed:
+            handed.extend(os.readlink(f"/proc/self/fd/{conn.fileno()}")
+                          for conn in args[:2])  # the worker's task and result ends
+            paused.set()
+            assert go.wait(30)
+        return real_start(ctx, target, name, args)
+
+    monkeypatch.setattr(spawn, "start_process", held_start)
+    out = []
+    starter = threading.Thread(name="starter", target=lambda: out.append(Parallel(
+        n_jobs=2, start_method="forkserver")(delayed(slowly)(i) for i in range(2))))
+    starter.start()
+    try:
+        assert paused.wait(30)
+        held = _forked_child_pipes()
+    finally:
+        go.set()
+        starter.join(30)
+    assert out == [[0, 1]]
+    assert len(handed) == 2 and not set(handed) & set(held), \
+        "a forked child kept the pipes handed to another's worker"
