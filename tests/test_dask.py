@@ -527,3 +527,57 @@ def test_workers_option_pins_the_batches(client):
     pids = Parallel(n_jobs=-1, backend="dask", batch_size=1, workers=[address])(
         delayed(os.getpid)() for _ in range(6))
     assert set(pids) == {pid}
+
+
+class _EventLog:
+    """Stands in for a Dask worker: the watchdog logs its timeout events here."""
+
+    address = "fake-worker"
+
+    def __init__(self):
+        self.events = []
+
+    def log_event(self, topic, message):
+        self.events.append((topic, message))
+
+
+def test_the_timeout_watchdog_fires_alone_ends_when_idle_and_comes_back(monkeypatch):
+    # A batch whose first task was marked after the watchdog looked (a race: the
+    # watchdog's thread wakes as the batch is tracked) was seen only at another batch's
+    # start or end, never for a batch alone. And a worker in the caller's process
+    # (LocalCluster(processes=False)) kept the watchdog thread for the caller's life.
+    from parmap.backends import _dask_worker
+
+    monkeypatch.setattr(_dask_worker, "WATCHDOG_IDLE", 0.2, raising=False)
+    watchdog, worker = _dask_worker._Watchdog(), _EventLog()
+
+    def watchdog_threads():
+        return [t for t in threading.enumerate() if t.name == "parmap-dask-timeout-watchdog"]
+
+    for round_ in range(2):  # the second batch starts a new thread
+        running = _dask_worker._Running(round_, 0.1, "topic", worker)
+        watchdog.track(running)
+        if round_:  # the first task's mark may come after the watchdog looked (round 0)
+            running.mark(round_, time.monotonic())
+        assert wait_until(lambda: len(worker.events) == round_ + 1, timeout=5)
+        assert worker.events[-1][1]["index"] == round_
+        watchdog.untrack(running)
+        assert wait_until(lambda: not watchdog_threads(), timeout=5)
+
+
+def test_closing_the_client_during_a_call_says_so(client):
+    from parmap import PoolError
+
+    other = distributed.Client(client.scheduler.address, set_as_default=False)
+    release = distributed.Event("parmap-test-close", client=client)
+    closer = threading.Timer(1.0, other.close)
+    closer.start()
+    try:
+        with pytest.raises(PoolError, match="client was closed") as info:
+            Parallel(n_jobs=-1, backend="dask", client=other)(
+                delayed(stuck)(i, "parmap-test-close") for i in range(4))
+        assert "client.cancel" not in str(info.value)
+    finally:
+        closer.join(10)
+        release.set()
+    assert wait_until(lambda: not key_states(client, "parmap-stuck-"), timeout=30)

@@ -100,11 +100,17 @@ class _Running:
         self.timeout = timeout
         self.topic = topic
         self.worker = worker
-        self.current: tuple[int, float] | None = None  # (task index, started): one store
+        # (task index, started), one store; the batch's first task starts right away:
+        # a deadline from now on, which the watchdog sees as it is told of the batch
+        self.current: tuple[int, float] | None = (start, monotonic())
         self.reported = False
 
     def mark(self, index: int, started: float) -> None:  # Batch.tracker protocol
         self.current = (index, started)
+
+
+#: seconds a watchdog with nothing to watch waits for more before its thread ends
+WATCHDOG_IDLE = 2.0
 
 
 class _Watchdog:
@@ -112,6 +118,9 @@ class _Watchdog:
 
     ``mark`` only stores a tuple (no lock, no wake-up): when a batch moves on to its next
     task, the watchdog wakes at the old deadline, sees the newer start and sleeps again.
+    The thread ends after ``WATCHDOG_IDLE`` seconds with nothing to watch (a worker in
+    the caller's process, with ``LocalCluster(processes=False)``, would keep it for the
+    caller's life), and the next batch with a timeout starts another.
     """
 
     def __init__(self) -> None:
@@ -131,6 +140,7 @@ class _Watchdog:
     def untrack(self, running: _Running) -> None:
         with self._cond:
             self._running.discard(running)
+            self._cond.notify()  # its deadline no longer counts
 
     def _watch(self) -> None:
         while True:
@@ -148,6 +158,11 @@ class _Watchdog:
                     elif wake is None or due < wake:
                         wake = due
                 if not expired:
+                    if not self._running:
+                        if not self._cond.wait(WATCHDOG_IDLE) and not self._running:
+                            self._thread = None  # under the lock: track starts another
+                            return
+                        continue
                     self._cond.wait(None if wake is None else wake - now)
                     continue
             for running, (index, started) in expired:

@@ -274,9 +274,8 @@ class DaskBackend(ParallelBackendBase):
             return
         client = self._client
         problem = None
-        if client is None or client.status not in ("running", "connecting"):
-            problem = PoolError("the Dask client was closed while tasks were running; the "
-                                "call cannot complete.")
+        if client is None or not _client_open(client):
+            problem = _client_closed()
         else:
             try:
                 has_workers = bool(client.nthreads())
@@ -334,15 +333,31 @@ def _cluster_threads(client: Any, wait_for_workers_timeout: float) -> int:
     return sum(nthreads.values())
 
 
+def _client_open(client: Any) -> bool:
+    return client.status in ("running", "connecting")
+
+
+def _client_closed() -> PoolError:
+    return PoolError("the Dask client was closed while tasks were running; the call cannot "
+                     "complete. Close the client only after the calls that use it return.")
+
+
 def _outcome(future: Any, batch: Any, values: dict) -> Any:
     """The batch's result list or the exception to report. Nothing here raises a Dask
     error: a raised one would keep the future alive in its traceback's frames."""
     if future.key in values:
         value = values[future.key]
     else:
+        if not _client_open(future.client):
+            return _client_closed()  # (and nothing can be waited for through it)
         # a future can be "lost" after it finished (the worker that held its result
         # died): wait for the scheduler to compute it again, or to give up
-        future.exception()  # waits, and raises nothing (unlike result())
+        try:
+            future.exception()  # waits, and raises nothing (unlike result())
+        except Exception:
+            if not _client_open(future.client):  # closed while this waited
+                return _client_closed()
+            raise
         status = future.status
         if status == "error":
             return dask_error(future, batch)
