@@ -17,7 +17,7 @@ import pytest
 from parmap import Parallel, delayed
 from parmap.process import registry, spawn
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
 
 
 def held_pipes(_=None):
@@ -48,6 +48,7 @@ def end_names(pool):
     return {os.readlink(f"/proc/self/fd/{conn.fileno()}") for conn in conns}
 
 
+@needs_proc
 @pytest.mark.timeout(60)
 def test_forked_workers_hold_no_pipe_end_of_another_pool_nor_of_their_own():
     # a busy shared pool; a call with other options meanwhile gets a private pool,
@@ -88,6 +89,7 @@ def _forked_child_pipes() -> dict:
     return held
 
 
+@needs_proc
 @pytest.mark.timeout(60)
 def test_a_fork_meanwhile_does_not_keep_the_pipes_another_thread_hands_to_its_worker(
         monkeypatch):
@@ -119,3 +121,15 @@ def test_a_fork_meanwhile_does_not_keep_the_pipes_another_thread_hands_to_its_wo
     assert out == [[0, 1]]
     assert len(handed) == 2 and not set(handed) & set(held), \
         "a forked child kept the pipes handed to another's worker"
+
+
+def test_where_processes_never_fork_no_descriptor_is_read(monkeypatch):
+    # Windows: a connection holds a handle, which os.fstat cannot read
+    class HandleOnly:
+        def fileno(self):
+            raise OSError("a handle, not a file descriptor")
+
+    monkeypatch.setattr(spawn, "_FORKS", False)
+    spawn.keep_from_forks(HandleOnly())
+    with spawn.starting(HandleOnly()):
+        pass

@@ -116,9 +116,13 @@ def _file(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
+#: whether processes fork here (POSIX); on Windows a connection holds a handle, no fd
+_FORKS = hasattr(os, "register_at_fork")
+
+
 def keep_from_forks(*ends: Any) -> None:
     """``ends`` (connections, sockets) are a pool's: no forked process keeps them."""
-    for end in ends:
+    for end in ends if _FORKS else ():
         _pool_ends[end] = _file(_fd(end))
 
 
@@ -127,7 +131,7 @@ def starting(*ends: Any) -> Iterator[None]:
     """This thread hands ``ends`` (connections, sockets, descriptors) to a process it
     starts: a process that another thread forks meanwhile closes them."""
     ident = threading.get_ident()
-    _handing[ident] = [(end, _file(_fd(end))) for end in ends]
+    _handing[ident] = [(end, _file(_fd(end))) for end in ends] if _FORKS else []
     try:
         yield
     finally:
@@ -159,7 +163,7 @@ def _close_in_forked_child() -> None:
 _stale: list[Any] = []
 
 
-if hasattr(os, "register_at_fork"):
+if _FORKS:
     os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
