@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 
@@ -27,7 +28,8 @@ def held_pipes(_=None):
         try:
             name = os.readlink(f"/proc/self/fd/{fd}")
             with open(f"/proc/self/fdinfo/{fd}") as info:
-                flags = int(info.readline().split()[1], 8)
+                flags = int(next(line for line in info if line.startswith("flags:"))
+                            .split()[1], 8)
         except OSError:  # the directory's own descriptor, closed meanwhile
             continue
         if name.startswith("pipe:"):
@@ -93,9 +95,10 @@ def _forked_child_pipes() -> dict:
 @pytest.mark.timeout(60)
 def test_a_fork_meanwhile_does_not_keep_the_pipes_another_thread_hands_to_its_worker(
         monkeypatch):
-    # One thread starts a worker and is held in the middle, the worker's ends of its
-    # pipes open here. parmap's own starts wait for it (one at a time); a fork by other
-    # code meanwhile, on another thread, must close those ends in its child.
+    # One thread starts a worker from the forkserver and is held waiting for it, the
+    # worker's ends of its pipes open here. Neither parmap's own forks (which must not
+    # wait for it: a forkserver may be slow to answer) nor a fork by other code may keep
+    # those ends.
     real_start, paused, go, handed = spawn.start_process, threading.Event(), \
         threading.Event(), []
 
@@ -114,13 +117,47 @@ def test_a_fork_meanwhile_does_not_keep_the_pipes_another_thread_hands_to_its_wo
     starter.start()
     try:
         assert paused.wait(30)
-        held = _forked_child_pipes()
+        held = [_forked_child_pipes()] + Parallel(n_jobs=2, start_method="fork",
+                                                   batch_size=1)(
+            delayed(held_pipes)(i) for i in range(4))
     finally:
         go.set()
         starter.join(30)
     assert out == [[0, 1]]
-    assert len(handed) == 2 and not set(handed) & set(held), \
-        "a forked child kept the pipes handed to another's worker"
+    assert len(handed) == 2
+    for pipes in held:
+        assert not set(handed) & set(pipes), "a forked child kept another's handed pipes"
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_another_thread_picks_a_pool_can_run_calls():
+    # the registry's lock, held by another thread at the fork, was copied held
+    got, go = threading.Event(), threading.Event()
+
+    def hold():
+        with registry._registry_lock:
+            got.set()
+            go.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert got.wait(30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a call of its own, reported through the pipe
+        try:
+            signal.alarm(20)  # ends the child if its call hangs
+            out = Parallel(n_jobs=2, start_method="fork")(delayed(abs)(-i) for i in range(3))
+            os.write(write, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    go.set()
+    holder.join(30)
+    with os.fdopen(read) as answer:
+        out = answer.read()
+    os.waitpid(pid, 0)
+    assert out == "[0, 1, 2]"
 
 
 def test_where_processes_never_fork_no_descriptor_is_read(monkeypatch):
@@ -131,5 +168,5 @@ def test_where_processes_never_fork_no_descriptor_is_read(monkeypatch):
 
     monkeypatch.setattr(spawn, "_FORKS", False)
     spawn.keep_from_forks(HandleOnly())
-    with spawn.starting(HandleOnly()):
-        pass
+    spawn.hand(HandleOnly())
+    spawn.handed()

@@ -38,7 +38,6 @@ call reuses: ``registry.py``.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import threading
@@ -54,7 +53,7 @@ from .launcher import Launcher
 from .options import PoolOptions
 from .recycling import Recycler
 from .scheduler import PoolJob, ProcessHandle, Scheduler, Worker
-from .spawn import choose_start_method, keep_from_forks, prestart, start_worker, task_pipe_room
+from .spawn import choose_start_method, pool_pipe, prestart, start_worker, task_pipe_room
 from .zygote import Zygote
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
@@ -75,8 +74,7 @@ class WorkerPool:
         self.recycler = Recycler(options.max_tasks_per_child, options.max_memory_per_child)
         self.cpus = cpu_count()  # once: the thread caps of every worker it starts
         self._launcher: Launcher | None = None  # started with the first retirement
-        self.wake_r, self.wake_w = mp.Pipe(duplex=False)
-        keep_from_forks(self.wake_r, self.wake_w)
+        self.wake_r, self.wake_w = pool_pipe()
         #: held to write to the wake pipe and to close it: a write racing the close
         #: could land in a pipe made meanwhile on the same descriptor (a worker's)
         self.wake_lock = threading.Lock()

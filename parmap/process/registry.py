@@ -101,7 +101,10 @@ def shutdown_all() -> None:
 
 
 def _after_fork_in_child() -> None:
-    # A process forked by the user must not drive the parent's workers.
+    # A process forked by the user must not drive the parent's workers, and may start
+    # its own: the lock may have been held by another thread of the parent (copied held)
+    global _registry_lock
+    _registry_lock = threading.Lock()
     _shared.clear()
     _private.clear()
 

@@ -21,17 +21,17 @@ import sys
 import threading
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import nullcontext
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Iterator
+from typing import Any
 
 from . import worker
 from .protocol import STATUS_SLOTS
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
-           "task_pipe_room", "keep_from_forks", "starting", "start_lock"]
+           "task_pipe_room", "keep_from_forks", "hand", "handed", "pool_pipe", "start_lock"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -90,20 +90,22 @@ _spawning = threading.local()
 # does. So every process forked from this one, by any thread and by any code, closes
 # them at once (``os.register_at_fork``): the pools' own ends, registered for their life
 # (``keep_from_forks``), and the ends a thread hands to the process it is starting
-# (``starting``), but those handed to itself. Each is known by its file (device, inode)
+# (``hand``), but those handed to itself. Each is known by its file (device, inode)
 # too: another thread may have closed it just before the fork (the descriptor is gone,
 # or already reused for something else, while the object still names it), and then the
-# child leaves that descriptor alone.
+# child leaves that descriptor alone. A pipe is made and registered under
+# ``start_lock``, which parmap's own forks take: they never copy an end not registered
+# yet (a fork by other code, at that very moment, can).
 
 #: the pools' ends of their pipes and sockets (wake pipes, workers' pipes, zygotes) ->
 #: their file
 _pool_ends: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
 #: thread id -> the ends it is handing to the process it starts, with their files
 _handing: dict[int, list[tuple[Any, tuple[int, int]]]] = {}
-#: held while a worker or a zygote starts, from its pipes' making to the closing of its
-#: ends here, so that no other start of ours forks meanwhile and copies them;
-#: multiprocessing's own pipes for a forked process (its sentinel's) are in the caller
-#: in that time too
+#: held to make and register a pool's pipes, and through the start of a worker forked
+#: or spawned from here (multiprocessing's own pipes for the new process, its
+#: sentinel's, are here meanwhile); a forkserver's or a zygote's answer may take long
+#: (one stopped): they are waited for without it
 start_lock = threading.Lock()
 
 
@@ -126,16 +128,24 @@ def keep_from_forks(*ends: Any) -> None:
         _pool_ends[end] = _file(_fd(end))
 
 
-@contextmanager
-def starting(*ends: Any) -> Iterator[None]:
+def hand(*ends: Any) -> None:
     """This thread hands ``ends`` (connections, sockets, descriptors) to a process it
-    starts: a process that another thread forks meanwhile closes them."""
-    ident = threading.get_ident()
-    _handing[ident] = [(end, _file(_fd(end))) for end in ends] if _FORKS else []
-    try:
-        yield
-    finally:
-        _handing.pop(ident, None)
+    starts: a process that another thread forks until :func:`handed` closes them."""
+    _handing[threading.get_ident()] = [(end, _file(_fd(end))) for end in ends] \
+        if _FORKS else []
+
+
+def handed() -> None:
+    """The ends this thread handed are closed here (the process started, or failed to)."""
+    _handing.pop(threading.get_ident(), None)
+
+
+def pool_pipe() -> tuple[Connection, Connection]:
+    """A pipe whose two ends stay a pool's (its wake pipe): no forked process keeps them."""
+    with start_lock:
+        read, write = mp.Pipe(duplex=False)
+        keep_from_forks(read, write)
+    return read, write
 
 
 def _close_in_forked_child() -> None:
@@ -304,17 +314,19 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
                         environ is not None)
     death_signal = method == "forkserver" or steady_thread or \
         threading.current_thread() is threading.main_thread()
-    with start_lock:  # the worker's ends are here from now until its start: no fork of ours
+    with start_lock:
         task_r, task_w = ctx.Pipe(duplex=False)
         result_r, result_w = ctx.Pipe(duplex=False)
         keep_from_forks(task_w, result_r)
-        with starting(task_r, result_w):  # a fork by other code closes them
-            try:
-                process = start_process(ctx, worker.worker_main, "parmap-worker", (
-                    task_r, result_w, status, os.getpid(), setup, None, death_signal))
-            finally:
-                task_r.close()
-                result_w.close()
+        hand(task_r, result_w)
+    try:
+        with start_lock if method != "forkserver" else nullcontext():
+            process = start_process(ctx, worker.worker_main, "parmap-worker", (
+                task_r, result_w, status, os.getpid(), setup, None, death_signal))
+    finally:
+        task_r.close()
+        result_w.close()
+        handed()
     return process, task_w, result_r, status
 
 

@@ -49,7 +49,7 @@ from . import worker
 from .lifetime import PARENT_POLL, pid_alive, prepare_children
 from .protocol import STATUS_SLOTS
 from .spawn import choose_start_method, forkserver_context, keep_from_forks, setup_bytes, \
-    start_lock, start_process, starting, thread_caps
+    hand, handed, start_lock, start_process, thread_caps
 
 __all__ = ["Zygote", "ZygoteChild", "usable", "zygote_main"]
 
@@ -111,16 +111,17 @@ class Zygote:
         with start_lock:  # (see spawn.start_worker)
             ours, theirs = socket.socketpair()
             keep_from_forks(ours)  # a zygote exits when its socket's last copy closes
-            with starting(theirs):
-                try:
-                    self.process: BaseProcess = start_process(
-                        forkserver_context(cloudpickle), zygote_main, "parmap-zygote",
-                        (theirs, os.getpid()))
-                except BaseException:
-                    ours.close()
-                    raise
-                finally:
-                    theirs.close()
+            hand(theirs)
+        try:
+            self.process: BaseProcess = start_process(
+                forkserver_context(cloudpickle), zygote_main, "parmap-zygote",
+                (theirs, os.getpid()))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            handed()
         ours.settimeout(ANSWER_TIMEOUT)  # a zygote that does not answer counts as gone
         self.sock = ours
 
@@ -144,24 +145,25 @@ class Zygote:
             task_conn, result_conn = Connection(task_w, readable=False), \
                 Connection(result_r, writable=False)
             keep_from_forks(task_conn, result_conn)
-            with starting(*theirs):
-                try:
-                    os.ftruncate(status_fd, _STATUS_BYTES)
-                    status = _status_view(status_fd)
-                    socket.send_fds(self.sock, [_INT.pack(len(request))], theirs)
-                    self.sock.sendall(request)
-                    pid = _INT.unpack(_receive_exactly(self.sock, _INT.size))[0]
-                    if pid <= 0:
-                        raise OSError(-pid, f"parmap's zygote could not fork a worker: "
-                                            f"{os.strerror(-pid)}")
-                except BaseException:
-                    task_conn.close()
-                    result_conn.close()
-                    os.close(exit_r)
-                    raise
-                finally:
-                    for fd in theirs:
-                        os.close(fd)
+            hand(*theirs)
+        try:
+            os.ftruncate(status_fd, _STATUS_BYTES)
+            status = _status_view(status_fd)
+            socket.send_fds(self.sock, [_INT.pack(len(request))], theirs)
+            self.sock.sendall(request)
+            pid = _INT.unpack(_receive_exactly(self.sock, _INT.size))[0]
+            if pid <= 0:
+                raise OSError(-pid, f"parmap's zygote could not fork a worker: "
+                                    f"{os.strerror(-pid)}")
+        except BaseException:
+            task_conn.close()
+            result_conn.close()
+            os.close(exit_r)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+            handed()
         return ZygoteChild(pid, exit_r), task_conn, result_conn, status
 
     def close(self) -> None:
