@@ -382,14 +382,16 @@ def _for_joblib(exc: BaseException) -> BaseException:
     """The exception a joblib user expects, keeping what parmap knows.
 
     joblib drops the ``__traceback__`` of a task's exception, so the worker's traceback
-    (rebuilt by parmap) is kept as text in ``__cause__``, as loky does.
+    (rebuilt by parmap) is kept as text in ``__cause__``, as loky does. The text holds
+    the whole chain: an exception raised ``from`` another replaces that cause with it
+    (keeping the cause would have lost the frames that raised the exception itself).
     """
     if isinstance(exc, WorkerCrashedError) and not isinstance(exc, TerminatedWorkerError):
         return JoblibWorkerCrashedError(exc.args[0] if exc.args else str(exc),
                                         exc.exitcode, exc.task_indices)
     if isinstance(exc, TaskTimeoutError) and not isinstance(exc, multiprocessing.TimeoutError):
         return JoblibTaskTimeoutError(*exc.args)
-    if exc.__traceback__ is not None and exc.__cause__ is None:
+    if exc.__traceback__ is not None and not isinstance(exc.__cause__, RemoteTraceback):
         import traceback
 
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

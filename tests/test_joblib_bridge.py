@@ -259,6 +259,22 @@ def test_value_error_in_fit_reaches_the_caller_with_the_worker_traceback():
     assert any("task 3: _fit_and_score(" in note for note in info.value.__notes__)
 
 
+def raise_from(x):
+    try:
+        {0: 0, 1: 1, 2: 2}[x]
+    except KeyError as exc:
+        raise ValueError(f"no entry for {x}") from exc
+
+
+def test_an_error_raised_from_another_keeps_the_frames_that_raised_it():
+    with on("parmap"), pytest.raises(ValueError, match="no entry for 3") as info:
+        joblib.Parallel()(joblib.delayed(raise_from)(i) for i in range(4))
+    text = "".join(traceback.format_exception(type(info.value), info.value,
+                                              info.value.__traceback__))
+    assert 'raise ValueError(f"no entry for {x}") from exc' in text  # the worker's line
+    assert "KeyError: 3" in text  # and the cause's
+
+
 def test_timeout_names_the_task_and_stops_its_worker():
     # joblib times the wait for each result, in order: task 1 holds it back for 0.5 s
     # after task 2 started, so parmap's own timer (per task, naming it) fires first
