@@ -565,19 +565,35 @@ def test_the_timeout_watchdog_fires_alone_ends_when_idle_and_comes_back(monkeypa
         assert wait_until(lambda: not watchdog_threads(), timeout=5)
 
 
+def stuck_once_started(i, started_name, release_name):
+    if i == 1:
+        distributed.Event(started_name).set()
+        distributed.Event(release_name).wait(20)
+    return i
+
+
 def test_closing_the_client_during_a_call_says_so(client):
     from parmap import PoolError
 
     other = distributed.Client(client.scheduler.address, set_as_default=False)
+    started = distributed.Event("parmap-test-close-started", client=client)
     release = distributed.Event("parmap-test-close", client=client)
-    closer = threading.Timer(1.0, other.close)
+
+    def close_once_a_task_runs():
+        if started.wait(30):
+            other.close()
+
+    closer = threading.Thread(target=close_once_a_task_runs)
     closer.start()
     try:
         with pytest.raises(PoolError, match="client was closed") as info:
             Parallel(n_jobs=-1, backend="dask", client=other)(
-                delayed(stuck)(i, "parmap-test-close") for i in range(4))
+                delayed(stuck_once_started)(i, "parmap-test-close-started",
+                                            "parmap-test-close") for i in range(4))
         assert "client.cancel" not in str(info.value)
     finally:
-        closer.join(10)
         release.set()
-    assert wait_until(lambda: not key_states(client, "parmap-stuck-"), timeout=30)
+        started.set()  # (the closer's wait ends, whatever happened)
+        closer.join(30)
+    assert wait_until(lambda: not key_states(client, "parmap-stuck_once_started-"),
+                      timeout=30)

@@ -102,6 +102,9 @@ _spawning = threading.local()
 _pool_ends: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
 #: thread id -> the ends it is handing to the process it starts, with their files
 _handing: dict[int, list[tuple[Any, tuple[int, int]]]] = {}
+#: in a forked child: ends that were closed in the parent as it forked, kept referenced
+#: (a collected connection closes the descriptor number it names)
+_stale: list[Any] = []
 #: held to make and register a pool's pipes, and through the start of a worker forked
 #: or spawned from here (multiprocessing's own pipes for the new process, its
 #: sentinel's, are here meanwhile); a forkserver's or a zygote's answer may take long
@@ -166,11 +169,6 @@ def _close_in_forked_child() -> None:
     _handing.clear()
     if start_lock.locked():  # held by a thread that does not exist here
         start_lock.release()
-
-
-#: in a forked child: ends that were closed in the parent as it forked, kept referenced
-#: (a collected connection closes the descriptor number it names)
-_stale: list[Any] = []
 
 
 if _FORKS:
