@@ -127,6 +127,8 @@ class ParmapBackend(ParallelBackendBase):
         self._threads = 1  # thread cap of each worker's libraries and nested calls
         self._nested: tuple[Any, int | None] | None = None
         self._lock = threading.Lock()
+        #: a joblib call holds this backend, from configure() to terminate(); see _twin
+        self._in_use = False
         self._call = object()  # this call's token: late results of an old call are ignored
         self._next_index = 0  # index of the next task of this call
         self._batch_size = 1
@@ -148,6 +150,29 @@ class ParmapBackend(ParallelBackendBase):
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        with self._lock:
+            busy, self._in_use = self._in_use, True
+        if busy:
+            raise FallbackToBackend(self._twin())
+        try:
+            return self._configure(n_jobs, parallel, kwargs)
+        except BaseException:
+            with self._lock:
+                self._in_use = False
+            raise
+
+    def _twin(self) -> ParmapBackend:
+        """A backend like this one, for a joblib call made while another call holds this
+        one. joblib hands every ``Parallel`` of a ``parallel_config`` block the same
+        backend object, so a call made while a generator of another is unfinished (a
+        loop over one call's results that makes a call per item) would share its state:
+        its end released the pool under the first call, whose next batch failed. The
+        twin goes to the new call alone (joblib's ``FallbackToBackend``); both use the
+        same shared pool."""
+        return ParmapBackend(self.nesting_level, self.inner_max_num_threads,
+                             start_method=self.start_method, **self._pool_args)
+
+    def _configure(self, n_jobs: int, parallel: Any, kwargs: dict[str, Any]) -> int:
         unknown = sorted(set(kwargs) - _JOBLIB_CALL_ARGS)
         if unknown:
             raise TypeError(f"Parallel(...) got {', '.join(map(repr, unknown))}, which the "
@@ -281,6 +306,8 @@ class ParmapBackend(ParallelBackendBase):
         """Release the shared pool; its workers stay for the next call."""
         if self._inner is not None:
             self._inner.terminate()
+        with self._lock:
+            self._in_use = False
 
     def __repr__(self) -> str:
         return f"ParmapBackend(n_jobs={self._n_jobs})"

@@ -181,6 +181,31 @@ def test_plain_joblib_calls_in_every_return_mode():
         assert joblib.Parallel()(joblib.delayed(where)(i) for i in range(2))[0][0] == os.getpid()
 
 
+def test_a_call_made_while_a_generator_of_another_is_unfinished():
+    # joblib gives every Parallel of a parallel_config block the same backend object:
+    # the inner call's end released the pool under the outer call, whose next batch
+    # failed ("submit called before configure"); loky hangs here
+    def outer_tasks():
+        return (joblib.delayed(pow)(i, 2) for i in range(20))
+
+    with on("parmap"):
+        outer = joblib.Parallel(return_as="generator", pre_dispatch="2*n_jobs",
+                                batch_size=1)(outer_tasks())
+        first = next(outer)  # under way; most of its tasks are not sent yet
+        inner = joblib.Parallel()(joblib.delayed(pow)(-i, 3) for i in range(5))
+        assert [first, *outer] == [i * i for i in range(20)]
+        assert inner == [-i ** 3 for i in range(5)]
+        # a loop that makes a call per result, and two generators read side by side
+        loop = [(x, sum(joblib.Parallel()(joblib.delayed(pow)(j, 1) for j in range(x))))
+                for x in joblib.Parallel(return_as="generator")(
+                    joblib.delayed(pow)(i, 1) for i in range(6))]
+        assert loop == [(i, sum(range(i))) for i in range(6)]
+        left = joblib.Parallel(return_as="generator")(outer_tasks())
+        right = joblib.Parallel(return_as="generator")(outer_tasks())
+        assert list(zip(left, right)) == [(i * i, i * i) for i in range(20)]
+        assert joblib.Parallel()(outer_tasks()) == [i * i for i in range(20)]
+
+
 # --------------------------------------------------------------------------- scikit-learn
 
 def test_sklearn_config_reaches_the_workers():
