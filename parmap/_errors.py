@@ -87,8 +87,13 @@ class TaskTimeoutError(PoolError, TimeoutError):
 
 
 @public
-class SerializationError(ParmapError, pickle.PicklingError):
-    """A task's function, argument or result could not be pickled or unpickled."""
+class SerializationError(ParmapError, pickle.PicklingError, TypeError):
+    """A task's function, argument or result could not be pickled or unpickled.
+
+    Also a ``pickle.PicklingError`` and a ``TypeError`` (what pickle itself raises for
+    an object it cannot pickle): joblib's loky raises the first for an argument and the
+    second for a result, ``multiprocessing`` a ``TypeError`` for an argument, and
+    ``except`` clauses written for either keep working."""
 
 
 @public

@@ -109,6 +109,9 @@ def test_unpicklable_result_is_named():
 
     with pytest.raises(SerializationError, match=r"result \(lock\) of task 3"):
         Parallel(n_jobs=2, batch_size=2)(delayed(make_lock)(i) for i in range(6))
+    # caught where code written for loky (TypeError for a result) or pickle expects it
+    with pytest.raises(TypeError, match=r"result \(lock\) of task 3"):
+        Parallel(n_jobs=2)(delayed(make_lock)(i) for i in range(6))
     healthy()
 
 
