@@ -62,7 +62,9 @@ class WorkerCrashedError(PoolError):
     """A worker process died while running tasks.
 
     ``exitcode`` is the worker's exit status (negative: killed by that signal) and
-    ``task_indices`` the indices of the tasks it was running.
+    ``task_indices`` the indices of the tasks of the batch it was running, whose results
+    are lost. The message names the task that was running where the worker published
+    it (tasks of a millisecond or more, or under a timeout).
     """
 
     def __init__(self, message: str, exitcode: int | None = None,

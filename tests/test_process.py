@@ -131,6 +131,21 @@ def test_worker_death_raises_promptly_and_pool_recovers(func, expect):
     healthy()
 
 
+def segfault_after_a_while(x, bad=100):
+    time.sleep(0.003)  # measured: later batches hold ~15 tasks
+    return segfault_on(x, bad)
+
+
+def test_a_crash_in_a_batch_of_several_tasks_names_the_task():
+    with pytest.raises(WorkerCrashedError) as info:
+        Parallel(n_jobs=2)(delayed(segfault_after_a_while)(i) for i in range(400))
+    indices = info.value.task_indices
+    assert len(indices) > 1 and 100 in indices  # the batch's tasks: their results are lost
+    assert (f"while running task 100 (segfault_after_a_while(100)) of the batch of tasks "
+            f"{indices[0]}..{indices[-1]}") in str(info.value)
+    healthy()
+
+
 def test_worker_killed_from_outside():
     gen = Parallel(n_jobs=2, batch_size=1, return_as="generator")(
         delayed(sleep_for)(s) for s in [0.01] + [30] * 4)

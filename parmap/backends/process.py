@@ -39,6 +39,11 @@ __all__ = ["ProcessBackend", "make_process_backend", "make_loky_backend",
            "make_multiprocessing_backend", "NestedThreads", "DEFAULT_IDLE_TIMEOUT"]
 
 DEFAULT_IDLE_TIMEOUT = 300.0
+#: a batch of tasks expected to take at least this long each (seconds) has its worker
+#: publish each task's index as the task starts (~1 µs a task), so that a crash names
+#: the task, not only its batch; shorter tasks keep the fast loop, where the mark would
+#: cost about as much as the task (a timeout marks every task all the same)
+MARK_MIN_TASK = 0.001
 
 
 class ProcessBackend(ParallelBackendBase):
@@ -154,7 +159,10 @@ class ProcessBackend(ParallelBackendBase):
         pool, owner, placer = self._pool, self._owner, self._placer
         if pool is None:
             raise RuntimeError("ProcessBackend.submit called before configure")
-        timeout, track = self.options.timeout, self.options.timeout is not None
+        timeout = self.options.timeout
+        expected = batch.expected
+        track = timeout is not None or (len(batch) > 1 and expected is not None
+                                        and expected >= MARK_MIN_TASK * len(batch))
         result_nbytes = self.options.max_nbytes
         record = batch.record  # insights: pickling time and bytes are the caller's share
         t0 = perf_counter() if record is not None else 0.0

@@ -294,6 +294,7 @@ class _Waiter:
 def _crash_error(worker: Worker, job: PoolJob) -> WorkerCrashedError:
     code = worker.process.exitcode
     rss = worker.status[RSS]
+    running = int(worker.status[0]) if worker.status[1] else None  # (a tracked batch)
     memory = f"; its memory use (RSS) when it last reported, after its previous batch, " \
              f"was {format_bytes(rss)}" if rss else ""
     if code == -signal.SIGKILL:
@@ -308,6 +309,6 @@ def _crash_error(worker: Worker, job: PoolJob) -> WorkerCrashedError:
                   f"{memory}.")
     return WorkerCrashedError(
         f"a worker process (pid {worker.process.pid}) died with {exit_description(code)} "
-        f"while running {job.describe()}. The call was cancelled. {causes} Run with "
+        f"while running {job.describe(running)}. The call was cancelled. {causes} Run with "
         f"n_jobs=1 to reproduce it in the calling process.", code,
         tuple(range(job.batch.start, job.batch.start + len(job.batch))))

@@ -79,12 +79,16 @@ class PoolJob:
         #: another job may wait behind this one (measured short)
         self.known_short = expected is not None and expected < PREFETCH_MAX
 
-    def describe(self) -> str:
+    def describe(self, running: int | None = None) -> str:
+        """The batch's tasks, for an error; ``running``: the index of the task its worker
+        was running, where the worker published it (``track``)."""
         start, n = self.batch.start, len(self.batch)
-        first = call_repr(*self.batch.task(0))
         if n == 1:
-            return f"task {start} ({first})"
-        return f"tasks {start}..{start + n - 1} (the first: {first})"
+            return f"task {start} ({call_repr(*self.batch.task(0))})"
+        if running is not None and start <= running < start + n:
+            return (f"task {running} ({call_repr(*self.batch.task(running - start))}) of "
+                    f"the batch of tasks {start}..{start + n - 1}")
+        return f"tasks {start}..{start + n - 1} (the first: {call_repr(*self.batch.task(0))})"
 
 
 class WorkerSlot:
