@@ -7,7 +7,7 @@ Data flow of one ``joblib.Parallel`` call::
 
     joblib.Parallel ── BatchedCalls(items) ──> ParmapBackend.submit
         its items become one parmap Batch (task indices run on across the call), each
-        function wrapped in _Nested (joblib's nested backend, thread caps)
+        function wrapped in NestedCall (joblib's nested backend, thread caps)
         ──> ProcessBackend.submit ──> the shared WorkerPool ──> a worker runs the batch
         (arrays over max_nbytes travel through /dev/shm, as in parmap's own calls)
     result list | exception ──> the pool's manager thread ──> submit's ``done``
@@ -28,16 +28,16 @@ workers are started by forkserver instead of fork.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
+import copy
 import threading
-import warnings
+import weakref
 from typing import Any, Callable
 
 try:
     import joblib  # type: ignore[import-untyped]
     from joblib._parallel_backends import (  # type: ignore[import-untyped]
-        FallbackToBackend, ParallelBackendBase, SequentialBackend, ThreadingBackend)
+        FallbackToBackend, ParallelBackendBase, SequentialBackend)
     from joblib.externals.loky.process_executor import (  # type: ignore[import-untyped]
         TerminatedWorkerError)
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import RemoteTraceback, TaskTimeoutError, WorkerCrashedError, cpu_count
 from ._delayed import Batch
+from ._joblib_worker import CappedThreads, NestedCall
 from .backends import CallOptions
 from .backends.process import ProcessBackend
 
@@ -121,14 +122,14 @@ class ParmapBackend(ParallelBackendBase):
         self._pool_args: dict[str, Any] = {"idle_timeout": idle_timeout,
                                            "initializer": initializer, "initargs": initargs}
         self.start_method = start_method
-        self.parallel: Any = None
         self._inner: ProcessBackend | None = None
         self._n_jobs = 1
         self._threads = 1  # thread cap of each worker's libraries and nested calls
         self._nested: tuple[Any, int | None] | None = None
         self._lock = threading.Lock()
-        #: a joblib call holds this backend, from configure() to terminate(); see _twin
-        self._in_use = False
+        #: (the joblib Parallel whose call holds this backend, held weakly, its thread),
+        #: from configure() to terminate(); see _held_elsewhere and _twin
+        self._holder: tuple[weakref.ref, int] | None = None
         self._call = object()  # this call's token: late results of an old call are ignored
         self._next_index = 0  # index of the next task of this call
         self._batch_size = 1
@@ -151,26 +152,59 @@ class ParmapBackend(ParallelBackendBase):
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         with self._lock:
-            busy, self._in_use = self._in_use, True
+            busy = self._held_elsewhere(parallel)
+            if not busy:
+                self._holder = None if parallel is None else (
+                    weakref.ref(parallel), threading.get_ident())
         if busy:
             raise FallbackToBackend(self._twin())
         try:
             return self._configure(n_jobs, parallel, kwargs)
         except BaseException:
             with self._lock:
-                self._in_use = False
+                self._holder = None
             raise
 
+    @property
+    def parallel(self) -> Any:
+        """The joblib ``Parallel`` whose call holds this backend (held weakly)."""
+        return self._holder[0]() if self._holder is not None else None
+
+    def _held_elsewhere(self, parallel: Any) -> bool:
+        """Whether another joblib call holds this backend (under ``_lock``).
+
+        joblib hands every ``Parallel`` of a ``parallel_config`` block the same backend
+        object, and a call made while a generator of another is unfinished (a loop over
+        one call's results that makes a call per item) would share its state: its end
+        released the pool under the first call, whose next batch failed. Such a call
+        gets a twin instead (:meth:`_twin`).
+
+        The holder holds it inside its ``with Parallel(...)`` block and while its
+        output generator lives (joblib's own attributes). A call that failed before its
+        output was made (a non-iterable input) never reaches terminate(); its
+        ``Parallel`` holds nothing, and the next call takes the backend back (joblib
+        refuses the failed object's later calls as "already running"). A holder in
+        another thread may be between configure() and its output: it holds."""
+        if self._holder is None:
+            return False
+        ref, thread = self._holder
+        holder = ref()
+        if holder is None or holder is parallel:
+            return False
+        if thread != threading.get_ident() or getattr(holder, "_managed_backend", True):
+            return True
+        output = getattr(holder, "_call_ref", ref)  # (unknown joblib: it holds)
+        return output is not None and output() is not None
+
     def _twin(self) -> ParmapBackend:
-        """A backend like this one, for a joblib call made while another call holds this
-        one. joblib hands every ``Parallel`` of a ``parallel_config`` block the same
-        backend object, so a call made while a generator of another is unfinished (a
-        loop over one call's results that makes a call per item) would share its state:
-        its end released the pool under the first call, whose next batch failed. The
-        twin goes to the new call alone (joblib's ``FallbackToBackend``); both use the
-        same shared pool."""
-        return ParmapBackend(self.nesting_level, self.inner_max_num_threads,
-                             start_method=self.start_method, **self._pool_args)
+        """A copy of this backend (subclass and parameters included) with none of its
+        state, for a call made while another holds it: both use the same shared pool."""
+        twin = copy.copy(self)
+        twin._lock = threading.Lock()
+        twin._holder = twin._inner = twin._nested = None
+        twin._call, twin._next_index = object(), 0
+        twin._batch_size, twin._per_task = 1, None
+        return twin
 
     def _configure(self, n_jobs: int, parallel: Any, kwargs: dict[str, Any]) -> int:
         unknown = sorted(set(kwargs) - _JOBLIB_CALL_ARGS)
@@ -195,7 +229,6 @@ class ParmapBackend(ParallelBackendBase):
             if self._inner is not None:
                 self._inner.terminate()
             self._inner = ProcessBackend(start_method=start_method, **self._pool_args)
-        self.parallel = parallel
         self._n_jobs = _configure_pool(self._inner, n_jobs, options)
         return self._n_jobs
 
@@ -205,7 +238,7 @@ class ParmapBackend(ParallelBackendBase):
         nested = self._nested
         if nested is None or nested[0].max_n_jobs != self._threads:
             level = (self.nesting_level or 0) + 1
-            nested = self._nested = (_NestedThreads(self._threads, nesting_level=level),
+            nested = self._nested = (CappedThreads(self._threads, nesting_level=level),
                                      None)
         return nested
 
@@ -235,11 +268,11 @@ class ParmapBackend(ParallelBackendBase):
             backend, n_jobs = self.get_nested_backend()
             # one wrapper per function: joblib's delayed(f)(x) tasks all call the same f,
             # and parmap then sends that function once per batch, not once per task
-            wrappers: dict[int, _Nested] = {}
+            wrappers: dict[int, NestedCall] = {}
             for f, args, kwargs in items:
                 wrapper = wrappers.get(id(f))  # items hold every f: no id is reused here
                 if wrapper is None:
-                    wrapper = wrappers[id(f)] = _Nested(f, backend, n_jobs, self._threads)
+                    wrapper = wrappers[id(f)] = NestedCall(f, backend, n_jobs, self._threads)
                 tasks.append((wrapper, args, kwargs))
         with self._lock:
             call, start, per_task = self._call, self._next_index, self._per_task
@@ -307,87 +340,10 @@ class ParmapBackend(ParallelBackendBase):
         if self._inner is not None:
             self._inner.terminate()
         with self._lock:
-            self._in_use = False
+            self._holder = None
 
     def __repr__(self) -> str:
         return f"ParmapBackend(n_jobs={self._n_jobs})"
-
-
-class _NestedThreads(ThreadingBackend):
-    """The backend of joblib calls made inside our tasks: threads, at most
-    ``max_n_jobs`` of them (the worker's share of the CPUs); one means sequential."""
-
-    def __init__(self, max_n_jobs: int, nesting_level: int | None = None):
-        super().__init__(nesting_level=nesting_level)
-        self.max_n_jobs = max_n_jobs
-
-    def effective_n_jobs(self, n_jobs: int | None) -> int:
-        return min(int(super().effective_n_jobs(n_jobs)), self.max_n_jobs)
-
-
-class _Nested:
-    """A task's function, run under joblib's nested backend (what joblib's BatchedCalls
-    does) with the worker's thread pools capped. Errors and crashes name the function
-    itself: ``__qualname__`` and ``__name__`` are the wrapped function's."""
-
-    __slots__ = ("func", "backend", "n_jobs", "threads")
-
-    def __init__(self, func: Callable, backend: Any, n_jobs: int | None, threads: int):
-        self.func = func
-        self.backend = backend
-        self.n_jobs = n_jobs
-        self.threads = threads
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("__qualname__", "__name__", "__wrapped__"):
-            return getattr(self.func, name)
-        raise AttributeError(name)
-
-    def __reduce__(self) -> tuple:
-        return _Nested, (self.func, self.backend, self.n_jobs, self.threads)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_applied, "backend", None) is not self.backend:
-            _apply(self.backend, self.n_jobs, self.threads)
-        return self.func(*args, **kwargs)
-
-
-#: what _apply set in this worker thread: checked per task, so it must be cheap
-_applied = threading.local()
-
-
-def _apply(backend: Any, n_jobs: int | None, threads: int) -> None:
-    """Make ``backend`` joblib's default in this worker thread until the next batch
-    brings its own copy (parmap's workers keep ``threading`` as their default the same
-    way): entering and leaving a ``parallel_config`` around each task costs microseconds
-    per task. The previous setting is undone first, so settings never pile up."""
-    previous = getattr(_applied, "config", None)
-    if previous is not None:
-        previous.unregister()
-    _cap_thread_pools(threads)
-    _applied.config = joblib.parallel_config(backend=backend, n_jobs=n_jobs)
-    _applied.backend = backend
-
-
-_capped: tuple[int, int] | None = None  # (pid, cap) of the last cap applied
-
-
-def _cap_thread_pools(limit: int) -> None:
-    """Cap this worker's BLAS and OpenMP pools at ``limit`` threads, once per cap (best
-    effort). Environment variables cannot: a forked worker's libraries read them when
-    the parent loaded them."""
-    global _capped
-    if _capped == (os.getpid(), limit):
-        return
-    _capped = (os.getpid(), limit)
-    try:
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            threadpool_limits(limits=limit)
-    except Exception:
-        pass
 
 
 def _in_parmap_worker() -> bool:

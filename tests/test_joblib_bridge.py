@@ -181,17 +181,23 @@ def test_plain_joblib_calls_in_every_return_mode():
         assert joblib.Parallel()(joblib.delayed(where)(i) for i in range(2))[0][0] == os.getpid()
 
 
+def slow_square(i):
+    time.sleep(0.05)
+    return i * i
+
+
 def test_a_call_made_while_a_generator_of_another_is_unfinished():
     # joblib gives every Parallel of a parallel_config block the same backend object:
     # the inner call's end released the pool under the outer call, whose next batch
     # failed ("submit called before configure"); loky hangs here
-    def outer_tasks():
-        return (joblib.delayed(pow)(i, 2) for i in range(20))
+    def squares(n, f=pow):
+        return (joblib.delayed(f)(i, 2) if f is pow else joblib.delayed(f)(i)
+                for i in range(n))
 
     with on("parmap"):
         outer = joblib.Parallel(return_as="generator", pre_dispatch="2*n_jobs",
-                                batch_size=1)(outer_tasks())
-        first = next(outer)  # under way; most of its tasks are not sent yet
+                                batch_size=1)(squares(20, slow_square))
+        first = next(outer)  # 20 tasks of 50 ms on 2 workers: most are not sent yet
         inner = joblib.Parallel()(joblib.delayed(pow)(-i, 3) for i in range(5))
         assert [first, *outer] == [i * i for i in range(20)]
         assert inner == [-i ** 3 for i in range(5)]
@@ -200,10 +206,38 @@ def test_a_call_made_while_a_generator_of_another_is_unfinished():
                 for x in joblib.Parallel(return_as="generator")(
                     joblib.delayed(pow)(i, 1) for i in range(6))]
         assert loop == [(i, sum(range(i))) for i in range(6)]
-        left = joblib.Parallel(return_as="generator")(outer_tasks())
-        right = joblib.Parallel(return_as="generator")(outer_tasks())
+        left = joblib.Parallel(return_as="generator")(squares(20))
+        right = joblib.Parallel(return_as="generator")(squares(20))
         assert list(zip(left, right)) == [(i * i, i * i) for i in range(20)]
-        assert joblib.Parallel()(outer_tasks()) == [i * i for i in range(20)]
+        assert joblib.Parallel()(squares(20)) == [i * i for i in range(20)]
+
+
+class TwoJobs(parmap.joblib.ParmapBackend):
+    def effective_n_jobs(self, n_jobs):
+        return 2  # a subclass's override: the twin made for a second call keeps it
+
+
+def test_the_backend_of_a_second_call_keeps_the_subclass_and_a_failed_call_holds_nothing():
+    joblib.register_parallel_backend("parmap-test-subclass", TwoJobs)
+    with joblib.parallel_config(backend="parmap-test-subclass", n_jobs=5):
+        outer_call = joblib.Parallel(return_as="generator")
+        outer = outer_call(joblib.delayed(slow_square)(i) for i in range(8))
+        next(outer)
+        inner = joblib.Parallel()
+        assert inner(joblib.delayed(pow)(i, 2) for i in range(4)) == [0, 1, 4, 9]
+        assert type(inner._backend) is TwoJobs and inner._backend is not outer_call._backend
+        assert list(outer) == [i * i for i in range(1, 8)]
+        # a call that fails before its output exists never calls terminate(): it must
+        # not keep the pool (an idle pool would never shut down) nor the backend
+        failed = joblib.Parallel()
+        with pytest.raises(TypeError, match="not iterable"):
+            failed(5)
+        later = joblib.Parallel()
+        assert later(joblib.delayed(pow)(i, 2) for i in range(4)) == [0, 1, 4, 9]
+        assert later._backend is failed._backend
+    from parmap.process import registry
+
+    assert all(pool.active_calls == 0 for pool in registry._shared)
 
 
 # --------------------------------------------------------------------------- scikit-learn

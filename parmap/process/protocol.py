@@ -68,9 +68,10 @@ __all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "Request", "Rep
 OK, ERR, RETRY_STATUS = 0, 1, 2
 STOP = b""
 #: the status a worker shares with the pool, in doubles: the running task's index and
-#: its start time (with a timeout), the worker's RSS (``recycling.RSS``), and ``READ``,
-#: how many messages it has taken from its pipe (counted as one starts to arrive): a
-#: worker that dies with requests still in its pipe never started them
+#: its start time (under a timeout, and for tasks of 1 ms or more, so that a crash names
+#: the task: ``backends.process.MARK_MIN_TASK``), the worker's RSS (``recycling.RSS``),
+#: and ``READ``, how many messages it has taken from its pipe (counted as one starts to
+#: arrive): a worker that dies with requests still in its pipe never started them
 STATUS_SLOTS = 4
 READ = 3
 

@@ -280,7 +280,8 @@ def _next_message(task_conn: Connection, status: Any, readable: Callable[[], Any
 
 
 class _SharedTracker:
-    """Publishes (task index, start time) in shared memory for the pool's timeout check."""
+    """Publishes (task index, start time) in shared memory: the pool's timeout check
+    reads it, and a crash's error names the task it shows."""
 
     __slots__ = ("status",)
 
