@@ -51,6 +51,22 @@ def test_nested_and_non_contiguous_results():
         assert result["i"] == i
 
 
+def head(arr, i):
+    return arr[i:i + 5]  # a small slice of the argument: a memmap view in the worker
+
+
+def test_a_small_slice_of_an_argument_comes_back_as_a_writeable_ndarray():
+    arr = np.arange(BIG * 2, dtype=float)  # above max_nbytes: mapped in the workers
+    for out in (Parallel(n_jobs=2)(delayed(head)(arr, i) for i in range(4)),
+                Parallel(n_jobs=2, start_method="forkserver")(
+                    delayed(head)(arr, i) for i in range(4))):
+        for i, result in enumerate(out):
+            assert type(result) is np.ndarray and result.flags.writeable
+            np.testing.assert_array_equal(result, arr[i:i + 5])
+            result[:] = -1  # a copy: the caller's array is unchanged
+        assert arr[0] == 0
+
+
 def test_small_object_and_disabled_results_are_pickled():
     objects = np.empty(BIG, dtype=object)
     out = Parallel(n_jobs=2)(delayed(identity)(x) for x in (np.ones(4), objects))

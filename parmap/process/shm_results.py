@@ -40,6 +40,10 @@ class ResultPlacer:
 
         if (arr.dtype.hasobject or arr.nbytes <= self.max_nbytes
                 or not shm_has_room(arr.nbytes)):
+            if isinstance(arr, np.memmap):  # a slice of a task's argument (a view on its
+                # file): a plain, writeable ndarray, as every other result, not a memmap
+                # of no file
+                return np.array(arr, subok=False).__reduce_ex__(5)  # type: ignore[return-value]
             return None
         data: Any = np.ascontiguousarray(arr)
         path = f"{self.prefix}{next(_counter)}"
