@@ -34,10 +34,11 @@ to each, so no message needs an id (the pool knows which batches each worker hol
 ``shm.ArgumentPlacer``); the pool answers the caller with :data:`RETRY` and the batch is
 sent again with its arrays placed in shared memory.
 
-Requests go through plain pickle first: it is faster, and the common case (functions
-from importable modules) then never imports cloudpickle (~25 ms of cold start). What
-plain pickle cannot send faithfully (lambdas, closures, anything from ``__main__``) goes
-through cloudpickle.
+Requests go through plain pickle first: it is faster, and the common cases (functions
+from importable modules, and the functions a script or notebook defines: ``byvalue``)
+then never import cloudpickle (~20-25 ms of cold start). What they cannot send
+faithfully (classes defined in ``__main__``, lambdas and closures of other modules)
+goes through cloudpickle.
 
 Insights (``Parallel(insights=True)``) change the messages in one place each, and only
 for the batches of such a call: the request's ``insights`` field (sent only when true),
@@ -47,18 +48,19 @@ Without insights, requests and replies are what they were: not a byte more.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
 import time
 from itertools import chain
-from types import FunctionType
+from types import FunctionType, ModuleType
 from typing import Any, Callable, Mapping, NamedTuple
 
 from .._delayed import Batch, compact
 from .._errors import CapturedError, SerializationError, func_name
 from .._record import BatchRecord
-from . import shm, shm_results
+from . import byvalue, shm, shm_results
 
 __all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "Request", "Reply",
            "encode_request", "decode_request", "encode_reply", "error_reply",
@@ -154,20 +156,42 @@ class _ByValue(Exception):
 
 
 class _ImportablePickler(pickle.Pickler):
-    """Plain pickle that refuses functions and classes of ``__main__``: a worker started
-    with spawn or forkserver does not run ``__main__``, and a forked one lacks whatever
-    was defined after it started. Lambdas and closures plain pickle refuses itself."""
+    """Plain pickle, with the functions of ``__main__`` by value (``byvalue``: a worker
+    started with spawn or forkserver does not run ``__main__``, and a forked one lacks
+    whatever was defined after it started) and modules by name. It refuses classes of
+    ``__main__`` and modules a worker cannot import by name; lambdas and closures of
+    other modules plain pickle refuses itself."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (FunctionType, type)) and \
-                getattr(obj, "__module__", None) == "__main__":
-            raise _ByValue(obj)
+        if isinstance(obj, FunctionType):
+            if getattr(obj, "__module__", None) == "__main__":
+                return byvalue.reduce_function(obj, self._base_globals)
+        elif isinstance(obj, type):
+            if getattr(obj, "__module__", None) == "__main__":
+                raise _ByValue(obj)
+        elif isinstance(obj, ModuleType):
+            name = byvalue.module_name(obj)
+            if name is None:
+                raise _ByValue(obj)
+            return importlib.import_module, (name,)
         return NotImplemented
+
+    def _base_globals(self, known: dict) -> dict:
+        """One base dict per module's globals in a message (pickle then sends it once,
+        and the functions of that module share it in the worker, as in the caller)."""
+        bases: dict[int, tuple[dict, dict]] | None = getattr(self, "_bases", None)
+        if bases is None:
+            bases = {}
+            self._bases = bases
+        entry = bases.get(id(known))
+        if entry is None:  # (known is kept in the entry: its id stays its own)
+            entry = bases[id(known)] = (known, byvalue.module_base(known))
+        return entry[1]
 
 
 def dumps_importable(obj: Any) -> bytes | None:
-    """``obj`` pickled by plain pickle if a worker can load it without cloudpickle and
-    without ``__main__`` (see :class:`_ImportablePickler`), else None."""
+    """``obj`` pickled without cloudpickle if a worker can load it that way (see
+    :class:`_ImportablePickler`), else None."""
     buf = io.BytesIO()
     try:
         _ImportablePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)

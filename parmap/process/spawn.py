@@ -181,7 +181,7 @@ def _skip_main_in_workers() -> None:
 
     multiprocessing re-imports the main script in every spawned child, which breaks
     scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
-    functions and classes from ``__main__`` travel by value (cloudpickle). The wrapper
+    functions and classes from ``__main__`` travel by value (``byvalue``, cloudpickle). The wrapper
     changes nothing for processes other code starts (the flag is per thread, and set only
     around our own ``Process.start()``).
     """
@@ -240,11 +240,12 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     memory). ``forkserver.ensure_running`` only launches the process and returns.
 
     ``cloudpickle``: the server imports cloudpickle too, for pools whose workers come
-    again and again (recycling) or unpickle an initializer. Functions from a script or a
-    notebook, lambdas and closures arrive by value, and unpickling them imports
-    cloudpickle: ~25 ms of CPU in each new worker, which made the pause at each
-    recycling switch ~35 ms instead of ~4. Other pools leave it out: their workers start
-    once, and importable functions never need it (the server would start ~25 ms later).
+    again and again (recycling) or unpickle an initializer. Classes of a script or a
+    notebook, and lambdas and closures of modules, arrive through cloudpickle, and
+    unpickling them imports it: ~25 ms of CPU in each new worker, which made the pause
+    at each recycling switch ~35 ms instead of ~4. Other pools leave it out: their
+    workers start once, and importable functions and those of ``__main__`` (``byvalue``)
+    never need it (the server would start ~25 ms later).
     Whichever pool starts the server decides, for the life of the process.
     """
     if choose_start_method(start_method) != "forkserver":

@@ -1,0 +1,111 @@
+"""Functions a script defines (in ``__main__``) reach the workers by value without
+cloudpickle (``parmap.process.byvalue``), as cloudpickle would send them."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from parmap.process import protocol
+
+SCRIPT = textwrap.dedent('''
+    import functools, json, math, sys
+    from parmap import Parallel, delayed
+
+    SCALE = 2
+
+    def helper(x):
+        return math.floor(x / 2)
+
+    def scaled(x):
+        return x * SCALE + helper(x)
+
+    def fact(n):
+        return 1 if n <= 1 else n * fact(n - 1)
+
+    def with_defaults(x, k=3, *, m=4):
+        return x + k + m
+
+    def make_adder(n):
+        def add(x):
+            return x + n
+        return add
+
+    def shout(func):
+        @functools.wraps(func)
+        def wrapper(x):
+            return func(x) * 100
+        return wrapper
+
+    @shout
+    def one(x):
+        "one's doc"
+        return 1
+
+    def described(_):
+        return [one.__name__, one.__doc__, one.__wrapped__(0), described.__qualname__]
+
+    def run(func, *args, **kwargs):
+        return Parallel(n_jobs=2, start_method=sys.argv[1])(
+            delayed(func)(i, *args, **kwargs) for i in range(4))
+
+    out = {"scaled": run(scaled)}
+    SCALE = 10  # changed between two calls on the same (warm) workers: seen
+    out["scaled again"] = run(scaled)
+    out["fact"] = run(fact)
+    out["defaults"] = run(with_defaults, m=1)
+    out["closure"] = run(make_adder(5))
+    out["lambda"] = run(lambda x, y=7: x * y)
+    out["decorated"] = run(one)
+    out["attributes"] = run(described)[0]
+    out["cloudpickle"] = "cloudpickle" in sys.modules
+
+    class Point:  # a class of __main__: cloudpickle sends it, as before
+        def __init__(self, x):
+            self.x = x
+
+    out["class"] = [p.x for p in run(Point)]
+    out["cloudpickle after a class"] = "cloudpickle" in sys.modules
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_functions_of_a_script_run_in_workers_without_cloudpickle(method, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script), method], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out == {
+        "scaled": [i * 2 + i // 2 for i in range(4)],
+        "scaled again": [i * 10 + i // 2 for i in range(4)],
+        "fact": [1, 1, 2, 6],
+        "defaults": [i + 3 + 1 for i in range(4)],
+        "closure": [i + 5 for i in range(4)],
+        "lambda": [i * 7 for i in range(4)],
+        "decorated": [100] * 4,
+        "attributes": ["one", "one's doc", 1, "described"],
+        "cloudpickle": False,
+        "class": [0, 1, 2, 3],
+        "cloudpickle after a class": True,
+    }
+
+
+def test_what_it_cannot_send_falls_back_to_cloudpickle():
+    main = {"__name__": "__main__"}
+    exec("class Local: pass\ndef uses_class(): return Local()", main)
+    assert protocol.dumps_importable(main["uses_class"]) is None  # a class of __main__
+    exec("import types\nmade = types.ModuleType('made')\ndef uses_made(): return made",
+         main)
+    assert protocol.dumps_importable(main["uses_made"]) is None  # not importable by name
+    exec("import math\ndef root(x): return math.sqrt(x)", main)
+    root = pickle.loads(protocol.dumps_importable(main["root"]))
+    assert root(16) == 4.0 and root.__module__ == "__main__" and root is not main["root"]
