@@ -79,3 +79,28 @@ def test_r_plus_writes_reach_the_file_not_a_remapped_callers_array():
     for a in (arr, small):
         Parallel(**LIMIT, mmap_mode="r+")(delayed(set_one)(a, i) for i in range(4))
         assert not a[:4].any()
+
+
+def zero_d(i):
+    return np.array(float(i))
+
+
+def test_zero_dimensional_results_keep_their_shape():
+    # np.ascontiguousarray made them 1-d on their way through /dev/shm
+    out = Parallel(n_jobs=2, max_nbytes=0)(delayed(zero_d)(i) for i in range(4))
+    assert [(r.shape, float(r)) for r in out] == [((), float(i)) for i in range(4)]
+
+
+def total(arr):
+    return float(arr.sum())
+
+
+def test_copy_on_write_and_deleted_memmaps_are_copied_not_referenced(tmp_path):
+    path = tmp_path / "data.bin"
+    np.arange(1000, dtype="f8").tofile(path)
+    private = np.memmap(path, dtype="f8", mode="c")
+    private[:] = 1.0  # the caller's own values: not in the file
+    assert Parallel(**LIMIT)(delayed(total)(private) for _ in range(2)) == [1000.0] * 2
+    scratch = np.memmap(path, dtype="f8", mode="r+")
+    path.unlink()  # a scratch file removed while its mapping lives on
+    assert Parallel(**LIMIT)(delayed(total)(scratch) for _ in range(2)) == [499500.0] * 2

@@ -310,3 +310,23 @@ def test_results_placed_early_are_correct_and_cleaned_up_when_a_batch_fails():
         Parallel(n_jobs=2, batch_size=3)(delayed(big_or_fail)(i, unpicklable=4)
                                          for i in range(12))
     assert shm_entries() == before
+
+
+def test_a_result_that_no_longer_fits_in_shared_memory_is_pickled(monkeypatch):
+    from parmap.process import shm_results
+
+    def full(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_results, "write_all", full)  # other results filled it meanwhile
+    placer = shm_results.ResultPlacer(0, os.getpid())
+    assert placer.reduce(np.ones(10)) is None and placer.created == []
+    assert shm_entries() == set()
+
+
+def test_a_name_registered_for_a_file_never_made_is_forgotten(monkeypatch):
+    # Ctrl-C between the registration and the creation: close() must still unregister
+    calls = []
+    monkeypatch.setattr(shm, "track", lambda path, register: calls.append(register))
+    shm.unlink(os.path.join(shm.SHM_DIR, "parmap_never_made"))
+    assert calls == [True, False]  # re-registered, then forgotten: never a KeyError

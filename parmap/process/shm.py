@@ -57,11 +57,14 @@ _open_placers: weakref.WeakSet = weakref.WeakSet()
 
 
 def unlink(path: str) -> None:
-    """Remove one of our files; only the call that removed it tells the tracker."""
+    """Remove one of our files, and its name from the resource tracker."""
     try:
         os.unlink(path)
     except FileNotFoundError:
-        return  # already removed (and unregistered) by whoever removed it
+        # removed (and unregistered) by whoever removed it, or never made: its name was
+        # registered just before (a Ctrl-C between the two); both ways the tracker
+        # forgets it, without the KeyError a second unregistration prints
+        track(path, register=True)
     track(path, register=False)
 
 
@@ -142,8 +145,9 @@ class ArgumentPlacer:
                        arr.strides, arr.dtype.str)
                 with self._lock:
                     copy = self._copies.get(key)
-                    if copy is None:
-                        copy = self._copies[key] = (root, np.ascontiguousarray(arr))
+                    if copy is None:  # (np.ascontiguousarray would make 0-d 1-d)
+                        copy = self._copies[key] = (root, arr if arr.flags.c_contiguous
+                                                    else arr.copy(order="C"))
                 arr = root = copy[1]
             pinned = self._pin(root)
             if pinned is not None:
@@ -270,10 +274,14 @@ def _sweep_stale_folders(base: str) -> None:
 
 
 def _memmap_reference(arr: Any) -> tuple[str, int] | None:
-    """(file, offset of arr's first byte) for a view on an np.memmap's file, else None."""
+    """(file, offset of arr's first byte) for a view on an np.memmap's file, else None:
+    also for a copy-on-write memmap (``mode="c"``: the caller's writes are not in the
+    file) and one whose file is gone (a deleted scratch file), which are copied."""
     import numpy as np
 
-    if not isinstance(arr, np.memmap) or getattr(arr, "filename", None) is None:
+    filename = getattr(arr, "filename", None)
+    if not isinstance(arr, np.memmap) or filename is None or arr.mode == "c" \
+            or not os.path.exists(filename):
         return None
     mm = getattr(arr, "_mmap", None)
     if mm is None:
@@ -284,7 +292,7 @@ def _memmap_reference(arr: Any) -> tuple[str, int] | None:
     # np.memmap maps from the allocation-granularity boundary below its offset
     map_start = base.offset - base.offset % mmap.ALLOCATIONGRANULARITY
     first = base.__array_interface__["data"][0] - (base.offset - map_start)
-    return str(arr.filename), map_start + arr.__array_interface__["data"][0] - first
+    return str(filename), map_start + arr.__array_interface__["data"][0] - first
 
 
 class _InheritedPages:

@@ -45,7 +45,8 @@ class ResultPlacer:
                 # of no file
                 return np.array(arr, subok=False).__reduce_ex__(5)  # type: ignore[return-value]
             return None
-        data: Any = np.ascontiguousarray(arr)
+        # (np.ascontiguousarray would make a 0-d array 1-d)
+        data: Any = arr if arr.flags.c_contiguous else arr.copy(order="C")
         path = f"{self.prefix}{next(_counter)}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.created.append(path)
@@ -53,6 +54,10 @@ class ResultPlacer:
         try:
             os.ftruncate(fd, data.nbytes)
             write_all(fd, byte_view(data), 0)
+        except OSError:  # /dev/shm filled up meanwhile (other workers' results): pickle it
+            self.created.remove(path)
+            unlink(path)
+            return None
         finally:
             os.close(fd)
         return rebuild_result, (path, dtype_spec(data.dtype), data.shape)
