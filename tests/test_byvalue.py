@@ -14,7 +14,8 @@ import pytest
 from parmap.process import protocol
 
 SCRIPT = textwrap.dedent('''
-    import functools, json, math, sys
+    import functools, json, math, sys, types, typing
+    import xml.dom.minidom
     from parmap import Parallel, delayed
 
     SCALE = 2
@@ -50,6 +51,22 @@ SCRIPT = textwrap.dedent('''
     def described(_):
         return [one.__name__, one.__doc__, one.__wrapped__(0), described.__qualname__]
 
+    def tag(x):  # a submodule reached as an attribute of its package
+        return xml.dom.minidom.parseString(f"<t{x}/>").documentElement.tagName
+
+    def times_k(self, x):
+        return x * self.k
+
+    bound = types.MethodType(times_k, types.SimpleNamespace(k=3))
+
+    def via_bound(x):
+        return bound(x)
+
+    T = typing.TypeVar("T")
+
+    def ident(x: T) -> T:
+        return typing.cast(T, x)
+
     def run(func, *args, **kwargs):
         return Parallel(n_jobs=2, start_method=sys.argv[1])(
             delayed(func)(i, *args, **kwargs) for i in range(4))
@@ -63,6 +80,8 @@ SCRIPT = textwrap.dedent('''
     out["lambda"] = run(lambda x, y=7: x * y)
     out["decorated"] = run(one)
     out["attributes"] = run(described)[0]
+    out["submodule"] = run(tag)
+    out["bound method"] = run(via_bound)
     out["cloudpickle"] = "cloudpickle" in sys.modules
 
     class Point:  # a class of __main__: cloudpickle sends it, as before
@@ -71,6 +90,7 @@ SCRIPT = textwrap.dedent('''
 
     out["class"] = [p.x for p in run(Point)]
     out["cloudpickle after a class"] = "cloudpickle" in sys.modules
+    out["typevar"] = run(ident)  # plain pickle would name it __main__.T: cloudpickle
     print(json.dumps(out))
 ''')
 
@@ -93,9 +113,12 @@ def test_functions_of_a_script_run_in_workers_without_cloudpickle(method, tmp_pa
         "lambda": [i * 7 for i in range(4)],
         "decorated": [100] * 4,
         "attributes": ["one", "one's doc", 1, "described"],
+        "submodule": ["t0", "t1", "t2", "t3"],
+        "bound method": [0, 3, 6, 9],
         "cloudpickle": False,
         "class": [0, 1, 2, 3],
         "cloudpickle after a class": True,
+        "typevar": [0, 1, 2, 3],
     }
 
 

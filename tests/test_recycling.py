@@ -2,6 +2,7 @@
 state and ids, the finalizer, and how a SIGKILLed worker is reported."""
 from __future__ import annotations
 
+import errno
 import functools
 import multiprocessing
 import os
@@ -18,6 +19,9 @@ import pytest
 import parmap
 from parmap import Parallel, TaskTimeoutError, WorkerCrashedError, delayed, parallel_config
 from parmap._batching import fit_to_limit
+from parmap.process import pool as pool_module
+from parmap.process import registry
+from parmap.process import zygote as zygote_module
 from parmap.process.recycling import RssProbe
 
 from .conftest import child_pids, run_script
@@ -359,3 +363,43 @@ def test_recycled_workers_come_with_cloudpickle_imported():
     loaded, workers = run_script(RECYCLED_WORKERS_FIND_CLOUDPICKLE, timeout=50).split()
     assert loaded == "True"
     assert int(workers) >= 4  # workers were replaced
+
+
+def short(i):
+    time.sleep(0.005)
+    return i
+
+
+def test_a_replacement_that_cannot_start_does_not_stop_the_pool(monkeypatch):
+    # out of processes or descriptors for a moment (a pids limit: EAGAIN): the launcher
+    # thread died, and every later retirement waited for it, so the next call hung
+    left = {"zygote": 1, "fallback": 1}
+
+    def failing_once(kind, start):
+        def start_or_fail(*args, **kwargs):
+            if threading.current_thread().name == "parmap-pool-launcher" and left[kind]:
+                left[kind] -= 1
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            return start(*args, **kwargs)
+        return start_or_fail
+
+    monkeypatch.setattr(zygote_module.Zygote, "start_worker",
+                        failing_once("zygote", zygote_module.Zygote.start_worker))
+    monkeypatch.setattr(pool_module, "start_worker",
+                        failing_once("fallback", pool_module.start_worker))
+    for _ in range(2):
+        assert Parallel(n_jobs=2, max_tasks_per_child=2, batch_size=1)(
+            delayed(short)(i) for i in range(30)) == list(range(30))
+    assert left == {"zygote": 0, "fallback": 0}  # both failures happened
+
+
+def test_a_worker_the_system_will_not_start_fails_the_call_saying_so(monkeypatch):
+    def no_start(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    Parallel(n_jobs=2)(delayed(abs)(i) for i in range(2))
+    registry.shutdown_all()  # the next call starts new workers
+    monkeypatch.setattr(pool_module, "start_worker", no_start)
+    with pytest.raises(parmap.PoolError, match=r"could not start a worker process \(OSError: "
+                       r"\[Errno 24\] Too many open files\).*ulimit -n"):
+        Parallel(n_jobs=2)(delayed(abs)(i) for i in range(4))

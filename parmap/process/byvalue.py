@@ -26,9 +26,10 @@ import marshal
 import sys
 import types
 import weakref
+from itertools import chain
 from typing import Any, Callable
 
-__all__ = ["reduce_function", "module_base", "module_name"]
+__all__ = ["reduce_function", "module_base", "module_name", "registered_by_value", "bind"]
 
 #: the globals an instruction of these kinds names: what cloudpickle sends too
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"})
@@ -46,9 +47,13 @@ def reduce_function(func: types.FunctionType, base_globals: Callable[[dict], dic
     used = {name: known[name] for name in _global_names(func.__code__) if name in known}
     closure = func.__closure__
     cells = None if closure is None else tuple(_cell_value(cell) for cell in closure)
+    # packages' submodules the code reaches as attributes (``xml.dom.minidom``): the
+    # worker imports them as it unpickles the state (as cloudpickle does)
+    submodules = _submodules(func.__code__, chain(used.values(),
+                                                  (v for full, v in cells or () if full)))
     state = (used, func.__defaults__, func.__kwdefaults__, cells, func.__qualname__,
              func.__module__, func.__doc__, func.__dict__ or None,
-             getattr(func, "__annotations__", None) or None)
+             getattr(func, "__annotations__", None) or None, submodules)
     return (_rebuild, (marshal.dumps(func.__code__), base_globals(known), func.__name__,
                        -1 if closure is None else len(closure)), state, None, None,
             _set_state)
@@ -69,6 +74,16 @@ def module_name(module: types.ModuleType) -> str | None:
     return name
 
 
+def registered_by_value(name: Any) -> bool:
+    """Whether ``cloudpickle.register_pickle_by_value`` names module ``name`` (or a
+    package of it): such a module is sent by value, through cloudpickle."""
+    registry = getattr(sys.modules.get("cloudpickle.cloudpickle"), "_PICKLE_BY_VALUE_MODULES",
+                       None)
+    if not registry or not isinstance(name, str):
+        return False
+    return any(name == m or name.startswith(m + ".") for m in registry)
+
+
 def _global_names(code: types.CodeType) -> frozenset[str]:
     names = _names_cache.get(code)
     if names is None:
@@ -85,6 +100,32 @@ def _global_names(code: types.CodeType) -> frozenset[str]:
     return names
 
 
+def _all_names(code: types.CodeType) -> set[str]:
+    names: set[str] = set()
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack += [c for c in current.co_consts if isinstance(c, types.CodeType)]
+    return names
+
+
+def _submodules(code: types.CodeType, values: Any) -> tuple | None:
+    """The loaded submodules of the packages among ``values`` that the code reaches as
+    attributes (``xml.dom.minidom``), as cloudpickle's ``_find_imported_submodules``."""
+    found = []
+    names = None
+    for value in values:
+        if isinstance(value, types.ModuleType) and getattr(value, "__package__", None):
+            prefix = value.__name__ + "."
+            for name in list(sys.modules):
+                if name.startswith(prefix):
+                    names = _all_names(code) if names is None else names
+                    if set(name[len(prefix):].split(".")) <= names:
+                        found.append(sys.modules[name])
+    return tuple(found) or None
+
+
 def _cell_value(cell: Any) -> tuple:
     try:
         return (True, cell.cell_contents)
@@ -94,6 +135,11 @@ def _cell_value(cell: Any) -> tuple:
 
 # --------------------------------------------------------------------------- in the worker
 
+def bind(func: Callable, obj: Any) -> types.MethodType:
+    """A method of ``obj`` (``types.MethodType`` itself cannot be pickled by name)."""
+    return types.MethodType(func, obj)
+
+
 def _rebuild(code: bytes, base: dict, name: str, n_cells: int) -> types.FunctionType:
     base.setdefault("__builtins__", builtins)
     closure = None if n_cells < 0 else tuple(types.CellType() for _ in range(n_cells))
@@ -102,7 +148,7 @@ def _rebuild(code: bytes, base: dict, name: str, n_cells: int) -> types.Function
 
 def _set_state(func: types.FunctionType, state: tuple) -> None:
     """The rest, once the function exists: its globals and cells may refer to it."""
-    used, defaults, kwdefaults, cells, qualname, module, doc, attrs, annotations = state
+    used, defaults, kwdefaults, cells, qualname, module, doc, attrs, annotations, _ = state
     func.__globals__.update(used)
     func.__defaults__, func.__kwdefaults__ = defaults, kwdefaults
     for cell, (full, value) in zip(func.__closure__ or (), cells or ()):

@@ -8,7 +8,9 @@ forkserver or spawn.
 from __future__ import annotations
 
 import threading
+from contextlib import suppress
 
+from .._errors import PoolError
 from .manager import STOP_GRACE, PoolView
 from .scheduler import Worker
 from .zygote import Zygote, usable
@@ -92,13 +94,21 @@ class Launcher(threading.Thread):
                     pool.recycler.replacing.clear()
                     return
                 wids = list(pool.recycler.replacing)
+            failed: list[int] = []
             for wid in wids:
-                worker = self._launch(wid) if not pool.closed else None
+                try:
+                    worker = self._launch(wid) if not pool.closed else None
+                except Exception:  # out of processes or descriptors (EAGAIN, EMFILE)
+                    failed.append(wid)  # the pool starts it when work needs it, and a
+                    continue  # failure there fails the calls waiting: never a hang
                 if worker is None:
                     break  # closed: no more workers for it
                 started.append(worker)
             with pool.lock:
                 closed = pool.closed
+                for wid in failed:
+                    if wid in pool.recycler.replacing:
+                        pool.recycler.replacing.remove(wid)
                 for worker in started:
                     if worker.wid in pool.recycler.replacing:
                         pool.recycler.replacing.remove(worker.wid)
@@ -107,7 +117,8 @@ class Launcher(threading.Thread):
                                              and w.dead and w.jobs), None)
                         pool.workers.append(worker)
                 if not closed:
-                    pool.assign_pending()
+                    with suppress(PoolError):  # no worker starts: the manager fails the
+                        pool.assign_pending()  # calls waiting as it tries again
             if closed:  # closed meanwhile: its manager may be gone, so reap them here
                 for worker in started:
                     _discard(worker)

@@ -92,7 +92,8 @@ class Manager(threading.Thread):
             self._loop()
         except BaseException as exc:  # a bug here must fail the calls, never hang them
             self._fail_everything(exc)
-            raise
+            if not isinstance(exc, PoolError):  # (a worker that could not start: said)
+                raise
 
     def _loop(self) -> None:
         pool = self.pool
@@ -241,9 +242,9 @@ class Manager(threading.Thread):
             jobs = pool.scheduler.clear() + [j for w in pool.workers for j in w.jobs]
             pool.close_locked()
             self._notify_closed()
-        error = PoolError(f"parmap's pool manager failed ({type(exc).__name__}: {exc}); "
-                          f"the pool was shut down and the next call starts a new one. "
-                          f"Please report this as a bug.")
+        error = exc if isinstance(exc, PoolError) else PoolError(
+            f"parmap's pool manager failed ({type(exc).__name__}: {exc}); the pool was "
+            f"shut down and the next call starts a new one. Please report this as a bug.")
         for job in jobs:
             try:
                 job.callback(error)

@@ -53,7 +53,8 @@ from .launcher import Launcher
 from .options import PoolOptions
 from .recycling import Recycler
 from .scheduler import PoolJob, ProcessHandle, Scheduler, Worker
-from .spawn import choose_start_method, pool_pipe, prestart, start_worker, task_pipe_room
+from .spawn import (choose_start_method, pool_pipe, prestart, start_failed, start_worker,
+                    task_pipe_room)
 from .zygote import Zygote
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
@@ -102,7 +103,10 @@ class WorkerPool:
     # ------------------------------------------------------------------ workers
     def spawn(self, wid: int | None = None) -> Worker:
         """Start one worker (with the lowest free id by default). Lock held."""
-        worker = self.launch(self._free_id() if wid is None else wid)
+        try:
+            worker = self.launch(self._free_id() if wid is None else wid)
+        except OSError as exc:  # out of processes or descriptors: the calls fail
+            raise start_failed(exc) from exc
         self.workers.append(worker)
         return worker
 
@@ -137,7 +141,7 @@ class WorkerPool:
         self.stop(worker)
         if worker.wid < self.size and not self.closed:
             self.recycler.replacing.append(worker.wid)
-            if self._launcher is None:
+            if self._launcher is None or not self._launcher.is_alive():
                 self._launcher = Launcher(self)
                 self._launcher.start()
             self._launcher.due.notify()

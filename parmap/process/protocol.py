@@ -54,7 +54,7 @@ import os
 import pickle
 import time
 from itertools import chain
-from types import FunctionType, ModuleType
+from types import FunctionType, MethodType, ModuleType
 from typing import Any, Callable, Mapping, NamedTuple
 
 from .._delayed import Batch, compact
@@ -158,22 +158,29 @@ class _ByValue(Exception):
 class _ImportablePickler(pickle.Pickler):
     """Plain pickle, with the functions of ``__main__`` by value (``byvalue``: a worker
     started with spawn or forkserver does not run ``__main__``, and a forked one lacks
-    whatever was defined after it started) and modules by name. It refuses classes of
-    ``__main__`` and modules a worker cannot import by name; lambdas and closures of
-    other modules plain pickle refuses itself."""
+    whatever was defined after it started), their bound methods as such, and modules by
+    name. It refuses whatever else claims ``__main__`` as its module (its classes, their
+    instances, a ``TypeVar`` made there: plain pickle would name them ``__main__.X``),
+    modules a worker cannot import by name, and what ``cloudpickle.register_pickle_by_
+    value`` names; lambdas and closures of other modules plain pickle refuses itself."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, FunctionType):
-            if getattr(obj, "__module__", None) == "__main__":
+            module = getattr(obj, "__module__", None)
+            if module == "__main__":
                 return byvalue.reduce_function(obj, self._base_globals)
-        elif isinstance(obj, type):
-            if getattr(obj, "__module__", None) == "__main__":
+            if byvalue.registered_by_value(module):
                 raise _ByValue(obj)
+        elif isinstance(obj, MethodType):
+            if getattr(obj.__func__, "__module__", None) == "__main__":
+                return byvalue.bind, (obj.__func__, obj.__self__)  # (plain: by its name)
         elif isinstance(obj, ModuleType):
             name = byvalue.module_name(obj)
-            if name is None:
+            if name is None or byvalue.registered_by_value(name):
                 raise _ByValue(obj)
             return importlib.import_module, (name,)
+        elif getattr(obj, "__module__", None) == "__main__":
+            raise _ByValue(obj)
         return NotImplemented
 
     def _base_globals(self, known: dict) -> dict:

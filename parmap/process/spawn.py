@@ -26,12 +26,14 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from .._errors import PoolError
 from . import worker
 from .protocol import STATUS_SLOTS
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
-           "task_pipe_room", "keep_from_forks", "hand", "handed", "pool_pipe", "start_lock"]
+           "task_pipe_room", "keep_from_forks", "hand", "handed", "pool_pipe", "start_lock",
+           "start_failed"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -211,6 +213,15 @@ def exit_description(exitcode: int | None) -> str:
         except ValueError:
             return f"signal {-exitcode} (exit code {exitcode})"
     return f"exit code {exitcode}"
+
+
+def start_failed(exc: OSError) -> PoolError:
+    """The error of calls that need a worker the system would not start."""
+    return PoolError(
+        f"parmap could not start a worker process ({type(exc).__name__}: {exc}). The "
+        f"system's limit on processes or open files may be reached (see `ulimit -u` and "
+        f"`ulimit -n`, or a container's process limit): use fewer workers (n_jobs), close "
+        f"what holds files, or raise the limit. The next call tries again.")
 
 
 def _preload(cloudpickle: bool = False) -> list[str]:
