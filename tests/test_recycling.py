@@ -403,3 +403,37 @@ def test_a_worker_the_system_will_not_start_fails_the_call_saying_so(monkeypatch
     with pytest.raises(parmap.PoolError, match=r"could not start a worker process \(OSError: "
                        r"\[Errno 24\] Too many open files\).*ulimit -n"):
         Parallel(n_jobs=2)(delayed(abs)(i) for i in range(4))
+
+
+HUNG_FINALIZER = """
+import re, time, warnings
+import parmap.process.manager as manager
+from parmap import Parallel, delayed
+manager.FINISH_LIMIT = 0.5
+def hang():
+    time.sleep(600)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    # {how}: the workers are told to stop, and their finalizer never returns
+    print(Parallel(n_jobs=2, finalizer=hang, idle_timeout=0.3, {extra})(
+        delayed(abs)(-i) for i in range(4)))
+    time.sleep(2.0)
+print(len(caught))
+print(sorted({{re.sub(r"pid [0-9]+", "pid N", str(w.message)) for w in caught}}))
+"""
+
+
+@pytest.mark.parametrize("how, extra", [("the pool idles out", "start_method='fork'"),
+                                        ("they are recycled", "max_tasks_per_child=1")])
+def test_a_finalizer_that_hangs_is_ended_with_a_warning(how, extra):
+    # an idled-out pool's workers kept the interpreter from exiting (it waited for them);
+    # recycled ones piled up, each stuck in its finalizer
+    t0 = time.monotonic()
+    results, count, messages = run_script(HUNG_FINALIZER.format(how=how, extra=extra),
+                                           timeout=40).splitlines()
+    assert results == "[0, 1, 2, 3]" and int(count) >= 2
+    assert messages == str([
+        "parmap: a worker process (pid N) had not exited 0.5 s after it was told to stop, "
+        "so it was killed: its finalizer, or a non-daemon thread one of its tasks started, "
+        "did not end. A finalizer must return within 0.5 s."])
+    assert time.monotonic() - t0 < 20  # and the interpreter exited

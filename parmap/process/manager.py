@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import threading
+import warnings
 from multiprocessing.connection import Connection, wait
 from time import monotonic
 from typing import Any, Callable, Protocol
@@ -33,12 +34,17 @@ from .scheduler import PoolJob, Scheduler, Worker
 from .spawn import exit_description
 from .zygote import Zygote
 
-__all__ = ["Manager", "PoolView", "STOP_GRACE", "DEADLINE_POLL", "MAX_RESENDS"]
+__all__ = ["Manager", "PoolView", "STOP_GRACE", "DEADLINE_POLL", "MAX_RESENDS",
+           "FINISH_LIMIT"]
 
 #: seconds a worker gets to exit after a polite stop before it is killed
 STOP_GRACE = 1.0
 #: how often the manager checks task deadlines while a timeout is in force
 DEADLINE_POLL = 0.05
+#: seconds a worker told to stop, with no job left, may take to exit (its finalizer, or a
+#: non-daemon thread a task started) before it is killed, with a warning: a finalizer
+#: that hung kept the interpreter from exiting, or piled up retired workers
+FINISH_LIMIT = 10.0
 #: a job first in line when its worker died before taking it goes to another worker;
 #: after this many such deaths it is blamed for the crash (see ``Manager._reap``)
 MAX_RESENDS = 2
@@ -123,6 +129,7 @@ class Manager(threading.Thread):
                     if worker.process.sentinel in ready:
                         reaped.append(self._reap(worker, finished))
                 self._check_deadlines(finished)
+                self._end_overdue(monotonic())
                 _drop_taken_requests(pool.workers)
                 if not pool.closed:
                     pool.assign_pending()
@@ -153,6 +160,18 @@ class Manager(threading.Thread):
                 pool.round_done.notify_all()
 
     def _wait_timeout(self) -> float | None:
+        timeout, now = self._pool_timeout(), monotonic()
+        finishing = []
+        for worker in self.pool.workers:  # stopped, with no job left: see _end_overdue
+            if worker.dead and not worker.jobs and worker.finishing >= 0:
+                worker.finishing = worker.finishing or now
+                finishing.append(worker.finishing)
+        if finishing:
+            due = max(0.0, min(finishing) + FINISH_LIMIT - now)
+            timeout = due if timeout is None else min(timeout, due)
+        return timeout
+
+    def _pool_timeout(self) -> float | None:
         pool = self.pool
         if Scheduler.tracks_deadlines(pool.workers):
             return DEADLINE_POLL
@@ -215,6 +234,21 @@ class Manager(threading.Thread):
             conn.close()
         pool.workers.remove(worker)
         return worker.process.pid
+
+    def _end_overdue(self, now: float) -> None:
+        """Kill a worker told to stop that has not exited ``FINISH_LIMIT`` seconds after
+        its last job (its finalizer hangs), with a warning."""
+        for worker in self.pool.workers:
+            if worker.dead and not worker.jobs and worker.finishing > 0 and \
+                    now - worker.finishing > FINISH_LIMIT:
+                worker.finishing = -1.0  # killed: warned once
+                self.pool.kill(worker)
+                warnings.warn(
+                    f"parmap: a worker process (pid {worker.process.pid}) had not exited "
+                    f"{FINISH_LIMIT:g} s after it was told to stop, so it was killed: its "
+                    f"finalizer, or a non-daemon thread one of its tasks started, did not "
+                    f"end. A finalizer must return within {FINISH_LIMIT:g} s.",
+                    RuntimeWarning, stacklevel=1)
 
     def _check_deadlines(self, finished: _Finished) -> None:
         for worker, job, index in Scheduler.expired(self.pool.workers, monotonic()):

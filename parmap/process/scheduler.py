@@ -94,7 +94,7 @@ class PoolJob:
 class WorkerSlot:
     """What the scheduler knows of a worker; the pool's worker record extends it."""
 
-    __slots__ = ("jobs", "dead", "status", "budget", "after", "room", "sent")
+    __slots__ = ("jobs", "dead", "status", "budget", "after", "room", "sent", "finishing")
 
     def __init__(self, status: Sequence[float], budget: float = inf, room: float = inf):
         self.jobs: deque[PoolJob] = deque()  # sent, in the order the worker runs them
@@ -110,6 +110,9 @@ class WorkerSlot:
         self.after: WorkerSlot | None = None
         #: bytes a queued request may take in its task pipe (see rule 2)
         self.room = room
+        #: when the manager first saw it stopped with no job left: from then on it runs
+        #: only its finalizer and exits (``manager.FINISH_LIMIT``); 0.0: not yet
+        self.finishing = 0.0
 
     def ready(self) -> bool:
         """Live, and not waiting for the worker it replaces to finish (a replacement
