@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -236,3 +237,19 @@ def test_a_process_forked_by_the_owner_does_not_keep_the_zygote_alive(tmp_path):
         proc.kill()
         proc.communicate(timeout=10)
     assert took < 15, took
+
+
+def test_a_large_request_is_received_whole():
+    # (read into one buffer: adding chunks to bytes made a 50 MB request take seconds)
+    ours, theirs = socket.socketpair()
+    payload = os.urandom(1 << 16) * 64  # 4 MB: many chunks
+    sender = threading.Thread(target=theirs.sendall, args=(payload,))
+    sender.start()
+    try:
+        assert zygote._receive_exactly(ours, len(payload)) == payload
+    finally:
+        sender.join()
+        theirs.close()
+    with pytest.raises(EOFError, match="closed its socket"):
+        zygote._receive_exactly(ours, 1)
+    ours.close()
