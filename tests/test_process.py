@@ -185,7 +185,9 @@ def test_workers_that_die_before_reading_anything_fail_the_call(method):
     leaves the batch unread: it goes to another worker, a few times at most, and then
     the call fails with the crash, rather than starting workers forever."""
     t0 = time.monotonic()
-    with pytest.raises(WorkerCrashedError, match="exit code 3 while running task"):
+    with pytest.raises(WorkerCrashedError, match=r"died before they took a task, 3 in a row "
+                       r"\(the last, pid \d+, with exit code 3\), so task \d \(abs\(-?\d\)\) "
+                       r"never ran\. They die as they start: in the initializer"):
         Parallel(n_jobs=2, initializer=exit_at_start, start_method=method)(
             delayed(abs)(-x) for x in range(4))
     assert time.monotonic() - t0 < 10

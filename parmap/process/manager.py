@@ -342,8 +342,14 @@ def _crash_error(worker: Worker, job: PoolJob) -> WorkerCrashedError:
         causes = (f"Common causes: a crash in C code (segfault), os._exit(), the "
                   f"out-of-memory killer (check `dmesg`), or a signal sent to the worker"
                   f"{memory}.")
+    indices = tuple(range(job.batch.start, job.batch.start + len(job.batch)))
+    if not worker.took_running():  # MAX_RESENDS workers in a row died at their start
+        return WorkerCrashedError(
+            f"worker processes died before they took a task, {MAX_RESENDS + 1} in a row "
+            f"(the last, pid {worker.process.pid}, with {exit_description(code)}), so "
+            f"{job.describe()} never ran. They die as they start: in the initializer, "
+            f"or in what they import. The call was cancelled.", code, indices)
     return WorkerCrashedError(
         f"a worker process (pid {worker.process.pid}) died with {exit_description(code)} "
         f"while running {job.describe(running)}. The call was cancelled. {causes} Run with "
-        f"n_jobs=1 to reproduce it in the calling process.", code,
-        tuple(range(job.batch.start, job.batch.start + len(job.batch))))
+        f"n_jobs=1 to reproduce it in the calling process.", code, indices)
