@@ -13,11 +13,15 @@ the way cloudpickle does, for what a script's functions are made of:
   one message share one globals dict, as cloudpickle's do;
 * defaults, keyword defaults, closure cells, ``__qualname__``, ``__doc__``,
   ``__annotations__`` and attributes;
-* modules named by those globals, by name (``import numpy as np``: ``np``).
+* modules named by those globals, by name (``import numpy as np``: ``np``), and the
+  loaded submodules the code reaches through them (``xml.dom.minidom``), which the
+  worker imports too;
+* methods bound to an object, with the function by value (:func:`bind`).
 
 The pickler (``protocol._ImportablePickler``) raises for what this does not cover (a
-class defined in ``__main__``, a module that is not importable by its name), and the
-request then goes through cloudpickle as before.
+class defined in ``__main__`` and whatever else names ``__main__`` as its module, a
+module that is not importable by its name, one ``cloudpickle.register_pickle_by_value``
+names), and the request then goes through cloudpickle as before.
 """
 from __future__ import annotations
 

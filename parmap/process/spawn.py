@@ -183,9 +183,9 @@ def _skip_main_in_workers() -> None:
 
     multiprocessing re-imports the main script in every spawned child, which breaks
     scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
-    functions and classes from ``__main__`` travel by value (``byvalue``, cloudpickle). The wrapper
-    changes nothing for processes other code starts (the flag is per thread, and set only
-    around our own ``Process.start()``).
+    functions and classes from ``__main__`` travel by value (``byvalue``, cloudpickle).
+    The wrapper changes nothing for processes other code starts (the flag is per thread,
+    and set only around our own ``Process.start()``).
     """
     from multiprocessing import spawn
 
