@@ -437,3 +437,21 @@ def test_a_finalizer_that_hangs_is_ended_with_a_warning(how, extra):
         "so it was killed: its finalizer, or a non-daemon thread one of its tasks started, "
         "did not end. A finalizer must return within 0.5 s."])
     assert time.monotonic() - t0 < 20  # and the interpreter exited
+
+
+def leak_then_fail(i):
+    if i == 8:
+        raise ValueError("task 8 fails")
+    return leak(i)
+
+
+def test_the_memory_warning_of_a_failing_call_is_not_lost():
+    # the failing call let go of the pool before its end read the warning: it was lost,
+    # and its record stayed in the pool for good
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="task 8 fails"):
+            Parallel(n_jobs=2, batch_size=1, max_memory_per_child="80M")(
+                delayed(leak_then_fail)(i) for i in range(12))
+    assert [w for w in caught if "max_memory_per_child=80.0 MB" in str(w.message)]
+    assert all(not pool.recycler.memory for pool in registry._shared)

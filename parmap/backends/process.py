@@ -148,12 +148,17 @@ class ProcessBackend(ParallelBackendBase):
         placer, self._placer = self._placer, None
         if placer is not None:
             placer.close()
-        pool = self._pool
+        self._report_memory(self._pool)
+
+    def _report_memory(self, pool: WorkerPool | None) -> None:
+        """The call's warning about workers replaced for memory, once (the pool keeps
+        its record until then): from stop_call, or from terminate when a failing call
+        let go of the pool before (``abort_everything``)."""
         if pool is not None and self.max_memory_per_child is not None:
             with pool.lock:
                 report = pool.recycler.memory_report(self._owner)
             if report is not None:
-                warnings.warn(report, UserWarning, stacklevel=2)
+                warnings.warn(report, UserWarning, stacklevel=3)
 
     def submit(self, batch: Batch, callback: Callback) -> None:
         pool, owner, placer = self._pool, self._owner, self._placer
@@ -206,6 +211,7 @@ class ProcessBackend(ParallelBackendBase):
     def terminate(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            self._report_memory(pool)
             registry.release_pool(pool)
 
 
