@@ -3,6 +3,7 @@ every file on each path out: failures, closed generators, crashes, a caller that
 or is killed (parmap.process.shm, parmap.process.shm_results)."""
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import sys
@@ -151,6 +152,20 @@ def test_placer_close_is_idempotent_and_removes_everything(tmp_path):
     placer.close()
     placer.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_each_file_goes_where_there_is_room(monkeypatch, tmp_path):
+    # room in /dev/shm was checked for a call's first file only: a later, larger array
+    # failed the call with "No space left on device"
+    rooms = itertools.chain([True], itertools.repeat(False))  # the first file fills it
+    monkeypatch.setattr(shm, "shm_has_room", lambda nbytes: next(rooms))
+    monkeypatch.setattr(shm.tempfile, "gettempdir", lambda: str(tmp_path))
+    placer = shm.ArgumentPlacer(0, "r")
+    first, second = (placer.reduce(np.full(10, float(i)))[1][0] for i in range(2))
+    assert os.path.dirname(first) == shm.SHM_DIR
+    assert os.path.dirname(os.path.dirname(second)) == str(tmp_path)
+    placer.close()
+    assert shm_entries() == set() and os.listdir(tmp_path) == []
 
 
 # ------------------------------------------- cleanup when the calling process ends

@@ -218,10 +218,10 @@ class ArgumentPlacer:
         return root, path, start, None
 
     def _new_path(self, nbytes: int) -> str:
-        name = f"parmap_{os.getpid()}_{self.token}_{next(_counter)}"
-        if self._folder is None:
+        if self._folder is None or self._folder == SHM_DIR and self.temp_folder is None \
+                and not shm_has_room(nbytes):  # room is checked for each file
             self._folder = choose_folder(self.temp_folder, nbytes)
-        path = os.path.join(self._folder, name)
+        path = os.path.join(self._folder, f"parmap_{os.getpid()}_{self.token}_{next(_counter)}")
         self._files.append(path)
         track(path, register=True)
         return path
