@@ -187,7 +187,7 @@ def test_workers_that_die_before_reading_anything_fail_the_call(method):
     t0 = time.monotonic()
     with pytest.raises(WorkerCrashedError, match=r"died before they took a task, 3 in a row "
                        r"\(the last, pid \d+, with exit code 3\), so tasks? \d.* never ran\. "
-                       r"They die as they start: in the initializer"):
+                       r"Most likely they die as they start: in the initializer"):
         Parallel(n_jobs=2, initializer=exit_at_start, start_method=method)(
             delayed(abs)(-x) for x in range(4))
     assert time.monotonic() - t0 < 10

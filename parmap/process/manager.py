@@ -347,8 +347,8 @@ def _crash_error(worker: Worker, job: PoolJob) -> WorkerCrashedError:
         return WorkerCrashedError(
             f"worker processes died before they took a task, {MAX_RESENDS + 1} in a row "
             f"(the last, pid {worker.process.pid}, with {exit_description(code)}), so "
-            f"{job.describe()} never ran. They die as they start: in the initializer, "
-            f"or in what they import. The call was cancelled.", code, indices)
+            f"{job.describe()} never ran. Most likely they die as they start: in the "
+            f"initializer, or in what they import. The call was cancelled.", code, indices)
     return WorkerCrashedError(
         f"a worker process (pid {worker.process.pid}) died with {exit_description(code)} "
         f"while running {job.describe(running)}. The call was cancelled. {causes} Run with "

@@ -155,6 +155,9 @@ class _ByValue(Exception):
     """Raised by _ImportablePickler for an object a worker might not be able to import."""
 
 
+_CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
+
+
 class _ImportablePickler(pickle.Pickler):
     """Plain pickle, with the functions of ``__main__`` by value (``byvalue``: a worker
     started with spawn or forkserver does not run ``__main__``, and a forked one lacks
@@ -165,6 +168,8 @@ class _ImportablePickler(pickle.Pickler):
     value`` names; lambdas and closures of other modules plain pickle refuses itself."""
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _CONTAINERS:  # the most common by far: no question to ask
+            return NotImplemented
         if isinstance(obj, FunctionType):
             module = getattr(obj, "__module__", None)
             if module == "__main__":

@@ -56,15 +56,15 @@ _counter = itertools.count()
 _open_placers: weakref.WeakSet = weakref.WeakSet()
 
 
-def unlink(path: str) -> None:
-    """Remove one of our files, and its name from the resource tracker."""
+def unlink(path: str, made_here: bool = False) -> None:
+    """Remove one of our files; only the call that removed it tells the tracker, or,
+    ``made_here``, the only one that removes it (a placer's, which registered its name
+    before making it: a Ctrl-C between the two leaves a name of no file to forget)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
-        # removed (and unregistered) by whoever removed it, or never made: its name was
-        # registered just before (a Ctrl-C between the two); both ways the tracker
-        # forgets it, without the KeyError a second unregistration prints
-        track(path, register=True)
+        if not made_here:
+            return  # removed (and unregistered) by whoever removed it
     track(path, register=False)
 
 
@@ -240,7 +240,7 @@ class ArgumentPlacer:
         for root, paths, start, bounds in remapped:  # before the files are unlinked
             remap.keep(root, paths, start, bounds)
         for path in files:
-            unlink(path)
+            unlink(path, made_here=True)
         if folder is not None and folder != SHM_DIR:
             shutil.rmtree(folder, ignore_errors=True)
         _open_placers.discard(self)
