@@ -27,6 +27,9 @@ _PPE = "from concurrent.futures import ProcessPoolExecutor\nwith ProcessPoolExec
 _TPE = "from concurrent.futures import ThreadPoolExecutor\nwith ThreadPoolExecutor(2) as ex:\n    "
 _MPIRE = "from mpire import WorkerPool\nwith WorkerPool(n_jobs=2) as pool:\n    "
 _THR = 'backend="threading"'
+_SCRIPT_FN = ('import sys\n'
+              'exec("def square(x):\\n    return x * x\\n", sys.modules["__main__"].__dict__)\n'
+              'square = sys.modules["__main__"].square')
 
 WORKLOADS = {
     "tiny": {
@@ -40,6 +43,22 @@ WORKLOADS = {
             "mpire": _MPIRE + "result = pool.map(sqrt, range(N))",
         },
         "check": "assert list(result) == [sqrt(i) for i in range(N)]",
+    },
+    "script-fn": {
+        "title": "N calls of a function the script defines (x * x)",
+        "params": {"N": 100_000}, "quick": {"N": 10_000},
+        # defined in __main__ before the timer, as a script's own function is: the
+        # workers cannot import it by name (spawn, forkserver), so libraries that pickle
+        # functions by value (parmap, joblib) send it that way; forked peers need not
+        "setup": _SCRIPT_FN,
+        "code": {
+            "parmap": _P + "result = Parallel(n_jobs=2)(delayed(square)(i) for i in range(N))",
+            "joblib": _J + "result = Parallel(n_jobs=2)(delayed(square)(i) for i in range(N))",
+            "mp.Pool": _MP + "result = pool.map(square, range(N))",
+            "ProcessPool": _PPE + "result = list(ex.map(square, range(N), chunksize=max(1, N // 8)))",
+            "mpire": _MPIRE + "result = pool.map(square, range(N))",
+        },
+        "check": "assert list(result) == [i * i for i in range(N)]",
     },
     "generator": {
         "title": "N calls of math.sqrt fed from a generator",
