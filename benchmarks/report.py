@@ -158,6 +158,6 @@ def chart(summary, plan, extra, info, path):
         ax.axis("off")
     fig.suptitle(f"parmap vs peers, n_jobs=2, {info['cpu_count']} × {info['cpu_model']}, "
                  f"Python {info['python']} (red: parmap, dark blue: best peer)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
