@@ -417,7 +417,9 @@ with warnings.catch_warnings(record=True) as caught:
     # {how}: the workers are told to stop, and their finalizer never returns
     print(Parallel(n_jobs=2, finalizer=hang, idle_timeout=0.3, {extra})(
         delayed(abs)(-i) for i in range(4)))
-    time.sleep(2.0)
+    deadline = time.monotonic() + 15
+    while len(caught) < 2 and time.monotonic() < deadline:  # both workers killed
+        time.sleep(0.05)
 print(len(caught))
 print(sorted({{re.sub(r"pid [0-9]+", "pid N", str(w.message)) for w in caught}}))
 """

@@ -77,7 +77,9 @@ class ZygoteChild:
         self.pid = pid
         self.sentinel = sentinel
         self._exitcode: int | None = None
-        weakref.finalize(self, os.close, sentinel)
+        # not at exit: the manager still waits on it then (a worker in its finalizer that
+        # it must end, or the zygote's exit, which multiprocessing joins, waits for it)
+        weakref.finalize(self, os.close, sentinel).atexit = False
 
     @property
     def exitcode(self) -> int | None:
