@@ -175,10 +175,11 @@ def count_placements(monkeypatch):
     return calls
 
 
-def run_script(code: str, timeout: float) -> str:
-    """Run ``code`` in a fresh interpreter (a process with no thread of pytest's); its
-    standard output, once it exited with 0."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def run_script(code: str, timeout: float, args: tuple[str, ...] = ()) -> str:
+    """Run ``code`` in a fresh interpreter (a process with no thread of pytest's), its
+    ``__main__``, with ``args`` in ``sys.argv[1:]``; its standard output, once it exited
+    with 0."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                          timeout=timeout,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr[-2000:]

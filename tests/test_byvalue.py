@@ -3,15 +3,14 @@ cloudpickle (``parmap.process.byvalue``), as cloudpickle would send them."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from parmap.process import protocol
+
+from .conftest import run_script
 
 SCRIPT = textwrap.dedent('''
     import functools, json, math, sys, types, typing
@@ -96,14 +95,8 @@ SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
-def test_functions_of_a_script_run_in_workers_without_cloudpickle(method, tmp_path):
-    script = tmp_path / "script.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, str(script), method], capture_output=True,
-                          text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+def test_functions_of_a_script_run_in_workers_without_cloudpickle(method):
+    out = json.loads(run_script(SCRIPT, timeout=120, args=(method,)))
     assert out == {
         "scaled": [i * 2 + i // 2 for i in range(4)],
         "scaled again": [i * 10 + i // 2 for i in range(4)],
