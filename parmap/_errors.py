@@ -35,7 +35,7 @@ from typing import Any, Callable
 from ._public import public
 
 __all__ = [
-    "timeout_error", "call_repr", "func_name", "add_task_note", "CapturedError",
+    "timeout_error", "initializer_timeout_error", "call_repr", "func_name", "add_task_note", "CapturedError",
     "ParmapError",
     "PoolError",
     "WorkerCrashedError",
@@ -175,6 +175,17 @@ def timeout_error(index: int, task: tuple, timeout: float | None,
     return _timeout_class()(
         f"task {index} ({call_repr(*task)}) has run for more than timeout={timeout}s; "
         f"{what_happened}. Raise the timeout, or split the task into smaller ones.")
+
+
+def initializer_timeout_error(index: int, task: tuple, timeout: float | None, pid: int | None
+                              ) -> TaskTimeoutError:
+    """The error for a worker whose initializer ran past ``timeout``, while task
+    ``index`` waited on it (the same class as :func:`timeout_error`'s)."""
+    return _timeout_class()(
+        f"the pool's initializer has run for more than timeout={timeout}s in a worker "
+        f"(pid {pid}), so task {index} ({call_repr(*task)}) could not start; its worker "
+        f"was stopped and the call cancelled. The initializer has the call's timeout, "
+        f"counted from its own start: raise the timeout, or make the initializer quicker.")
 
 
 _timeout_classes: list[type[TaskTimeoutError]] = []

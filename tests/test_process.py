@@ -264,6 +264,31 @@ def test_a_first_batch_sized_from_history_still_shares_the_tasks():
     assert backend.sizes == [2, 2]
 
 
+def hang_at_start():
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_timeout_covers_a_hung_initializer(method):
+    """The initializer gets the call's timeout too, counted from its own start (not the
+    process's, whose cold start is no fault of the user's): one that hangs fails the
+    call, naming the task that waited on it."""
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError, match=r"the pool's initializer has run for more than "
+                       r"timeout=0.5s in a worker \(pid \d+\), so task \d \(abs\(-?\d\)\) could "
+                       r"not start; its worker was stopped and the call cancelled"):
+        Parallel(n_jobs=2, timeout=0.5, initializer=hang_at_start, start_method=method)(
+            delayed(abs)(-x) for x in range(4))
+    assert time.monotonic() - t0 < 10
+    healthy()
+
+
+def test_a_slow_initializer_within_the_timeout_is_not_cut():
+    assert Parallel(n_jobs=2, timeout=2, initializer=time.sleep, initargs=(0.3,))(
+        delayed(abs)(-x) for x in range(4)) == [0, 1, 2, 3]
+    healthy()
+
+
 def test_timeout_allows_tasks_within_it():
     assert Parallel(n_jobs=2, timeout=5)(delayed(sleep_for)(0.01) for _ in range(6)) == \
         [0.01] * 6

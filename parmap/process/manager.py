@@ -26,7 +26,8 @@ from multiprocessing.connection import Connection, wait
 from time import monotonic
 from typing import Any, Callable, Protocol
 
-from .._errors import PoolError, WorkerCrashedError, timeout_error
+from .._errors import (PoolError, WorkerCrashedError, initializer_timeout_error,
+                       timeout_error)
 from . import protocol, shm_results
 from .options import PoolOptions
 from .recycling import RSS, Recycler, format_bytes
@@ -254,9 +255,15 @@ class Manager(threading.Thread):
         for worker, job, index in Scheduler.expired(self.pool.workers, monotonic()):
             job.cancelled = True
             self.pool.kill(worker)  # type: ignore[arg-type]
-            finished.append((job, timeout_error(
-                index, job.batch.task(index - job.batch.start), job.timeout,
-                "its worker was stopped and the call cancelled")))
+            if index == protocol.INITIALIZER:
+                error = initializer_timeout_error(
+                    job.batch.start, job.batch.task(0), job.timeout,
+                    worker.process.pid)  # type: ignore[attr-defined]
+            else:
+                error = timeout_error(index, job.batch.task(index - job.batch.start),
+                                      job.timeout, "its worker was stopped and the call "
+                                      "cancelled")
+            finished.append((job, error))
 
     def _maybe_idle_out(self) -> None:
         pool = self.pool

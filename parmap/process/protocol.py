@@ -62,7 +62,7 @@ from .._errors import CapturedError, SerializationError, func_name
 from .._record import BatchRecord
 from . import byvalue, shm, shm_results
 
-__all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "Request", "Reply",
+__all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "INITIALIZER", "Request", "Reply",
            "encode_request", "decode_request", "encode_reply", "error_reply",
            "retry_reply", "unloadable_request", "decode_reply", "discard_reply", "dumps",
            "dumps_importable"]
@@ -76,6 +76,9 @@ STOP = b""
 #: arrive): a worker that dies with requests still in its pipe never started them
 STATUS_SLOTS = 4
 READ = 3
+#: the index a worker shows (with its start time) while it runs the pool's initializer,
+#: which the call's timeout covers too
+INITIALIZER = -2
 
 
 class _Retry:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from .._delayed import Batch
 from .._errors import call_repr
-from .protocol import READ
+from .protocol import INITIALIZER, READ
 
 __all__ = ["PoolJob", "WorkerSlot", "Worker", "ProcessHandle", "Scheduler", "PREFETCH",
            "PREFETCH_MAX"]
@@ -234,7 +234,9 @@ class Scheduler:
     @staticmethod
     def expired(workers: Iterable[WorkerSlot], now: float
                 ) -> list[tuple[WorkerSlot, PoolJob, int]]:
-        """``(worker, job, task index)`` for each running task past its job's timeout.
+        """``(worker, job, task index)`` for each running task past its job's timeout;
+        for a worker whose initializer ran past the timeout of a job it holds, the index
+        is ``protocol.INITIALIZER``.
 
         A worker told to stop still runs the jobs it holds (a retired worker's last ones)
         and is checked too; one that was killed holds only cancelled jobs."""
@@ -244,8 +246,9 @@ class Scheduler:
             if not worker.jobs or not started:
                 continue
             index = int(worker.status[0])
-            job = next((j for j in worker.jobs if not j.cancelled  # (its batch may be gone)
-                        and j.batch.start <= index < j.batch.start + len(j.batch)), None)
+            job = next((j for j in worker.jobs if not j.cancelled and (  # (may be gone)
+                j.batch.start <= index < j.batch.start + len(j.batch)
+                or index == INITIALIZER and j.timeout is not None)), None)
             if job is None or job.timeout is None:
                 continue
             if now - started > job.timeout:

@@ -86,7 +86,11 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     if "numpy" in sys.modules:  # its OpenBLAS was loaded before the caps were set
         _cap_openblas(env.get("OPENBLAS_NUM_THREADS", ""))
     enter_process(wid)  # parmap.worker_state() / worker_id(), before the initializer
+    shown = _SharedTracker(status)
+    if init is not None:  # under a timeout, it is timed from here like a task
+        shown.mark(protocol.INITIALIZER, time.monotonic())
     init_error = _run_initializer(init)
+    shown.mark(-1, 0.0)
     rss = RssProbe()
     status[RSS] = rss()
     global _shm_results, _ready_since
