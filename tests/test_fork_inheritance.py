@@ -18,6 +18,8 @@ import pytest
 from parmap import Parallel, delayed
 from parmap.process import registry, spawn
 
+from .conftest import run_script
+
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
 
 
@@ -158,6 +160,41 @@ def test_a_child_forked_while_another_thread_picks_a_pool_can_run_calls():
         out = answer.read()
     os.waitpid(pid, 0)
     assert out == "[0, 1, 2]"
+
+
+FORKED_AFTER_A_CALL = """
+import json, os, sys, tempfile, threading, time
+from parmap import Parallel, delayed
+kw = {"max_tasks_per_child": 2} if sys.argv[1] == "recycling" else {}
+threading.Thread(target=time.sleep, args=(20,), daemon=True).start()  # the forkserver
+before = Parallel(n_jobs=2, **kw)(delayed(abs)(-i) for i in range(6))
+err = tempfile.TemporaryFile()
+pid = os.fork()
+if pid == 0:  # the child: a call of its own, the same way; its stderr to the file
+    os.dup2(err.fileno(), 2)
+    threading.Thread(target=time.sleep, args=(20,), daemon=True).start()
+    try:
+        print(json.dumps(Parallel(n_jobs=2, **kw)(delayed(abs)(-i) for i in range(6))))
+    except BaseException as exc:
+        print(json.dumps(repr(exc)))
+    sys.stdout.flush()
+    sys.exit(0)  # a normal exit: multiprocessing's exit handler runs
+os.waitpid(pid, 0)
+err.seek(0)
+print(json.dumps(err.read().decode()))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["forkserver", "recycling"])
+def test_a_child_forked_after_a_call_starts_workers_of_its_own(how):
+    """A process forked (by other code) after a call that used the forkserver cannot
+    use its parent's: it starts its own, and its exit does not try to join the parent's
+    workers (multiprocessing's AssertionError, "can only join a child process")."""
+    child, child_stderr = map(json.loads, run_script(
+        FORKED_AFTER_A_CALL, timeout=50, args=(how,)).splitlines())
+    assert child == [0, 1, 2, 3, 4, 5]
+    assert child_stderr == ""
 
 
 def test_where_processes_never_fork_no_descriptor_is_read(monkeypatch):

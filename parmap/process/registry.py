@@ -12,7 +12,9 @@ would wait for them forever).
 from __future__ import annotations
 
 import atexit
+import multiprocessing.process as mp_process
 import os
+import sys
 import threading
 import weakref
 from time import monotonic
@@ -107,6 +109,32 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     _shared.clear()
     _private.clear()
+    # multiprocessing would join the parent's workers at this process's exit, and fail
+    # (an AssertionError: they are not its children)
+    for process in [p for p in mp_process._children  # type: ignore[attr-defined]
+                    if p.name in ("parmap-worker", "parmap-zygote")]:
+        mp_process._children.discard(process)  # type: ignore[attr-defined]
+    _forget_forkserver()
+
+
+def _forget_forkserver() -> None:
+    """In a forked child: start a forkserver of its own when it needs one. The parent's
+    is not its child, and multiprocessing asks after it with ``waitpid``, which fails
+    (ChildProcessError) here: every call that used the forkserver failed. The child's
+    copy of the server's "alive" pipe end is closed, or the parent's server would live
+    as long as this process does."""
+    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    server._forkserver_pid = server._forkserver_address = None
+    server._forkserver_alive_fd = None
+    server._lock = threading.Lock()  # perhaps copied held
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
 
 
 atexit.register(shutdown_all)
