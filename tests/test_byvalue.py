@@ -13,7 +13,7 @@ from parmap.process import protocol
 from .conftest import run_script
 
 SCRIPT = textwrap.dedent('''
-    import functools, json, math, sys, types, typing
+    import functools, json, math, sys, traceback, types, typing
     import xml.dom.minidom
     from parmap import Parallel, delayed
 
@@ -61,6 +61,20 @@ SCRIPT = textwrap.dedent('''
     def via_bound(x):
         return bound(x)
 
+    @functools.lru_cache(maxsize=None)
+    def settings():  # "load once"
+        return {"scale": 3}
+
+    def uses_cache(x):
+        return x * settings()["scale"]
+
+    @functools.cache
+    def fib(n):
+        return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+    def cache_of(x):
+        return [fib.cache_parameters()["maxsize"], settings.__wrapped__.__name__]
+
     T = typing.TypeVar("T")
 
     def ident(x: T) -> T:
@@ -81,6 +95,9 @@ SCRIPT = textwrap.dedent('''
     out["attributes"] = run(described)[0]
     out["submodule"] = run(tag)
     out["bound method"] = run(via_bound)
+    out["cached"] = run(uses_cache)
+    out["cached recursive"] = run(fib)
+    out["cache kept"] = run(cache_of)[0]
     out["cloudpickle"] = "cloudpickle" in sys.modules
 
     class Point:  # a class of __main__: cloudpickle sends it, as before
@@ -90,6 +107,23 @@ SCRIPT = textwrap.dedent('''
     out["class"] = [p.x for p in run(Point)]
     out["cloudpickle after a class"] = "cloudpickle" in sys.modules
     out["typevar"] = run(ident)  # plain pickle would name it __main__.T: cloudpickle
+
+    class Oops(ValueError):
+        pass
+
+    def cached_and_class(x):  # through cloudpickle, the function and its cache as above
+        if x == 3:
+            raise Oops(x)
+        return Point(uses_cache(x)).x
+
+    try:
+        run(cached_and_class)
+    except Oops as exc:  # the frame keeps the code's file and line, as in the caller
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        out["frame"] = [frame.filename == cached_and_class.__code__.co_filename,
+                        frame.lineno == cached_and_class.__code__.co_firstlineno + 2]
+        out["before the error"] = Parallel(n_jobs=2, start_method=sys.argv[1])(
+            delayed(cached_and_class)(i) for i in range(3))
     print(json.dumps(out))
 ''')
 
@@ -112,6 +146,11 @@ def test_functions_of_a_script_run_in_workers_without_cloudpickle(method):
         "class": [0, 1, 2, 3],
         "cloudpickle after a class": True,
         "typevar": [0, 1, 2, 3],
+        "cached": [0, 3, 6, 9],
+        "cached recursive": [0, 1, 1, 2],
+        "cache kept": [None, "settings"],
+        "frame": [True, True],
+        "before the error": [0, 3, 6],
     }
 
 

@@ -16,24 +16,33 @@ the way cloudpickle does, for what a script's functions are made of:
 * modules named by those globals, by name (``import numpy as np``: ``np``), and the
   loaded submodules the code reaches through them (``xml.dom.minidom``), which the
   worker imports too;
-* methods bound to an object, with the function by value (:func:`bind`).
+* methods bound to an object, with the function by value (:func:`bind`);
+* ``functools.lru_cache``/``cache`` wrappers of such functions, as a new cache of the
+  same size around the function by value (a worker has a cache of its own, as with
+  multiprocessing's spawn; by reference, as cloudpickle sends them, the worker looks
+  the name up in a ``__main__`` that does not have it).
 
-The pickler (``protocol._ImportablePickler``) raises for what this does not cover (a
-class defined in ``__main__`` and whatever else names ``__main__`` as its module, a
-module that is not importable by its name, one ``cloudpickle.register_pickle_by_value``
-names), and the request then goes through cloudpickle as before.
+:class:`ImportablePickler` raises for what this does not cover (a class defined in
+``__main__`` and whatever else names ``__main__`` as its module, a module that is not
+importable by its name, one ``cloudpickle.register_pickle_by_value`` names), and the
+request then goes through :func:`cloud_pickler`: cloudpickle, with the functions of
+``__main__`` still sent as here (their frames keep the script's file and line).
 """
 from __future__ import annotations
 
 import builtins
+import functools
+import importlib
 import marshal
+import pickle
 import sys
 import types
 import weakref
 from itertools import chain
 from typing import Any, Callable
 
-__all__ = ["reduce_function", "module_base", "module_name", "registered_by_value", "bind"]
+__all__ = ["ImportablePickler", "cloud_pickler", "reduce_function", "module_base",
+           "module_name", "registered_by_value", "bind", "cached"]
 
 #: the globals an instruction of these kinds names: what cloudpickle sends too
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"})
@@ -41,6 +50,91 @@ _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"})
 _MODULE_KEYS = ("__package__", "__name__", "__path__", "__file__")
 
 _names_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _ByValue(Exception):
+    """Raised by ImportablePickler for an object a worker might not be able to import."""
+
+
+_CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
+_LRU_CACHE = type(functools.lru_cache(maxsize=None)(len))
+
+
+class _SharedGlobals:
+    def _base_globals(self, known: dict) -> dict:
+        """One base dict per module's globals in a message (pickle then sends it once,
+        and the functions of that module share it in the worker, as in the caller)."""
+        bases: dict[int, tuple[dict, dict]] | None = getattr(self, "_bases", None)
+        if bases is None:
+            bases = {}
+            self._bases = bases
+        entry = bases.get(id(known))
+        if entry is None:  # (known is kept in the entry: its id stays its own)
+            entry = bases[id(known)] = (known, module_base(known))
+        return entry[1]
+
+
+def _reduce_main(obj: Any, base_globals: Callable[[dict], dict]) -> tuple | None:
+    """The reduce tuple of a function of ``__main__``, a method bound to one (plain
+    pickle: by its name), or an lru_cache of one; None for anything else."""
+    if isinstance(obj, types.FunctionType):
+        return reduce_function(obj, base_globals) if obj.__module__ == "__main__" else None
+    if isinstance(obj, types.MethodType):
+        return (bind, (obj.__func__, obj.__self__)) \
+            if getattr(obj.__func__, "__module__", None) == "__main__" else None
+    if type(obj) is _LRU_CACHE:
+        func = getattr(obj, "__wrapped__", None)
+        if isinstance(func, types.FunctionType) and func.__module__ == "__main__":
+            parameters = obj.cache_parameters()
+            return cached, (func, parameters["maxsize"], parameters["typed"])
+    return None
+
+
+class ImportablePickler(_SharedGlobals, pickle.Pickler):
+    """Plain pickle, with the functions of ``__main__`` by value (a worker started with
+    spawn or forkserver does not run ``__main__``, and a forked one lacks whatever was
+    defined after it started), their bound methods and caches as such, and modules by
+    name. It refuses whatever else claims ``__main__`` as its module (its classes, their
+    instances, a ``TypeVar`` made there: plain pickle would name them ``__main__.X``),
+    modules a worker cannot import by name, and what ``cloudpickle.register_pickle_by_
+    value`` names; lambdas and closures of other modules plain pickle refuses itself."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) in _CONTAINERS:  # the most common by far: no question to ask
+            return NotImplemented
+        reduced = _reduce_main(obj, self._base_globals)
+        if reduced is not None:
+            return reduced
+        if isinstance(obj, types.FunctionType):
+            if registered_by_value(obj.__module__):
+                raise _ByValue(obj)
+        elif isinstance(obj, types.ModuleType):
+            name = module_name(obj)
+            if name is None or registered_by_value(name):
+                raise _ByValue(obj)
+            return importlib.import_module, (name,)
+        elif getattr(obj, "__module__", None) == "__main__" and \
+                not isinstance(obj, types.MethodType):
+            raise _ByValue(obj)
+        return NotImplemented
+
+
+_cloud_pickler: list[type] = []
+
+
+def cloud_pickler() -> type:
+    """cloudpickle's Pickler, made to send what :func:`_reduce_main` covers as
+    :class:`ImportablePickler` does (made once: importing cloudpickle costs ~20 ms)."""
+    if not _cloud_pickler:
+        import cloudpickle
+
+        class CloudPickler(_SharedGlobals, cloudpickle.Pickler):
+            def reducer_override(self, obj: Any) -> Any:
+                reduced = _reduce_main(obj, self._base_globals)
+                return super().reducer_override(obj) if reduced is None else reduced
+
+        _cloud_pickler.append(CloudPickler)
+    return _cloud_pickler[0]
 
 
 def reduce_function(func: types.FunctionType, base_globals: Callable[[dict], dict]) -> tuple:
@@ -142,6 +236,11 @@ def _cell_value(cell: Any) -> tuple:
 def bind(func: Callable, obj: Any) -> types.MethodType:
     """A method of ``obj`` (``types.MethodType`` itself cannot be pickled by name)."""
     return types.MethodType(func, obj)
+
+
+def cached(func: Callable, maxsize: int | None, typed: bool) -> Callable:
+    """A cache of ``func`` of its own in this worker, as the caller's was made."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
 def _rebuild(code: bytes, base: dict, name: str, n_cells: int) -> types.FunctionType:

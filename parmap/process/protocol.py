@@ -48,13 +48,11 @@ Without insights, requests and replies are what they were: not a byte more.
 """
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import pickle
 import time
 from itertools import chain
-from types import FunctionType, MethodType, ModuleType
 from typing import Any, Callable, Mapping, NamedTuple
 
 from .._delayed import Batch, compact
@@ -127,13 +125,11 @@ def encode_request(batch: Batch, track: bool, placer: shm.ArgumentPlacer | None 
     request = Request(batch.start, func, tasks, unary, track, result_nbytes, batch.nested,
                       batch.record is not None)
     try:
-        return _dumps_request(_ImportablePickler, request, placer)
+        return _dumps_request(byvalue.ImportablePickler, request, placer)
     except Exception:
         pass
-    import cloudpickle  # third party, and 25 ms: only for what plain pickle refuses
-
-    try:
-        return _dumps_request(cloudpickle.Pickler, request, placer)
+    try:  # (cloudpickle: third party, and 25 ms: only for what plain pickle refuses)
+        return _dumps_request(byvalue.cloud_pickler(), request, placer)
     except Exception as exc:
         raise _find_unpicklable(batch, exc) from exc
 
@@ -154,62 +150,12 @@ def _dumps_request(pickler: type, request: Request, placer: shm.ArgumentPlacer |
     return shm.dumps_with(pickler, message, placer)
 
 
-class _ByValue(Exception):
-    """Raised by _ImportablePickler for an object a worker might not be able to import."""
-
-
-_CONTAINERS = frozenset({tuple, list, dict, set, frozenset})
-
-
-class _ImportablePickler(pickle.Pickler):
-    """Plain pickle, with the functions of ``__main__`` by value (``byvalue``: a worker
-    started with spawn or forkserver does not run ``__main__``, and a forked one lacks
-    whatever was defined after it started), their bound methods as such, and modules by
-    name. It refuses whatever else claims ``__main__`` as its module (its classes, their
-    instances, a ``TypeVar`` made there: plain pickle would name them ``__main__.X``),
-    modules a worker cannot import by name, and what ``cloudpickle.register_pickle_by_
-    value`` names; lambdas and closures of other modules plain pickle refuses itself."""
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) in _CONTAINERS:  # the most common by far: no question to ask
-            return NotImplemented
-        if isinstance(obj, FunctionType):
-            module = getattr(obj, "__module__", None)
-            if module == "__main__":
-                return byvalue.reduce_function(obj, self._base_globals)
-            if byvalue.registered_by_value(module):
-                raise _ByValue(obj)
-        elif isinstance(obj, MethodType):
-            if getattr(obj.__func__, "__module__", None) == "__main__":
-                return byvalue.bind, (obj.__func__, obj.__self__)  # (plain: by its name)
-        elif isinstance(obj, ModuleType):
-            name = byvalue.module_name(obj)
-            if name is None or byvalue.registered_by_value(name):
-                raise _ByValue(obj)
-            return importlib.import_module, (name,)
-        elif getattr(obj, "__module__", None) == "__main__":
-            raise _ByValue(obj)
-        return NotImplemented
-
-    def _base_globals(self, known: dict) -> dict:
-        """One base dict per module's globals in a message (pickle then sends it once,
-        and the functions of that module share it in the worker, as in the caller)."""
-        bases: dict[int, tuple[dict, dict]] | None = getattr(self, "_bases", None)
-        if bases is None:
-            bases = {}
-            self._bases = bases
-        entry = bases.get(id(known))
-        if entry is None:  # (known is kept in the entry: its id stays its own)
-            entry = bases[id(known)] = (known, byvalue.module_base(known))
-        return entry[1]
-
-
 def dumps_importable(obj: Any) -> bytes | None:
     """``obj`` pickled without cloudpickle if a worker can load it that way (see
-    :class:`_ImportablePickler`), else None."""
+    :class:`byvalue.ImportablePickler`), else None."""
     buf = io.BytesIO()
     try:
-        _ImportablePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        byvalue.ImportablePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     except Exception:
         return None
     return buf.getvalue()
