@@ -110,6 +110,8 @@ def make_bar(spec: object, total: int | None, desc: str = "Parallel") -> Bar | N
     if spec is None or spec is False:
         return None
     if spec is True:
+        if sys.stderr is None:  # pythonw, some services: nowhere to draw it
+            return None
         cls = _default_tqdm()
         return PlainBar(desc) if cls is None else TqdmBar(cls, total, desc)
     if isinstance(spec, type):
@@ -245,7 +247,9 @@ class PlainBar:
 
     @staticmethod
     def _write(text: str) -> None:
-        stream = sys.stderr  # looked up each time: the caller may redirect it
+        stream = sys.stderr  # looked up each time: the caller may redirect it (or close)
+        if stream is None:
+            return
         stream.write(text)
         stream.flush()
 

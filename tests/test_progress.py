@@ -118,6 +118,25 @@ def test_plain_bar_left_as_it_was_when_the_call_fails(plain, capfd):
     assert "100%" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("tqdm_installed", [True, False])
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_no_stderr_means_no_bar_not_a_failed_call(tqdm_installed, n_jobs, monkeypatch):
+    # pythonw and some services run with sys.stderr None
+    if not tqdm_installed:
+        monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert Parallel(n_jobs=n_jobs, progress=True)(delayed(double)(i) for i in range(50)) \
+        == [2 * i for i in range(50)]
+
+
+def test_plain_bar_stops_drawing_when_stderr_goes_away(plain, monkeypatch):
+    bar = _progress.make_bar(True, 10)
+    bar.update(1, 10)
+    monkeypatch.setattr(sys, "stderr", None)
+    bar.update(2, 10)
+    bar.close(10)
+
+
 class Recorded(tqdm_module.tqdm):
     """A tqdm that writes to a buffer and remembers (n, total) at each update."""
 
