@@ -21,7 +21,8 @@ from ._errors import add_task_note
 from ._public import public
 from ._record import BatchRecord, run_observed
 
-__all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact", "expand"]
+__all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact", "expand",
+           "stopped_error", "InlineStop"]
 
 #: ``(function, args, kwargs)``
 Task = tuple
@@ -72,6 +73,28 @@ def check_task(task: object, index: int) -> None:
             f"Parallel(...)(iterable): item {index} of the iterable is {type(task).__name__} "
             f"{task!r:.80}, not a task; wrap each call with delayed, as in "
             f"`Parallel()(delayed(f)(x) for x in xs)`")
+
+
+def stopped_error(index: int, task: tuple) -> RuntimeError:
+    """What a task's StopIteration becomes: raised on, it would end the loop that
+    collects the results, and drop the rest without a word."""
+    error = RuntimeError(
+        "the task raised StopIteration, which would silently end the loop that collects "
+        "the results; as Python does in generators, it is turned into this RuntimeError: "
+        "raise another exception in the task")
+    add_task_note(error, index, task)
+    return error
+
+
+class InlineStop(Exception):
+    """A task's StopIteration on its way out of the generators that run tasks inline
+    (``n_jobs=1``), which would turn it into a RuntimeError that names nothing (PEP
+    479): for a list it is raised as it is, as in a plain loop; for a generator, it
+    becomes :func:`stopped_error`."""
+
+    def __init__(self, stop: StopIteration, index: int, task: tuple):
+        super().__init__(index)
+        self.stop, self.index, self.task = stop, index, task
 
 
 class Batch:
@@ -149,12 +172,7 @@ class Batch:
         except BaseException as exc:
             position = self.failed = len(out)
             if isinstance(exc, StopIteration):  # raised on, it would end a loop instead
-                error = RuntimeError(
-                    "the task raised StopIteration, which would silently end the loop "
-                    "that collects the results; as Python does in generators, it is "
-                    "turned into this RuntimeError: raise another exception in the task")
-                add_task_note(error, self.start + position, self.task(position))
-                raise error from exc
+                raise stopped_error(self.start + position, self.task(position)) from exc
             add_task_note(exc, self.start + position, self.task(position))
             raise
         finally:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from itertools import count
 from time import monotonic, perf_counter, time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
-from ._delayed import check_task
+from ._delayed import InlineStop, check_task
 from ._insights import Insights
 from ._progress import INLINE_INTERVAL, Bar, Progress, make_bar
 from ._record import BatchRecord
@@ -73,8 +73,14 @@ class Monitor:
             yield results
             insights.consumer_s += perf_counter() - t0
 
+    closed = False
+
     def close(self, done: int | None) -> None:
-        """The call ended: with ``done`` tasks, or (None) failed or was cancelled."""
+        """The call ended: with ``done`` tasks, or (None) failed or was cancelled. Only
+        the first close counts."""
+        if self.closed:
+            return
+        self.closed = True
         if self.lines is not None and done is not None:
             self.lines.finish(done)
         if self.bar is not None:
@@ -83,7 +89,7 @@ class Monitor:
             self.insights.close(done is not None)
 
     # ------------------------------------------------------------------ inline calls
-    def run_inline(self, iterable: Iterable) -> Iterator[Any]:
+    def run_inline(self, iterable: Iterable) -> Generator[Any, None, None]:
         """Every task in the caller's thread, unwrapped, watched. Closes the monitor."""
         done = 0
         try:
@@ -117,7 +123,11 @@ class Monitor:
             if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
                 check_task(task, index)
             func, args, kwargs = task
-            yield func(*args, **kwargs) if kwargs else func(*args)
+            try:
+                result = func(*args, **kwargs) if kwargs else func(*args)
+            except StopIteration as exc:
+                raise InlineStop(exc, index, task) from None
+            yield result
 
     def _observed(self, iterable: Iterable) -> Iterator[Any]:
         """Like :meth:`_plain`, each task timed; a record per ``INLINE_RECORD`` seconds."""
@@ -143,7 +153,10 @@ class Monitor:
                     until = monotonic() + INLINE_RECORD
                 tasks[index] = task
                 func, args, kwargs = task
-                result = record.run(index, func, args, kwargs)
+                try:
+                    result = record.run(index, func, args, kwargs)
+                except StopIteration as exc:
+                    raise InlineStop(exc, index, task) from None
                 if monotonic() >= until:
                     self._add(record, tasks)
                     record, tasks = None, {}

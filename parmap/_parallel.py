@@ -22,9 +22,9 @@ from itertools import chain, islice
 from operator import length_hint
 from time import time
 from types import TracebackType
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
-from ._delayed import Task, check_task
+from ._delayed import InlineStop, Task, check_task, stopped_error
 from ._dispatch import Dispatcher
 from ._genexpr import delayed_calls
 from ._insights import Insights
@@ -98,6 +98,7 @@ class Parallel:
         self._managed = False
         self._running = False
         self._live: Dispatcher | None = None  # the call a generator is still running
+        self._inline_stop: list[str] | None = None  # or inline: why it must stop
 
     def _choose_backend(self, spec: BackendSpec, named: bool, params: dict[str, object],
                         nesting_level: int, implicit: bool) -> ParallelBackendBase:
@@ -129,12 +130,14 @@ class Parallel:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._managed = False
-        live = self._live
+        live, why = self._live, (
+            "the generator of this Parallel call was cancelled when its `with "
+            "Parallel(...)` block ended: read a generator's results inside the block, "
+            "or use return_as='list'")
         if live is not None:  # a generator of this block is still referenced: its tasks
-            live.abort(ensure_ready=False, why=(  # must not outlive the block
-                "the generator of this Parallel call was cancelled when its `with "
-                "Parallel(...)` block ended: read a generator's results inside the "
-                "block, or use return_as='list'"))
+            live.abort(ensure_ready=False, why=why)  # must not outlive the block
+        if self._inline_stop is not None:  # the same for one that runs tasks inline
+            self._inline_stop.append(why)
         if exc_type is not None:  # leaving on an error (a timeout, Ctrl-C): stop, and
             # do not wait for the tasks still running (a stuck thread is abandoned)
             self._backend.abort_everything(ensure_ready=False)
@@ -185,7 +188,12 @@ class Parallel:
                         self._running = False
                 results = self._inline(iterable, monitor)
                 next(results)
-                return list(results) if self.return_as == "list" else results
+                if self.return_as != "list":
+                    return results
+                try:
+                    return list(results)
+                except InlineStop as stopped:  # as in a plain loop
+                    raise stopped.stop from None
             batches = self._dispatched(iterable, n_jobs, monitor)
             next(batches)  # start dispatching now, as joblib does
             if self.return_as == "list":
@@ -219,24 +227,32 @@ class Parallel:
         print_line(self.verbose, line)
 
     def _inline(self, iterable: Iterable[Task], monitor: Monitor | None) -> Iterator[Any]:
+        """Every task in the caller's thread: a generator (as the list's source when a
+        monitor watches); a ``with`` block's end stops it, as it cancels a dispatched
+        call (``_inline_stop``, set by ``__exit__``)."""
+        stop: list[str] = []
+        self._inline_stop = stop
+        results: Generator[Any, None, None] | None = None
         try:
             yield None  # primed by __call__
-            if monitor is not None:
-                yield from monitor.run_inline(iterable)
-                return
-            found = delayed_calls(iterable)
-            if found is not None:
-                func, xs, _ = found
-                for x in xs:
-                    yield func(x)
-                return
-            for index, task in enumerate(iterable):
-                if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
-                    check_task(task, index)
-                func, args, kwargs = task
-                yield func(*args, **kwargs) if kwargs else func(*args)
+            results = _run_each(iterable) if monitor is None else monitor.run_inline(iterable)
+            if stop:  # (not one task ran: the block ended before the first read)
+                raise RuntimeError(stop[0])
+            for result in results:
+                yield result
+                if stop:
+                    raise RuntimeError(stop[0])
+        except InlineStop as stopped:  # (a list raises the task's own StopIteration)
+            if self.return_as == "list":
+                raise
+            raise stopped_error(stopped.index, stopped.task) from stopped.stop
         finally:
             self._running = False
+            self._inline_stop = None
+            if results is not None:
+                results.close()
+            if monitor is not None:
+                monitor.close(None)  # (if not closed yet: a generator closed at once)
 
     def _dispatched(self, iterable: Iterable[Task], n_jobs: int, monitor: Monitor | None
                     ) -> Iterator[list]:
@@ -291,6 +307,29 @@ def _run_all(iterable: Iterable[Task]) -> list:
         func, args, kwargs = task
         append(func(*args, **kwargs) if kwargs else func(*args))
     return out
+
+
+def _run_each(iterable: Iterable[Task]) -> Generator[Any, None, None]:
+    """``n_jobs=1``, a generator: each task as it is asked for."""
+    found = delayed_calls(iterable)
+    if found is not None:
+        func, xs, _ = found
+        for index, x in enumerate(xs):
+            try:
+                result = func(x)
+            except StopIteration as exc:
+                raise InlineStop(exc, index, (func, (x,), {})) from None
+            yield result
+        return
+    for index, task in enumerate(iterable):
+        if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
+            check_task(task, index)
+        func, args, kwargs = task
+        try:
+            result = func(*args, **kwargs) if kwargs else func(*args)
+        except StopIteration as exc:
+            raise InlineStop(exc, index, task) from None
+        yield result
 
 
 def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:

@@ -241,11 +241,22 @@ def test_a_task_raising_stop_iteration_fails_the_call_naming_it(backend, form):
     assert "task 3: stop_at_3(3)" in "\n".join(info.value.__notes__)
 
 
-def test_with_n_jobs_1_a_task_raising_stop_iteration_is_an_error_as_in_a_loop():
-    with pytest.raises(StopIteration):
-        Parallel(n_jobs=1)(delayed(stop_at_3)(x) for x in range(6))
-    with pytest.raises(RuntimeError, match="generator raised StopIteration"):
-        list(Parallel(n_jobs=1, return_as="generator")(delayed(stop_at_3)(x) for x in range(6)))
+@pytest.mark.parametrize("watch", [{}, {"verbose": 1}, {"progress": lambda done, total: None},
+                                   {"insights": True}])
+@pytest.mark.parametrize("form", ["expression", "list"])
+def test_with_n_jobs_1_a_task_raising_stop_iteration_is_an_error_as_in_a_loop(watch, form):
+    def tasks():
+        made = (delayed(stop_at_3)(x) for x in range(6))
+        return made if form == "expression" else list(made)
+
+    with pytest.raises(StopIteration):  # itself, watched or not
+        Parallel(n_jobs=1, **watch)(tasks())
+    # a generator cannot raise it on (it would end the caller's loop): named instead,
+    # as with workers, not Python's "generator raised StopIteration"
+    with pytest.raises(RuntimeError, match="the task raised StopIteration") as info:
+        list(Parallel(n_jobs=1, return_as="generator", **watch)(tasks()))
+    assert "task 3: stop_at_3(3)" in "\n".join(info.value.__notes__)
+    assert isinstance(info.value.__cause__, StopIteration)
 
 
 def test_an_attribute_chain_is_not_evaluated_for_another_delayed():

@@ -95,6 +95,15 @@ def test_insights_can_be_read_during_a_generator_call():
     assert done["finished"] and done["n_tasks"] == 20
 
 
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_generator_closed_before_its_first_result_ends_the_run(n_jobs):
+    parallel = Parallel(n_jobs=n_jobs, backend="threading", insights=True,
+                        return_as="generator")
+    parallel(delayed(abs)(-i) for i in range(5)).close()
+    data = parallel.insights.to_dict()
+    assert not data["running"] and not data["finished"]
+
+
 def test_a_failed_call_keeps_what_completed():
     parallel = Parallel(n_jobs=2, backend="threading", batch_size=1, insights=True)
     with pytest.raises(ZeroDivisionError):

@@ -103,6 +103,27 @@ def test_a_generator_read_after_its_with_block_ended_says_so(parallel_backend):
         list(results)
 
 
+def test_an_inline_generator_read_after_its_with_block_ended_says_so():
+    # n_jobs=1 runs each task as it is read: after the block, none may run
+    ran = []
+
+    def note(x):
+        ran.append(x)
+        return x
+
+    for read_first in (True, False):
+        ran.clear()
+        with Parallel(n_jobs=1, return_as="generator") as parallel:
+            results = parallel(delayed(note)(i) for i in range(5))
+            if read_first:
+                assert next(results) == 0
+        with pytest.raises(RuntimeError, match=r"cancelled when its `with Parallel\(...\)` "
+                                               r"block ended"):
+            next(results)
+        assert ran == ([0] if read_first else [])
+    assert list(parallel([delayed(abs)(-1)])) == [1]  # the instance is free again
+
+
 def test_instance_can_be_called_again(backend):
     parallel = Parallel(n_jobs=2, backend=backend)
     assert parallel([delayed(square)(2)]) == [4]
