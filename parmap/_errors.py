@@ -35,7 +35,7 @@ from typing import Any, Callable
 from ._public import public
 
 __all__ = [
-    "timeout_error", "initializer_timeout_error", "call_repr", "func_name", "add_task_note", "CapturedError",
+    "timeout_error", "initializer_timeout_error", "call_repr", "add_note", "func_name", "add_task_note", "CapturedError",
     "ParmapError",
     "PoolError",
     "WorkerCrashedError",
@@ -210,7 +210,11 @@ def timeout_error_from_text(message: str) -> TaskTimeoutError:
 def add_task_note(exc: BaseException, index: int, task: tuple) -> None:
     """Attach "parmap: raised by task 17: f(3)" to ``exc`` (shown by Python 3.11+)."""
     func, args, kwargs = task
-    note = f"parmap: raised by task {index}: {call_repr(func, args, kwargs)}"
+    add_note(exc, f"parmap: raised by task {index}: {call_repr(func, args, kwargs)}")
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` once (``__notes__``; Python 3.10 has no add_note)."""
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         if note not in notes:

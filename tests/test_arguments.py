@@ -100,6 +100,15 @@ def test_bad_backend_name_lists_choices():
         Parallel(backend=3)
 
 
+def test_a_bad_start_method_names_where_it_came_from(monkeypatch):
+    with pytest.raises(ValueError, match="^start_method must be 'auto' or one of"):
+        Parallel(n_jobs=2, start_method="Spawn")
+    monkeypatch.setenv("PARMAP_START_METHOD", "Spawn")
+    with pytest.raises(ValueError, match="^the PARMAP_START_METHOD variable must be 'auto' "
+                                         "or one of .*got 'Spawn'"):
+        Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4))
+
+
 @pytest.mark.parametrize("key, value", [("prefer", "gpu"), ("require", "shm"),
                                         ("mmap_mode", "rw"), ("verbose", "loud"),
                                         ("max_nbytes", "1Q"), ("max_nbytes", -5)])

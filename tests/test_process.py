@@ -115,6 +115,33 @@ def test_unpicklable_result_is_named():
     healthy()
 
 
+def load_only_in(pid):
+    """Unpickles in process ``pid`` only: elsewhere, as a module the worker lacks."""
+    if os.getpid() != pid:
+        raise ModuleNotFoundError("No module named 'only_here'")
+    return LoadsOnlyHere(pid)
+
+
+class LoadsOnlyHere:
+    def __init__(self, pid):
+        self.pid = pid
+
+    def __reduce__(self):
+        return load_only_in, (self.pid,)
+
+    def __repr__(self):
+        return "LoadsOnlyHere()"
+
+
+def test_a_batch_the_worker_cannot_unpickle_is_named():
+    with pytest.raises(SerializationError, match="could not be unpickled in the worker: "
+                       "ModuleNotFoundError") as info:
+        Parallel(n_jobs=2, batch_size=1)(
+            delayed(identity)(x) for x in [1, LoadsOnlyHere(os.getpid()), 3])
+    assert "parmap: raised for task 1 (identity(LoadsOnlyHere()))" in info.value.__notes__
+    healthy()
+
+
 # --------------------------------------------------------------------------- crashes
 
 @pytest.mark.parametrize("func, expect", [

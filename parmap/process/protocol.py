@@ -56,7 +56,7 @@ from itertools import chain
 from typing import Any, Callable, Mapping, NamedTuple
 
 from .._delayed import Batch, compact
-from .._errors import CapturedError, SerializationError, func_name
+from .._errors import CapturedError, SerializationError, add_note, func_name
 from .._record import BatchRecord
 from . import byvalue, shm, shm_results
 
@@ -308,7 +308,12 @@ def decode_reply(data: bytes, batch: Batch, describe: Callable[[], str]) -> Any:
     batch.duration, batch.nbytes = duration, nbytes
     if status == RETRY_STATUS:
         return RETRY
-    return payload if status == OK else payload.rebuild()
+    if status == OK:
+        return payload
+    error = payload.rebuild()
+    if payload.index < 0:  # the batch as a whole (it could not be unpickled there)
+        add_note(error, f"parmap: raised for {describe()}")
+    return error
 
 
 def discard_reply(data: bytes) -> None:

@@ -48,7 +48,8 @@ def choose_start_method(requested: str | None = None, openmp_threads: int | None
     available = mp.get_all_start_methods()
     if method != "auto":
         if method not in available:
-            raise ValueError(f"start_method must be 'auto' or one of {available}, got "
+            where = "start_method" if requested else "the PARMAP_START_METHOD variable"
+            raise ValueError(f"{where} must be 'auto' or one of {available}, got "
                              f"{method!r}")
         return method
     if (sys.platform.startswith("linux") and threading.active_count() == 1
