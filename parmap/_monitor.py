@@ -20,6 +20,7 @@ from time import monotonic, perf_counter, time
 from typing import Any, Callable, Generator, Iterable, Iterator
 
 from ._delayed import InlineStop, check_task
+from ._genexpr import delayed_calls
 from ._insights import Insights
 from ._progress import INLINE_INTERVAL, Bar, Progress, make_bar
 from ._record import BatchRecord
@@ -89,6 +90,16 @@ class Monitor:
             self.insights.close(done is not None)
 
     # ------------------------------------------------------------------ inline calls
+    def counted(self, iterable: Iterable) -> Iterable:
+        """``iterable``, and its number of tasks as the total where it is
+        ``delayed(f)(x) for x in xs`` over a range, list or tuple (as the dispatcher
+        reads it with workers): read through its ``xs`` from now on."""
+        found = None if self.total is not None else delayed_calls(iterable)
+        if found is None or found[2] is None:
+            return iterable
+        func, xs, self.total = found
+        return ((func, (x,), {}) for x in xs)
+
     def run_inline(self, iterable: Iterable) -> Generator[Any, None, None]:
         """Every task in the caller's thread, unwrapped, watched. Closes the monitor."""
         done = 0

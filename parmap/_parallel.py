@@ -179,6 +179,8 @@ class Parallel:
             n_jobs = self._configure()
             monitor = self._monitor(iterable, n_jobs, started)
             if n_jobs == 1:
+                if monitor is not None:  # its total, for delayed(f)(x) for x in range(n)
+                    iterable = monitor.counted(iterable)
                 if isinstance(self.batch_size, int) and self.batch_size > 1:
                     iterable = _read_ahead(iterable, self.batch_size)
                 if monitor is None and self.return_as == "list":
@@ -227,9 +229,8 @@ class Parallel:
         print_line(self.verbose, line)
 
     def _inline(self, iterable: Iterable[Task], monitor: Monitor | None) -> Iterator[Any]:
-        """Every task in the caller's thread: a generator (as the list's source when a
-        monitor watches); a ``with`` block's end stops it, as it cancels a dispatched
-        call (``_inline_stop``, set by ``__exit__``)."""
+        """Every task in the caller's thread, one by one; the end of a ``with`` block
+        stops it as it cancels a dispatched call (``_inline_stop``: ``__exit__``)."""
         stop: list[str] = []
         self._inline_stop = stop
         results: Generator[Any, None, None] | None = None

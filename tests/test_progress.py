@@ -216,6 +216,16 @@ def test_the_default_tqdm_bar_starts_no_thread():
         bar.close(None)
 
 
+@pytest.mark.parametrize("return_as", ["list", "generator"])
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_the_total_of_an_expression_over_a_range_is_known_from_the_start(n_jobs, return_as):
+    calls = []
+    list(Parallel(n_jobs=n_jobs, backend="threading", return_as=return_as,
+                  progress=lambda done, total: calls.append((done, total)))(
+        delayed(double)(x) for x in range(10)))
+    assert calls and all(total == 10 for _, total in calls)
+
+
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_callable_gets_done_and_total(backend, n_jobs, monkeypatch):
     monkeypatch.setattr(_progress, "INLINE_INTERVAL", 0.0)
