@@ -154,11 +154,7 @@ class Parallel:
         backend = self._backend
         n_jobs = backend.effective_n_jobs(resolve_n_jobs(self.n_jobs))
         if n_jobs == 1 or backend.inline:
-            if self.timeout is not None:
-                warnings.warn(
-                    f"The backend class 'SequentialBackend' does not support timeout. You "
-                    f"have set 'timeout={self.timeout:g}' in Parallel but the 'timeout' "
-                    f"parameter will not be used.", stacklevel=3)
+            _warn_inline(self.timeout, backend)
             return 1
         return backend.configure(n_jobs, CallOptions(
             self.timeout, self.max_nbytes, self.mmap_mode, self.temp_folder,
@@ -291,6 +287,23 @@ class Parallel:
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"
+
+
+def _warn_inline(timeout: float | None, backend: ParallelBackendBase) -> None:
+    """What a call that runs its tasks in the caller (one worker) does not use."""
+    if timeout is not None:
+        warnings.warn(
+            f"The backend class 'SequentialBackend' does not support timeout. You have set "
+            f"'timeout={timeout:g}' in Parallel but the 'timeout' parameter will not be "
+            f"used.", stacklevel=4)
+    unused = [name for name in ("initializer", "finalizer")
+              if getattr(backend, name, None) is not None]
+    if unused:  # not run in the caller: one written for a worker (a SIGINT handler that
+        # ignores Ctrl-C, say) would change the caller itself
+        warnings.warn(
+            f"{' and '.join(unused)} do{'es' if len(unused) == 1 else ''} not run with "
+            f"n_jobs=1: the tasks run in the calling process, which is not a worker. If "
+            f"they need what it sets up, call it yourself before the call.", stacklevel=4)
 
 
 def _run_all(iterable: Iterable[Task]) -> list:

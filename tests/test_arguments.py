@@ -229,6 +229,16 @@ def test_a_multiprocessing_context_as_backend_picks_its_start_method():
     assert parallel(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
 
 
+def test_an_initializer_on_an_inline_run_warns_that_it_does_not_run():
+    with pytest.warns(UserWarning, match=r"^initializer and finalizer do not run with "
+                      r"n_jobs=1: the tasks run in the calling process"):
+        assert Parallel(n_jobs=1, initializer=print, finalizer=print)(
+            delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+    with pytest.warns(UserWarning, match=r"^initializer does not run with n_jobs=1"):
+        with Parallel(n_jobs=1, initializer=print) as parallel:
+            assert parallel(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+
+
 def test_timeout_on_an_inline_run_warns_in_joblibs_words():
     with pytest.warns(UserWarning, match=r"^The backend class 'SequentialBackend' does not "
                       r"support timeout. You have set 'timeout=1' in Parallel but the "
