@@ -135,7 +135,8 @@ class Insights:
                              else 0.0, "max": max(waits, default=0.0)},
             "caller": {"input_s": self.input_s, "consumer_s": self.consumer_s},
             "startup": {"first_task_s": min(began) - self.started if began else None,
-                        "new_workers": sum(1 for w in workers if w["new"])},
+                        "new_workers": sum(1 for w in workers if w["new"]),
+                        "replaced_workers": sum(w["processes"] - 1 for w in workers)},
             "workers": workers,
             "time": _time_shares(workers, n_workers, wall, task_s),
         }
@@ -191,6 +192,7 @@ def _workers(records: list[BatchRecord], started: float, end: float) -> list[dic
             "between_idle_s": max(wall - busy - first - last, 0.0),
             "new": since is not None and since >= started,
             "rss_bytes": own[-1][0].rss, "peak_rss_bytes": max(peaks, default=None),
+            "processes": len({r.pid for r, _ in own}),  # more than 1: recycled
         })
     out.sort(key=lambda w: str(w["worker"]))
     return out

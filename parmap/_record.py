@@ -30,6 +30,7 @@ from time import monotonic, perf_counter, process_time, thread_time, time
 from typing import Any, Callable
 
 from ._errors import call_repr
+from ._worker_state import process_slot
 
 __all__ = ["BatchRecord", "run_observed", "memory", "lanes", "BINS_PER_OCTAVE",
            "SLOWEST_KEPT", "PIPE_BUFFER", "bin_of", "bin_seconds"]
@@ -66,7 +67,7 @@ class BatchRecord:
         "submitted", "pickle_s", "request_bytes", "arrived", "unpickle_s", "reply_bytes",
         "collected",
         # where the batch ran
-        "host", "pid", "thread", "cpu_clock", "worker_since", "received",
+        "host", "pid", "slot", "thread", "cpu_clock", "worker_since", "received",
         "worker_unpickle_s", "began", "ended", "worker_pickle_s", "sent", "shm_bytes",
         "n_tasks", "task_s", "task_cpu_s", "hist", "slowest", "rss", "peak_rss")
 
@@ -80,6 +81,7 @@ class BatchRecord:
         self.collected = 0.0
         self.host = ""
         self.pid = 0
+        self.slot: int | None = None  # a pool's worker id, in its process workers
         self.thread = ""
         #: "thread": a task's CPU time is its thread's (threads, the caller); "process":
         #: the whole process's (a worker process, where a task may start threads of its own)
@@ -135,7 +137,7 @@ class BatchRecord:
     # ------------------------------------------------------------------ measuring
     def start(self) -> None:
         """Where the batch runs, just before its first task."""
-        self.host, self.pid = _HOST, os.getpid()
+        self.host, self.pid, self.slot = _HOST, os.getpid(), process_slot()
         self.thread = threading.current_thread().name
         self.began = time()
         if not self.received:
@@ -176,7 +178,7 @@ class BatchRecord:
         self.rss, self.peak_rss = memory()
 
 
-_REMOTE_FIELDS = ("host", "pid", "thread", "cpu_clock", "worker_since", "received",
+_REMOTE_FIELDS = ("host", "pid", "slot", "thread", "cpu_clock", "worker_since", "received",
                   "worker_unpickle_s", "began", "ended", "worker_pickle_s", "sent",
                   "shm_bytes", "n_tasks", "task_s", "task_cpu_s", "hist", "slowest", "rss",
                   "peak_rss")
@@ -184,14 +186,19 @@ _REMOTE_FIELDS = ("host", "pid", "thread", "cpu_clock", "worker_since", "receive
 
 def lanes(records: list[BatchRecord]) -> dict[str, list[tuple[BatchRecord, float]]]:
     """Records by worker, in the order each ran them, with when the worker was free
-    again after each (see :meth:`BatchRecord.busy_until`)."""
-    by_worker: dict[str, list[BatchRecord]] = {}
+    again after each (see :meth:`BatchRecord.busy_until`). A pool's worker is its slot:
+    the processes that replace one another in it (recycling) make one lane."""
+    by_worker: dict[Any, list[BatchRecord]] = {}
     for record in records:
-        by_worker.setdefault(record.worker, []).append(record)
+        key = record.worker if record.slot is None else (record.host, record.slot)
+        by_worker.setdefault(key, []).append(record)
     out = {}
-    for name, own in by_worker.items():
+    for own in by_worker.values():
         own.sort(key=lambda r: r.received)
         after = [r.received for r in own[1:]] + [float("inf")]
+        processes = len({r.pid for r in own})
+        name = own[0].worker if processes == 1 else \
+            f"worker {own[0].slot} ({processes} procs)"
         out[name] = [(r, r.busy_until(nxt)) for r, nxt in zip(own, after)]
     return out
 

@@ -93,6 +93,8 @@ def report(data: dict[str, Any]) -> str:
                  f"the results {seconds(caller['consumer_s'])}")
     new = f"; {startup['new_workers']} worker(s) started for this call" \
         if startup["new_workers"] else ""
+    new += f"; workers replaced {startup['replaced_workers']} time(s) during it" \
+        if startup["replaced_workers"] else ""
     lines.append(f"Start-up: the first task ran {seconds(startup['first_task_s'])} after the "
                  f"call began{new}")
     lines.append("")
@@ -122,8 +124,8 @@ def advise(data: dict[str, Any]) -> list[str]:
     if not n:
         return ["No task has completed yet: nothing to tell."]
     found: list[tuple[float, str]] = []
-    for rule in (_startup, _overhead, _input, _consumer, _caller, _big_data, _tail, _gil,
-                 _waiting):
+    for rule in (_startup, _recycling, _overhead, _input, _consumer, _caller, _big_data,
+                 _tail, _gil, _waiting):
         advice = rule(data)
         if advice is not None:
             found.append(advice)
@@ -155,6 +157,17 @@ def _startup(d: dict[str, Any]) -> tuple[float, str] | None:
     return share, (f"Workers waited {percent(share)} of their time for their first batch "
                    f"(the first task ran {seconds(first)} after the call began): the input's "
                    f"first items, or the first batch's pickling, are slow.")
+
+
+def _recycling(d: dict[str, Any]) -> tuple[float, str] | None:
+    replaced, share = d["startup"]["replaced_workers"], d["time"]["idle_between"]
+    if not replaced or share < NOTABLE:
+        return None
+    return share, (f"Workers were replaced {replaced} time{'s' if replaced > 1 else ''} "
+                   f"during the call (max_tasks_per_child or max_memory_per_child), and sat "
+                   f"idle {percent(share)} of their time between batches, mostly while "
+                   f"their replacements started: recycle less often (a larger "
+                   f"max_tasks_per_child) if memory allows.")
 
 
 def _overhead(d: dict[str, Any]) -> tuple[float, str] | None:

@@ -20,11 +20,12 @@ from typing import Any
 
 from ._public import public
 
-__all__ = ["worker_state", "worker_id", "enter_process", "enter_thread"]
+__all__ = ["worker_state", "worker_id", "enter_process", "enter_thread", "process_slot"]
 
 #: this process's state and id (a worker process resets both when it starts)
 _state: dict[str, Any] = {}
 _id = 0
+_in_worker = False  # a process worker of a parmap pool (enter_process)
 #: the same, per thread, for the threads of a thread pool
 _local = threading.local()
 
@@ -62,8 +63,14 @@ def worker_id() -> int:
 def enter_process(wid: int) -> None:
     """In a worker process, once, at start: a fresh state (a forked worker must not
     share the caller's) and its id."""
-    global _state, _id
-    _state, _id = {}, wid
+    global _state, _id, _in_worker
+    _state, _id, _in_worker = {}, wid, True
+
+
+def process_slot() -> int | None:
+    """In a process worker of a pool, its id: the slot that the processes replacing it
+    (recycling, a crash) take in turn; elsewhere None."""
+    return _id if _in_worker else None
 
 
 def enter_thread(wid: int) -> None:

@@ -104,6 +104,22 @@ def test_a_generator_closed_before_its_first_result_ends_the_run(n_jobs):
     assert not data["running"] and not data["finished"]
 
 
+def test_recycled_workers_are_lanes_of_their_pool_slot():
+    """With max_tasks_per_child, the processes that replace one another are one worker
+    (its slot), not a worker each: 2 workers, not 6, and the replacements counted."""
+    parallel = Parallel(n_jobs=2, insights=True, batch_size=2, max_tasks_per_child=2)
+    parallel(delayed(sleeper)(0.02) for _ in range(12))
+    data = parallel.insights.to_dict()
+    assert data["n_workers"] == 2 and len(data["workers"]) == 2
+    assert sum(w["processes"] for w in data["workers"]) == 6
+    assert data["startup"]["replaced_workers"] == 4
+    assert sum(w["tasks"] for w in data["workers"]) == 12
+    for w in data["workers"]:  # (one slot may have run more batches than the other)
+        assert re.fullmatch(rf"worker [01] \({w['processes']} procs\)", w["worker"]) or \
+            w["processes"] == 1 and w["worker"].startswith("pid ")
+    assert "workers replaced 4 time(s)" in str(parallel.insights)
+
+
 def test_a_failed_call_keeps_what_completed():
     parallel = Parallel(n_jobs=2, backend="threading", batch_size=1, insights=True)
     with pytest.raises(ZeroDivisionError):
