@@ -232,13 +232,9 @@ class Parallel:
         results: Generator[Any, None, None] | None = None
         try:
             yield None  # primed by __call__
-            results = _run_each(iterable) if monitor is None else monitor.run_inline(iterable)
-            if stop:  # (not one task ran: the block ended before the first read)
-                raise RuntimeError(stop[0])
-            for result in results:
-                yield result
-                if stop:
-                    raise RuntimeError(stop[0])
+            results = _run_each(iterable, stop) if monitor is None else \
+                monitor.run_inline(_until_stopped(iterable, stop))
+            yield from results
         except InlineStop as stopped:  # (a list raises the task's own StopIteration)
             if self.return_as == "list":
                 raise
@@ -323,19 +319,27 @@ def _run_all(iterable: Iterable[Task]) -> list:
     return out
 
 
-def _run_each(iterable: Iterable[Task]) -> Generator[Any, None, None]:
-    """``n_jobs=1``, a generator: each task as it is asked for."""
+def _until_stopped(items: Iterable, stop: list[str]) -> Iterator:
+    """``items``, until ``stop`` holds why not: raised then, if an item is left."""
+    for item in items:
+        if stop:
+            raise RuntimeError(stop[0])
+        yield item
+
+
+def _run_each(iterable: Iterable[Task], stop: list[str]) -> Generator[Any, None, None]:
+    """``n_jobs=1``, a generator: each task as it is asked for (see _until_stopped)."""
     found = delayed_calls(iterable)
     if found is not None:
         func, xs, _ = found
-        for index, x in enumerate(xs):
+        for index, x in enumerate(_until_stopped(xs, stop)):
             try:
                 result = func(x)
             except StopIteration as exc:
                 raise InlineStop(exc, index, (func, (x,), {})) from None
             yield result
         return
-    for index, task in enumerate(iterable):
+    for index, task in enumerate(_until_stopped(iterable, stop)):
         if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
             check_task(task, index)
         func, args, kwargs = task

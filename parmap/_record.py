@@ -137,7 +137,9 @@ class BatchRecord:
     # ------------------------------------------------------------------ measuring
     def start(self) -> None:
         """Where the batch runs, just before its first task."""
-        self.host, self.pid, self.slot = _HOST, os.getpid(), process_slot()
+        self.host, self.pid = _HOST, os.getpid()
+        # a process worker's own batch (not one of threads that a task started there)
+        self.slot = process_slot() if self.cpu_clock == "process" else None
         self.thread = threading.current_thread().name
         self.began = time()
         if not self.received:

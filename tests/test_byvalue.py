@@ -15,6 +15,7 @@ from .conftest import run_script
 SCRIPT = textwrap.dedent('''
     import functools, json, math, sys, traceback, types, typing
     import xml.dom.minidom
+    import parmap
     from parmap import Parallel, delayed
 
     SCALE = 2
@@ -75,6 +76,16 @@ SCRIPT = textwrap.dedent('''
     def cache_of(x):
         return [fib.cache_parameters()["maxsize"], settings.__wrapped__.__name__]
 
+    @functools.cache
+    def connection():  # "load once" per worker: one cache for the worker's life
+        state = parmap.worker_state()
+        state["loads"] = state.get("loads", 0) + 1
+        return "conn"
+
+    def uses_connection(x):
+        connection()
+        return parmap.worker_state()["loads"]
+
     T = typing.TypeVar("T")
 
     def ident(x: T) -> T:
@@ -98,6 +109,8 @@ SCRIPT = textwrap.dedent('''
     out["cached"] = run(uses_cache)
     out["cached recursive"] = run(fib)
     out["cache kept"] = run(cache_of)[0]
+    out["loads per worker"] = max(Parallel(n_jobs=2, start_method=sys.argv[1], batch_size=1)(
+        delayed(uses_connection)(i) for i in range(12)))
     out["cloudpickle"] = "cloudpickle" in sys.modules
 
     class Point:  # a class of __main__: cloudpickle sends it, as before
@@ -149,6 +162,7 @@ def test_functions_of_a_script_run_in_workers_without_cloudpickle(method):
         "cached": [0, 3, 6, 9],
         "cached recursive": [0, 1, 1, 2],
         "cache kept": [None, "settings"],
+        "loads per worker": 1,
         "frame": [True, True],
         "before the error": [0, 3, 6],
     }

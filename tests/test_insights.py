@@ -120,6 +120,18 @@ def test_recycled_workers_are_lanes_of_their_pool_slot():
     assert "workers replaced 4 time(s)" in str(parallel.insights)
 
 
+def lanes_of_a_threading_call(_):
+    parallel = Parallel(n_jobs=3, backend="threading", insights=True)
+    parallel(delayed(sleeper)(0.05) for _ in range(9))
+    return sorted(w["worker"] for w in parallel.insights.to_dict()["workers"])
+
+
+def test_a_threading_call_inside_a_process_worker_has_a_lane_per_thread():
+    # its records are made in a pool's process, but the lanes are its threads
+    assert Parallel(n_jobs=2)(delayed(lanes_of_a_threading_call)(i) for i in range(1)) == \
+        [["parmap-thread-0", "parmap-thread-1", "parmap-thread-2"]]
+
+
 def test_a_failed_call_keeps_what_completed():
     parallel = Parallel(n_jobs=2, backend="threading", batch_size=1, insights=True)
     with pytest.raises(ZeroDivisionError):

@@ -122,6 +122,10 @@ def test_an_inline_generator_read_after_its_with_block_ended_says_so():
             next(results)
         assert ran == ([0] if read_first else [])
     assert list(parallel([delayed(abs)(-1)])) == [1]  # the instance is free again
+    with Parallel(n_jobs=1, return_as="generator") as parallel:  # all read in the block:
+        results = parallel(delayed(note)(i) for i in range(2))
+        assert [next(results), next(results)] == [0, 1]
+    assert list(results) == []  # nothing was left to cancel
 
 
 def test_instance_can_be_called_again(backend):

@@ -17,6 +17,7 @@ import parmap
 from parmap import (Parallel, RemoteTaskError, SerializationError, TaskTimeoutError,
                     WorkerCrashedError, delayed)
 from parmap.backends.process import ProcessBackend
+from parmap.process import protocol, registry
 
 from .conftest import child_pids, recording
 from .process_helpers import exit_on, healthy, identity
@@ -307,6 +308,20 @@ def test_timeout_covers_a_hung_initializer(method):
         Parallel(n_jobs=2, timeout=0.5, initializer=hang_at_start, start_method=method)(
             delayed(abs)(-x) for x in range(4))
     assert time.monotonic() - t0 < 10
+    healthy()
+
+
+def test_workers_still_in_their_initializer_go_with_the_call():
+    """The other workers still in the initializer (holding no job of the call) are
+    stopped too: kept, they would take the next call's jobs and hold them."""
+    with pytest.raises(TaskTimeoutError, match="initializer"):
+        Parallel(n_jobs=3, timeout=0.5, initializer=hang_at_start)(
+            delayed(abs)(-x) for x in range(1))
+    pool = registry._shared[0]
+    time.sleep(0.5)  # (a worker may have started its initializer since: not yet stuck)
+    stuck = [w for w in pool.workers if not w.dead and w.status[0] == protocol.INITIALIZER
+             and w.status[1] and time.monotonic() - w.status[1] > 0.9]
+    assert stuck == []
     healthy()
 
 

@@ -82,6 +82,10 @@ def _reduce_main(obj: Any, base_globals: Callable[[dict], dict]) -> tuple | None
     if isinstance(obj, types.MethodType):
         return (bind, (obj.__func__, obj.__self__)) \
             if getattr(obj.__func__, "__module__", None) == "__main__" else None
+    return _reduce_cache(obj)
+
+
+def _reduce_cache(obj: Any) -> tuple | None:
     if type(obj) is _LRU_CACHE:
         func = getattr(obj, "__wrapped__", None)
         if isinstance(func, types.FunctionType) and func.__module__ == "__main__":
@@ -97,25 +101,32 @@ class ImportablePickler(_SharedGlobals, pickle.Pickler):
     name. It refuses whatever else claims ``__main__`` as its module (its classes, their
     instances, a ``TypeVar`` made there: plain pickle would name them ``__main__.X``),
     modules a worker cannot import by name, and what ``cloudpickle.register_pickle_by_
-    value`` names; lambdas and closures of other modules plain pickle refuses itself."""
+    value`` names; lambdas and closures of other modules plain pickle refuses itself.
+    (The checks of :func:`_reduce_main` are written out here: this runs for every
+    object of a request that is not a container or a number or string.)"""
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) in _CONTAINERS:  # the most common by far: no question to ask
             return NotImplemented
-        reduced = _reduce_main(obj, self._base_globals)
-        if reduced is not None:
-            return reduced
         if isinstance(obj, types.FunctionType):
-            if registered_by_value(obj.__module__):
+            module = obj.__module__
+            if module == "__main__":
+                return reduce_function(obj, self._base_globals)
+            if registered_by_value(module):
                 raise _ByValue(obj)
+        elif isinstance(obj, types.MethodType):
+            if getattr(obj.__func__, "__module__", None) == "__main__":
+                return bind, (obj.__func__, obj.__self__)  # (plain: by its name)
         elif isinstance(obj, types.ModuleType):
             name = module_name(obj)
             if name is None or registered_by_value(name):
                 raise _ByValue(obj)
             return importlib.import_module, (name,)
-        elif getattr(obj, "__module__", None) == "__main__" and \
-                not isinstance(obj, types.MethodType):
-            raise _ByValue(obj)
+        elif getattr(obj, "__module__", None) == "__main__":
+            reduced = _reduce_cache(obj)
+            if reduced is None:
+                raise _ByValue(obj)
+            return reduced
         return NotImplemented
 
 
@@ -238,9 +249,27 @@ def bind(func: Callable, obj: Any) -> types.MethodType:
     return types.MethodType(func, obj)
 
 
-def cached(func: Callable, maxsize: int | None, typed: bool) -> Callable:
-    """A cache of ``func`` of its own in this worker, as the caller's was made."""
-    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+#: the caches made here, by (qualified name, code, maxsize, typed): one per function
+#: for the worker's life, not one per batch
+_caches: dict[tuple, Callable] = {}
+
+
+def cached(func: types.FunctionType, maxsize: int | None, typed: bool) -> Callable:
+    """The cache of ``func`` in this worker, made as the caller's was: the one a forked
+    worker has in its ``__main__`` (filled before the fork), or one made here for the
+    first batch that sends it and kept for the next ones."""
+    key = (func.__qualname__, func.__code__, maxsize, typed)
+    found = _caches.get(key)
+    if found is None:
+        inherited = getattr(sys.modules.get("__main__"), func.__qualname__, None)
+        if type(inherited) is _LRU_CACHE and \
+                getattr(inherited.__wrapped__, "__code__", None) == func.__code__ and \
+                inherited.cache_parameters() == {"maxsize": maxsize, "typed": typed}:
+            found = inherited
+        else:
+            found = functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+        _caches[key] = found
+    return found
 
 
 def _rebuild(code: bytes, base: dict, name: str, n_cells: int) -> types.FunctionType:

@@ -244,12 +244,14 @@ class Manager(threading.Thread):
                     now - worker.finishing > FINISH_LIMIT:
                 worker.finishing = -1.0  # killed: warned once
                 self.pool.kill(worker)
+                stuck = "its initializer did not return" if \
+                    worker.status[0] == protocol.INITIALIZER and worker.status[1] else \
+                    "its finalizer, or a non-daemon thread one of its tasks started, did " \
+                    f"not end. A finalizer must return within {FINISH_LIMIT:g} s"
                 warnings.warn(
                     f"parmap: a worker process (pid {worker.process.pid}) had not exited "
-                    f"{FINISH_LIMIT:g} s after it was told to stop, so it was killed: its "
-                    f"finalizer, or a non-daemon thread one of its tasks started, did not "
-                    f"end. A finalizer must return within {FINISH_LIMIT:g} s.",
-                    RuntimeWarning, stacklevel=1)
+                    f"{FINISH_LIMIT:g} s after it was told to stop, so it was killed: "
+                    f"{stuck}.", RuntimeWarning, stacklevel=1)
 
     def _check_deadlines(self, finished: _Finished) -> None:
         for worker, job, index in Scheduler.expired(self.pool.workers, monotonic()):
@@ -259,6 +261,10 @@ class Manager(threading.Thread):
                 error = initializer_timeout_error(
                     job.batch.start, job.batch.task(0), job.timeout,
                     worker.process.pid)  # type: ignore[attr-defined]
+                # the others still in it most likely hang there too: they would hold
+                # the next call's jobs (their jobs, never taken, go to other workers)
+                for other in Scheduler.initializing(self.pool.workers):
+                    self.pool.kill(other)  # type: ignore[arg-type]
             else:
                 error = timeout_error(index, job.batch.task(index - job.batch.start),
                                       job.timeout, "its worker was stopped and the call "

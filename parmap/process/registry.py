@@ -124,12 +124,14 @@ def _forget_forkserver() -> None:
     copy of the server's "alive" pipe end is closed, or the parent's server would live
     as long as this process does."""
     server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    if server is None:
+        return
+    server._lock = threading.Lock()  # perhaps copied held (a thread was starting it)
     alive = getattr(server, "_forkserver_alive_fd", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is None:
+    if getattr(server, "_forkserver_pid", None) is None:
         return
     server._forkserver_pid = server._forkserver_address = None
     server._forkserver_alive_fd = None
-    server._lock = threading.Lock()  # perhaps copied held
     if alive is not None:
         try:
             os.close(alive)

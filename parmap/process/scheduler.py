@@ -232,6 +232,12 @@ class Scheduler:
         return any(j.timeout is not None for w in workers for j in w.jobs)
 
     @staticmethod
+    def initializing(workers: Iterable[WorkerSlot]) -> list[WorkerSlot]:
+        """The live workers still running the pool's initializer."""
+        return [w for w in workers if not w.dead and w.status[0] == INITIALIZER
+                and w.status[1]]
+
+    @staticmethod
     def expired(workers: Iterable[WorkerSlot], now: float
                 ) -> list[tuple[WorkerSlot, PoolJob, int]]:
         """``(worker, job, task index)`` for each running task past its job's timeout;
