@@ -197,6 +197,40 @@ def test_a_child_forked_after_a_call_starts_workers_of_its_own(how):
     assert child_stderr == ""
 
 
+FORKED_WHILE_STARTING = """
+import json, os, signal, threading, time
+import multiprocessing.util
+from parmap import Parallel, delayed
+spawn = multiprocessing.util.spawnv_passfds
+def slow_spawn(*args, **kwargs):  # widens the moment the servers' locks are held
+    time.sleep(1.0)
+    return spawn(*args, **kwargs)
+multiprocessing.util.spawnv_passfds = slow_spawn
+starting = threading.Thread(target=lambda: Parallel(n_jobs=2, start_method="forkserver")(
+    delayed(abs)(-i) for i in range(4)))
+starting.start()
+time.sleep(0.4)  # it now holds the resource tracker's and the forkserver's locks
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # ends the child if its call hangs
+    out = Parallel(n_jobs=2, start_method="forkserver")(delayed(abs)(-i) for i in range(4))
+    os.write(write, json.dumps(out).encode())
+    os._exit(0)
+os.close(write)
+os.waitpid(pid, 0)
+print(os.read(read, 1000).decode() or "nothing")
+starting.join()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_while_another_thread_starts_the_forkserver_starts_its_own():
+    """The locks of multiprocessing's forkserver and resource tracker, copied held
+    into the child, are new there: its first call waited on them forever."""
+    assert run_script(FORKED_WHILE_STARTING, timeout=50).strip() == "[0, 1, 2, 3]"
+
+
 def test_where_processes_never_fork_no_descriptor_is_read(monkeypatch):
     # Windows: a connection holds a handle, which os.fstat cannot read
     class HandleOnly:

@@ -123,10 +123,15 @@ def _forget_forkserver() -> None:
     (ChildProcessError) here: every call that used the forkserver failed. The child's
     copy of the server's "alive" pipe end is closed, or the parent's server would live
     as long as this process does."""
+    # their locks may have been copied held: another thread was starting them
+    tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"),
+                      "_resource_tracker", None)
+    if tracker is not None:
+        tracker._lock = type(tracker._lock)()  # (a Lock, or an RLock since 3.11)
     server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
     if server is None:
         return
-    server._lock = threading.Lock()  # perhaps copied held (a thread was starting it)
+    server._lock = threading.Lock()
     alive = getattr(server, "_forkserver_alive_fd", None)
     if getattr(server, "_forkserver_pid", None) is None:
         return
