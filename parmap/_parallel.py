@@ -196,7 +196,9 @@ class Parallel:
             next(batches)  # start dispatching now, as joblib does
             if self.return_as == "list":
                 return list(chain.from_iterable(batches))
-            return _flatten(batches)  # closing it cancels the call
+            results = _flatten(batches)  # closing it cancels the call
+            next(results)  # started: Python 3.12+ closes an unstarted one without its finally
+            return results
         except BaseException:
             self._running = False
             raise
@@ -361,6 +363,7 @@ def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:
 def _flatten(batches: Iterator[list]) -> Iterator[Any]:
     """The results one by one; closing this generator closes (cancels) ``batches``."""
     try:
+        yield None  # primed by __call__
         yield from chain.from_iterable(batches)
     finally:
         batches.close()  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ import operator
 import os
 import sys
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from ._public import public
 from ._shm_files import SHM_DIR, shm_has_room, track
@@ -65,7 +65,7 @@ def shared_array(shape: int | tuple[int, ...] | list[int], dtype: Any = "float64
     except BaseException:
         _remove(path, owner)
         raise
-    weakref.finalize(arr._mmap, _remove, path, owner)  # type: ignore[attr-defined]
+    weakref.finalize(cast(Any, arr)._mmap, _remove, path, owner)  # (not in numpy's types)
     return arr
 
 

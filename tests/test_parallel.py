@@ -280,3 +280,13 @@ def test_recursive_parallel_calls_end_in_recursion_error_with_bounded_threads():
         with pytest.raises(RecursionError):
             recursive_parallel(peak)
     assert max(peak) - threading.active_count() <= 6  # 2 outer threads + 2 x 2 nested
+
+
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
+def test_closing_a_generator_never_read_cancels_its_call_and_frees_the_instance(return_as):
+    """Python 3.12+ closes a generator that never started without running its code
+    (CPython gh-142766): parmap's is started before it is handed out."""
+    parallel = Parallel(n_jobs=2, return_as=return_as)
+    unread = parallel(delayed(abs)(-x) for x in range(100))
+    unread.close()
+    assert sorted(parallel(delayed(abs)(-x) for x in range(3))) == [0, 1, 2]

@@ -117,6 +117,9 @@ def _after_fork_in_child() -> None:
     _forget_forkserver()
 
 
+_RLOCK = type(threading.RLock())
+
+
 def _forget_forkserver() -> None:
     """In a forked child: start a forkserver of its own when it needs one. The parent's
     is not its child, and multiprocessing asks after it with ``waitpid``, which fails
@@ -126,8 +129,9 @@ def _forget_forkserver() -> None:
     # their locks may have been copied held: another thread was starting them
     tracker = getattr(sys.modules.get("multiprocessing.resource_tracker"),
                       "_resource_tracker", None)
-    if tracker is not None:
-        tracker._lock = type(tracker._lock)()  # (a Lock, or an RLock since 3.11)
+    if tracker is not None:  # (a Lock, an RLock since Python 3.11)
+        tracker._lock = threading.RLock() if isinstance(tracker._lock, _RLOCK) \
+            else threading.Lock()
     server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
     if server is None:
         return

@@ -309,8 +309,8 @@ def _memmap_view(shape: tuple, dtype: str, buffer: Any, offset: int, strides: tu
     ``_mmap``; numpy keeps the memmap type for slices only while it is set."""
     import numpy as np
 
-    view = np.ndarray.__new__(np.memmap, shape, dtype=np.dtype(dtype), buffer=buffer,
-                              offset=offset, strides=strides)
+    view: Any = np.ndarray.__new__(np.memmap, shape, dtype=np.dtype(dtype), buffer=buffer,
+                                   offset=offset, strides=strides)
     view._mmap, view.filename, view.offset, view.mode = mapping, filename, offset, mode
     return view
 
