@@ -35,7 +35,8 @@ from typing import Any, Callable
 from ._public import public
 
 __all__ = [
-    "timeout_error", "initializer_timeout_error", "call_repr", "add_note", "func_name", "add_task_note", "CapturedError",
+    "timeout_error", "initializer_timeout_error", "call_repr", "add_note", "func_name",
+    "add_task_note", "CapturedError",
     "ParmapError",
     "PoolError",
     "WorkerCrashedError",

@@ -17,10 +17,10 @@ the way cloudpickle does, for what a script's functions are made of:
   loaded submodules the code reaches through them (``xml.dom.minidom``), which the
   worker imports too;
 * methods bound to an object, with the function by value (:func:`bind`);
-* ``functools.lru_cache``/``cache`` wrappers of such functions, as a new cache of the
-  same size around the function by value (a worker has a cache of its own, as with
-  multiprocessing's spawn; by reference, as cloudpickle sends them, the worker looks
-  the name up in a ``__main__`` that does not have it).
+* ``functools.lru_cache``/``cache`` wrappers of such functions, as a cache of the same
+  size around the function by value, one per worker for its life (:func:`cached`; by
+  reference, as cloudpickle sends them, the worker looks the name up in a
+  ``__main__`` that does not have it).
 
 :class:`ImportablePickler` raises for what this does not cover (a class defined in
 ``__main__`` and whatever else names ``__main__`` as its module, a module that is not

@@ -60,8 +60,8 @@ from .._errors import CapturedError, SerializationError, add_note, func_name
 from .._record import BatchRecord
 from . import byvalue, shm, shm_results
 
-__all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "INITIALIZER", "Request", "Reply",
-           "encode_request", "decode_request", "encode_reply", "error_reply",
+__all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "INITIALIZER", "Request",
+           "Reply", "encode_request", "decode_request", "encode_reply", "error_reply",
            "retry_reply", "unloadable_request", "decode_reply", "discard_reply", "dumps",
            "dumps_importable"]
 
