@@ -124,9 +124,7 @@ class Dispatcher:
                  timeout: float | None = None,
                  on_progress: Callable[[Dispatcher], None] | None = None,
                  observer: Observer | None = None, prime: bool = True):
-        self.backend = backend
-        self.n_jobs = n_jobs
-        self.retain = retain
+        self.backend, self.n_jobs, self.retain = backend, n_jobs, retain
         self.timeout = timeout
         self.on_progress = on_progress
         self.observer = observer
@@ -169,6 +167,8 @@ class Dispatcher:
                     self._dispatch_one()
             except BaseException as exc:
                 self.aborted = True
+                if blocking and not isinstance(exc, Exception):
+                    raise  # Ctrl-C, SystemExit in the caller's thread: now, not after results
                 self._events.put(_InputError(exc))
             finally:
                 self._dispatching = False

@@ -242,12 +242,14 @@ class Parallel:
                 raise
             raise stopped_error(stopped.index, stopped.task) from stopped.stop
         finally:
-            self._running = False
             self._inline_stop = None
-            if results is not None:
-                results.close()
-            if monitor is not None:
-                monitor.close(None)  # (if not closed yet: a generator closed at once)
+            try:
+                if results is not None:
+                    results.close()
+                if monitor is not None:
+                    monitor.close(None)  # (if not closed yet: a generator closed at once)
+            finally:
+                self._running = False  # last, as in _dispatched
 
     def _dispatched(self, iterable: Iterable[Task], n_jobs: int, monitor: Monitor | None
                     ) -> Iterator[list]:
@@ -273,15 +275,17 @@ class Parallel:
             yield from batches if monitor is None else monitor.consumed(batches)
             finished = True
         finally:
-            self._running = False
             self._live = None
             try:
                 dispatcher.close(finished, keep_backend=self._managed)
             finally:
-                if monitor is not None:
-                    monitor.close(dispatcher.n_completed if finished else None)
-                if not self._managed:
-                    backend.terminate()
+                try:
+                    if monitor is not None:
+                        monitor.close(dispatcher.n_completed if finished else None)
+                    if not self._managed:
+                        backend.terminate()
+                finally:  # last: another thread may start a call of this instance now
+                    self._running = False
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"

@@ -244,9 +244,9 @@ class ParmapBackend(ParallelBackendBase):
 
     # ------------------------------------------------------------------ a call
     def start_call(self) -> None:
+        _drop_read_ahead(self.parallel)
         with self._lock:
-            self._call = object()
-            self._next_index = 0
+            self._call, self._next_index = object(), 0
             self._batch_size, self._per_task = 1, None
         if self._inner is not None:
             self._inner.start_call()
@@ -380,3 +380,15 @@ def _for_joblib(exc: BaseException) -> BaseException:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         exc.__cause__ = RemoteTraceback(text)
     return exc
+
+
+def _drop_read_ahead(parallel: Any) -> None:
+    """joblib (1.6) keeps the batches a failed or cancelled call had read ahead in its
+    ``Parallel``'s ``_ready_batches``, never emptied, and dispatches them first in the
+    next call of that ``Parallel``: that call then returned the old call's results."""
+    ready = getattr(parallel, "_ready_batches", None)
+    while ready is not None and not ready.empty():
+        try:
+            ready.get_nowait()
+        except Exception:  # emptied meanwhile
+            break

@@ -597,3 +597,28 @@ def test_closing_the_client_during_a_call_says_so(client):
         closer.join(30)
     assert wait_until(lambda: not key_states(client, "parmap-stuck_once_started-"),
                       timeout=30)
+
+
+def subscribed_parmap_topics(dask_scheduler) -> int:
+    broker = getattr(dask_scheduler, "_broker", None)  # (distributed 2024.1+)
+    if broker is None:
+        return -1
+    return sum(1 for name, topic in broker._topics.items()
+               if str(name).startswith("parmap") and topic.subscribers)
+
+
+def test_a_cancelled_or_failed_call_unsubscribes_its_timeout_topic(client):
+    # a call with a timeout listens to its tasks' start times on a topic of its own;
+    # calls that were cancelled or failed left theirs subscribed on the scheduler
+    if client.run_on_scheduler(subscribed_parmap_topics) < 0:
+        pytest.skip("this distributed keeps its topics elsewhere")
+    parallel = Parallel(n_jobs=2, backend="dask", timeout=30, return_as="generator")
+    for _ in range(3):
+        results = parallel(delayed(square)(i) for i in range(100))
+        next(results)
+        results.close()
+    for _ in range(3):
+        with pytest.raises(ZeroDivisionError):
+            list(parallel(delayed(divmod)(1, 0) for _ in range(4)))
+    assert wait_until(lambda: client.run_on_scheduler(subscribed_parmap_topics) == 0), \
+        client.run_on_scheduler(subscribed_parmap_topics)

@@ -452,3 +452,25 @@ def test_workers_die_with_their_parent(tmp_path):
     proc.kill()
     proc.communicate()
     assert _wait_gone(workers, 5.0) == []
+
+
+def fails_at_2(x):
+    if x == 2:
+        raise ValueError("bad")
+    return x
+
+
+@pytest.mark.parametrize("return_as", ["list", "generator"])
+def test_a_joblib_parallel_reused_after_a_failed_call_returns_its_own_results(return_as):
+    # joblib 1.6 keeps the batches a failed call read ahead, and sends them first in
+    # the next call of the same Parallel: parmap's backend drops them as a call starts
+    wrong = []
+    with joblib.parallel_config(backend="parmap"):
+        parallel = joblib.Parallel(n_jobs=2, return_as=return_as)
+        for _ in range(10):
+            with pytest.raises(ValueError):
+                list(parallel(joblib.delayed(fails_at_2)(i) for i in range(10)))
+            out = sorted(parallel(joblib.delayed(abs)(-i) for i in range(3)))
+            if out != [0, 1, 2]:
+                wrong.append(out)
+    assert wrong == []

@@ -290,3 +290,83 @@ def test_closing_a_generator_never_read_cancels_its_call_and_frees_the_instance(
     unread = parallel(delayed(abs)(-x) for x in range(100))
     unread.close()
     assert sorted(parallel(delayed(abs)(-x) for x in range(3))) == [0, 1, 2]
+
+
+class SlowToCloseBar:
+    """A tqdm-compatible bar whose close() (a final redraw, say) takes a while."""
+
+    closing = threading.Event()
+
+    def __init__(self, total=None, desc=None, unit=None):
+        self.total, self.n = total, 0
+
+    def update(self, n):
+        self.n += n
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        SlowToCloseBar.closing.set()
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["threading", "processes"])
+def test_an_instance_is_busy_until_its_call_has_ended(backend):
+    # a second thread calling it while the first call's bar closes gets "already
+    # running": it hung (threading), or failed as "submit called before configure"
+    SlowToCloseBar.closing.clear()
+    parallel = Parallel(n_jobs=2, backend=backend, progress=SlowToCloseBar)
+    seen = []
+
+    def meanwhile():
+        SlowToCloseBar.closing.wait(10)
+        try:  # (its tasks outlast the first call's end)
+            seen.append(parallel(delayed(nap_square)(i) for i in range(40)))
+        except RuntimeError as exc:
+            seen.append(str(exc))
+
+    other = threading.Thread(target=meanwhile)
+    other.start()
+    assert parallel(delayed(abs)(-i) for i in range(10)) == list(range(10))
+    other.join(10)
+    assert not other.is_alive()
+    assert seen[0] == [i * i for i in range(40)] or \
+        seen[0].startswith("This Parallel instance is already running")
+    assert parallel(delayed(abs)(-i) for i in range(3)) == [0, 1, 2]  # and free after
+
+
+def reads_then_interrupted():
+    yield delayed(abs)(-1)
+    raise KeyboardInterrupt  # as a Ctrl-C that lands while the input is read
+
+
+@pytest.mark.parametrize("backend", ["threading", "processes"])
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered", "list"])
+def test_ctrl_c_while_the_input_is_read_is_raised_at_once(backend, return_as):
+    # not queued behind the results already in, to come out after them
+    with pytest.raises(KeyboardInterrupt):
+        Parallel(n_jobs=2, backend=backend, batch_size=1, return_as=return_as)(
+            reads_then_interrupted())
+
+
+@pytest.mark.timeout(30)
+def test_a_with_block_abandons_threads_still_running_a_closed_generators_tasks():
+    release = threading.Event()
+
+    def held(x):
+        if x:
+            release.wait(20)
+        return x
+
+    try:
+        t0 = time.monotonic()
+        with Parallel(n_jobs=2, backend="threading", return_as="generator") as parallel:
+            results = parallel(delayed(held)(x) for x in [0, 1, 1, 1])
+            assert next(results) == 0
+            results.close()
+            assert list(parallel(delayed(abs)(-i) for i in range(2))) == [0, 1]
+        assert time.monotonic() - t0 < 5  # neither the call nor the block's end waited
+    finally:
+        release.set()

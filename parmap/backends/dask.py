@@ -182,7 +182,9 @@ class DaskBackend(ParallelBackendBase):
                 client.cancel(futures)
             except Exception:  # the client is going away: nothing left to cancel
                 pass
-        if not ensure_ready:
+        if not ensure_ready:  # (terminate forgets the client: unsubscribe first)
+            _unsubscribe(self._client, self._topic)
+            self._topic = None
             self.terminate()
 
     def stop_call(self) -> None:
@@ -194,12 +196,8 @@ class DaskBackend(ParallelBackendBase):
             # futures that finish from now on go to the old queue, which nobody holds: they
             # are released at once instead of staying wanted by this client
             self._events = SimpleQueue()
-        topic, self._topic = self._topic, None
-        if topic is not None and self._client is not None:
-            try:
-                self._client.unsubscribe_topic(topic)
-            except Exception:  # already gone with the client
-                pass
+        _unsubscribe(self._client, self._topic)
+        self._topic = None
         self._scatter = None  # releases the scattered data on the cluster
         if self._seceded:
             self._seceded = False
@@ -379,3 +377,12 @@ def _outcome(future: Any, batch: Any, values: dict) -> Any:
         return value.rebuild()
     results, batch.duration = value
     return results
+
+
+def _unsubscribe(client: Any, topic: str | None) -> None:
+    """Stop a call's event topic (its tasks' start times: see ``DaskBackend._collect``)."""
+    if topic is not None and client is not None:
+        try:
+            client.unsubscribe_topic(topic)
+        except Exception:  # already gone with the client
+            pass

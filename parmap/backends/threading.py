@@ -24,6 +24,7 @@ class _ThreadPool:
         self.size = size
         self.generation = 0
         self._queue: SimpleQueue[tuple | None] = SimpleQueue()
+        self.busy: set[int] = set()  # the threads running a batch now
         self._threads = [threading.Thread(target=self._work, args=(i,),
                                           name=f"parmap-thread-{i}", daemon=True)
                          for i in range(size)]
@@ -56,7 +57,11 @@ class _ThreadPool:
             item = None
             if generation != self.generation:
                 continue  # the call was cancelled before this batch started
-            self._run(batch, callback, context, generation)
+            self.busy.add(index)
+            try:
+                self._run(batch, callback, context, generation)
+            finally:
+                self.busy.discard(index)
             batch = callback = context = None  # don't keep the last batch alive
 
     def _run(self, batch: Batch, callback: Callback, context: contextvars.Context,
@@ -100,7 +105,12 @@ class ThreadingBackend(ParallelBackendBase):
     def abort_everything(self, ensure_ready: bool = True) -> None:
         if self._pool is None:
             return
-        if ensure_ready:
+        if ensure_ready and self._pool.busy:  # threads still run the cancelled tasks:
+            # abandoned, as without a block (the next call, and the block's end, would
+            # wait for them); a fresh pool takes the block's next calls
+            old, self._pool = self._pool, _ThreadPool(self._pool.size)
+            old.shutdown(wait=False)
+        elif ensure_ready:
             self._pool.cancel_pending()
         else:
             self.terminate(wait=False)
