@@ -38,6 +38,9 @@ from .backends import (BackendSpec, CallOptions, ParallelBackendBase, default_is
 __all__ = ["Parallel"]
 
 _CLAIM = threading.Lock()  # held only to claim an instance for a call (_running)
+_BUSY = ("This Parallel instance is already running: a call of it in another thread, or its "
+         "generator, which was neither exhausted nor closed. Finish or close() that "
+         "generator first, or use a separate Parallel instance for concurrent calls.")
 
 
 @public
@@ -164,12 +167,9 @@ class Parallel:
         """Run the tasks: a list of results, or a generator for the generator modes."""
         with _CLAIM:  # check and set as one: two threads may call the same instance
             if self._running:
-                raise RuntimeError(
-                    "This Parallel instance is already running: a call of it in another "
-                    "thread, or its generator, which was neither exhausted nor closed. "
-                    "Finish or close() that generator first, or use a separate Parallel "
-                    "instance for concurrent calls.")
+                raise RuntimeError(_BUSY)
             self._running = True
+        batches = results = None
         try:
             started = time() if self._observe else 0.0
             n_jobs = self._configure()
@@ -199,7 +199,10 @@ class Parallel:
             results = _flatten(batches)  # closing it cancels the call
             next(results)  # started: Python 3.12+ closes an unstarted one without its finally
             return results
-        except BaseException:
+        except BaseException:  # (a Ctrl-C between two lines here: the call must end too)
+            for begun in (results, batches):
+                if begun is not None:
+                    begun.close()
             self._running = False
             raise
 
@@ -226,7 +229,8 @@ class Parallel:
         """Print one ``verbose`` line (a subclass may override it, as in joblib)."""
         print_line(self.verbose, line)
 
-    def _inline(self, iterable: Iterable[Task], monitor: Monitor | None) -> Iterator[Any]:
+    def _inline(self, iterable: Iterable[Task], monitor: Monitor | None
+                ) -> Generator[Any, None, None]:
         """Every task in the caller's thread, one by one; the end of a ``with`` block
         stops it as it cancels a dispatched call (``_inline_stop``: ``__exit__``)."""
         stop: list[str] = []
@@ -252,7 +256,7 @@ class Parallel:
                 self._running = False  # last, as in _dispatched
 
     def _dispatched(self, iterable: Iterable[Task], n_jobs: int, monitor: Monitor | None
-                    ) -> Iterator[list]:
+                    ) -> Generator[list, None, None]:
         backend = self._backend
         finished = False
         try:
@@ -364,10 +368,10 @@ def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:
         yield from chunk
 
 
-def _flatten(batches: Iterator[list]) -> Iterator[Any]:
+def _flatten(batches: Generator[list, None, None]) -> Generator[Any, None, None]:
     """The results one by one; closing this generator closes (cancels) ``batches``."""
     try:
         yield None  # primed by __call__
         yield from chain.from_iterable(batches)
     finally:
-        batches.close()  # type: ignore[attr-defined]
+        batches.close()

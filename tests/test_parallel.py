@@ -1,12 +1,15 @@
 """Behaviour of Parallel/delayed that every backend must share."""
 from __future__ import annotations
 
+import inspect
 import itertools
+import sys
 import threading
 import time
 
 import pytest
 
+import parmap
 from parmap import Parallel, delayed, parallel_config
 
 
@@ -352,21 +355,73 @@ def test_ctrl_c_while_the_input_is_read_is_raised_at_once(backend, return_as):
 
 
 @pytest.mark.timeout(30)
-def test_a_with_block_abandons_threads_still_running_a_closed_generators_tasks():
+def test_a_with_blocks_end_abandons_threads_still_running_a_closed_generators_tasks():
+    # as a stuck thread is abandoned outside a block; the block's own threads keep
+    # their worker_state for its calls meanwhile (n_jobs threads at most)
     release = threading.Event()
 
     def held(x):
         if x:
             release.wait(20)
-        return x
+        return x, parmap.worker_state().setdefault("calls", []).append(x)
 
     try:
-        t0 = time.monotonic()
         with Parallel(n_jobs=2, backend="threading", return_as="generator") as parallel:
+            assert list(parallel(delayed(held)(0) for _ in range(4))) == [(0, None)] * 4
             results = parallel(delayed(held)(x) for x in [0, 1, 1, 1])
-            assert next(results) == 0
+            assert next(results) == (0, None)
             results.close()
-            assert list(parallel(delayed(abs)(-i) for i in range(2))) == [0, 1]
-        assert time.monotonic() - t0 < 5  # neither the call nor the block's end waited
+            t0 = time.monotonic()
+        assert time.monotonic() - t0 < 5  # the block's end did not wait for them
     finally:
         release.set()
+
+
+def test_a_with_blocks_threads_keep_their_state_after_a_failed_call():
+    def count(x):
+        if x is None:
+            raise ValueError("failed")
+        state = parmap.worker_state()
+        state["n"] = state.get("n", 0) + 1
+        return state["n"], parmap.worker_id()
+
+    with Parallel(n_jobs=2, backend="threading") as parallel:
+        first = parallel(delayed(count)(i) for i in range(8))
+        with pytest.raises(ValueError):
+            parallel(delayed(count)(x) for x in [1, None, 1])
+        after = parallel(delayed(count)(i) for i in range(8))
+    assert sum(n for n, _ in first) < sum(n for n, _ in after)  # counts went on
+    assert {wid for _, wid in after} <= {0, 1}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["threading", "processes"])
+def test_a_ctrl_c_between_two_lines_of_a_call_ends_that_call(backend):
+    # right after the call started dispatching: its traceback (kept, as a REPL keeps
+    # sys.last_traceback) kept the call running, its instance marked free
+    source, first = inspect.getsourcelines(Parallel.__call__)
+    target = first + next(i for i, line in enumerate(source) if "next(batches)" in line) + 1
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not Parallel.__call__.__code__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == target:
+                sys.settrace(None)
+                raise KeyboardInterrupt
+            return local
+        return local
+
+    with Parallel(n_jobs=2, backend=backend, batch_size=1) as parallel:
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt) as info:
+                parallel(delayed(nap_square)(i) for i in range(40))
+        finally:
+            sys.settrace(None)
+        assert parallel._live is None  # ended, though its traceback is still held
+        t0 = time.monotonic()
+        assert parallel(delayed(abs)(-i) for i in range(4)) == [0, 1, 2, 3]
+        assert time.monotonic() - t0 < 0.5  # not behind the interrupted call's tasks
+    del info

@@ -24,7 +24,7 @@ class _ThreadPool:
         self.size = size
         self.generation = 0
         self._queue: SimpleQueue[tuple | None] = SimpleQueue()
-        self.busy: set[int] = set()  # the threads running a batch now
+        self._running: dict[int, int] = {}  # thread index -> the generation of its batch
         self._threads = [threading.Thread(target=self._work, args=(i,),
                                           name=f"parmap-thread-{i}", daemon=True)
                          for i in range(size)]
@@ -38,12 +38,16 @@ class _ThreadPool:
         self.generation += 1
 
     def shutdown(self, wait: bool) -> None:
+        """Stop the threads; with ``wait``, join those not running a cancelled call's
+        batch (abandoned, as a stuck thread is: they end when their task returns)."""
+        live = self.generation
         self.generation += 1
         for _ in self._threads:
             self._queue.put(None)
         if wait:
-            for thread in self._threads:
-                if thread is not threading.current_thread():
+            for index, thread in enumerate(self._threads):
+                if thread is not threading.current_thread() and \
+                        self._running.get(index, live) == live:
                     thread.join()
 
     def _work(self, index: int) -> None:
@@ -55,13 +59,10 @@ class _ThreadPool:
                 return
             generation, batch, callback, context = item
             item = None
-            if generation != self.generation:
-                continue  # the call was cancelled before this batch started
-            self.busy.add(index)
-            try:
+            self._running[index] = generation  # (before the check: see shutdown)
+            if generation == self.generation:  # else cancelled before it started
                 self._run(batch, callback, context, generation)
-            finally:
-                self.busy.discard(index)
+            del self._running[index]
             batch = callback = context = None  # don't keep the last batch alive
 
     def _run(self, batch: Batch, callback: Callback, context: contextvars.Context,
@@ -105,12 +106,8 @@ class ThreadingBackend(ParallelBackendBase):
     def abort_everything(self, ensure_ready: bool = True) -> None:
         if self._pool is None:
             return
-        if ensure_ready and self._pool.busy:  # threads still run the cancelled tasks:
-            # abandoned, as without a block (the next call, and the block's end, would
-            # wait for them); a fresh pool takes the block's next calls
-            old, self._pool = self._pool, _ThreadPool(self._pool.size)
-            old.shutdown(wait=False)
-        elif ensure_ready:
+        if ensure_ready:  # a block's next call waits for threads still running the
+            # cancelled tasks (n_jobs threads at most, each with its worker_state)
             self._pool.cancel_pending()
         else:
             self.terminate(wait=False)
