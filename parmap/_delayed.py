@@ -14,7 +14,7 @@ same object runs in the caller (sequential), in a thread, or in a worker process
 from __future__ import annotations
 
 from time import monotonic
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from . import _context
 from ._errors import add_task_note
@@ -22,7 +22,7 @@ from ._public import public
 from ._record import BatchRecord, run_observed
 
 __all__ = ["delayed", "Batch", "Task", "check_task", "is_task", "compact", "expand",
-           "stopped_error", "InlineStop"]
+           "stopped_error", "InlineStop", "each_result"]
 
 #: ``(function, args, kwargs)``
 Task = tuple
@@ -95,6 +95,20 @@ class InlineStop(Exception):
     def __init__(self, stop: StopIteration, index: int, task: tuple):
         super().__init__(index)
         self.stop, self.index, self.task = stop, index, task
+
+
+def each_result(tasks: Iterable) -> Iterator[Any]:
+    """The tasks' results one by one, run here (``n_jobs=1``); a task's StopIteration
+    leaves as :class:`InlineStop`."""
+    for index, task in enumerate(tasks):
+        if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
+            check_task(task, index)
+        func, args, kwargs = task
+        try:
+            result = func(*args, **kwargs) if kwargs else func(*args)
+        except StopIteration as exc:
+            raise InlineStop(exc, index, task) from None
+        yield result
 
 
 class Batch:

@@ -19,7 +19,7 @@ from itertools import count
 from time import monotonic, perf_counter, time
 from typing import Any, Callable, Generator, Iterable, Iterator
 
-from ._delayed import InlineStop, check_task
+from ._delayed import InlineStop, check_task, each_result
 from ._genexpr import delayed_calls
 from ._insights import Insights
 from ._progress import INLINE_INTERVAL, Bar, Progress, make_bar
@@ -105,7 +105,7 @@ class Monitor:
         done = 0
         try:
             if self.insights is None:
-                for done, result in zip(count(1), self._plain(iterable)):
+                for done, result in zip(count(1), each_result(iterable)):
                     yield result
                     self._update_inline(done)
             else:
@@ -128,20 +128,8 @@ class Monitor:
                 self._next_update = now + INLINE_INTERVAL
                 self.bar.update(done, self.total)
 
-    @staticmethod
-    def _plain(iterable: Iterable) -> Iterator[Any]:
-        for index, task in enumerate(iterable):
-            if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
-                check_task(task, index)
-            func, args, kwargs = task
-            try:
-                result = func(*args, **kwargs) if kwargs else func(*args)
-            except StopIteration as exc:
-                raise InlineStop(exc, index, task) from None
-            yield result
-
     def _observed(self, iterable: Iterable) -> Iterator[Any]:
-        """Like :meth:`_plain`, each task timed; a record per ``INLINE_RECORD`` seconds."""
+        """Like :func:`_delayed.each_result`, each task timed; a record per ``INLINE_RECORD`` seconds."""
         insights = self.insights
         assert insights is not None
         tasks: dict[int, tuple] = {}

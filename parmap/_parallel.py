@@ -24,7 +24,7 @@ from time import time
 from types import TracebackType
 from typing import Any, Callable, Generator, Iterable, Iterator
 
-from ._delayed import InlineStop, Task, check_task, stopped_error
+from ._delayed import InlineStop, Task, check_task, each_result, stopped_error
 from ._dispatch import Dispatcher
 from ._genexpr import delayed_calls
 from ._insights import Insights
@@ -349,15 +349,7 @@ def _run_each(iterable: Iterable[Task], stop: list[str]) -> Generator[Any, None,
                 raise InlineStop(exc, index, (func, (x,), {})) from None
             yield result
         return
-    for index, task in enumerate(_until_stopped(iterable, stop)):
-        if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
-            check_task(task, index)
-        func, args, kwargs = task
-        try:
-            result = func(*args, **kwargs) if kwargs else func(*args)
-        except StopIteration as exc:
-            raise InlineStop(exc, index, task) from None
-        yield result
+    yield from each_result(_until_stopped(iterable, stop))
 
 
 def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:

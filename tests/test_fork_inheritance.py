@@ -202,14 +202,16 @@ import json, os, signal, threading, time
 import multiprocessing.util
 from parmap import Parallel, delayed
 spawn = multiprocessing.util.spawnv_passfds
+holding = threading.Event()
 def slow_spawn(*args, **kwargs):  # widens the moment the servers' locks are held
+    holding.set()
     time.sleep(1.0)
     return spawn(*args, **kwargs)
 multiprocessing.util.spawnv_passfds = slow_spawn
 starting = threading.Thread(target=lambda: Parallel(n_jobs=2, start_method="forkserver")(
     delayed(abs)(-i) for i in range(4)))
 starting.start()
-time.sleep(0.4)  # it now holds the resource tracker's and the forkserver's locks
+assert holding.wait(20)  # it now holds the resource tracker's and the forkserver's locks
 read, write = os.pipe()
 pid = os.fork()
 if pid == 0:
