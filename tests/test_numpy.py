@@ -2,6 +2,7 @@
 workers forked for the call (parmap.process.shm). Results: test_numpy_results.py."""
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import stat
@@ -236,6 +237,31 @@ def test_worker_without_the_pinned_array_asks_again_and_gets_it_placed(
                                                         for _ in range(5))
     assert count_placements == [arr.nbytes]
     assert all(d["mapped"] and d["sum"] == 4.0 * BIG for d in out)
+
+
+def test_a_closed_call_is_freed_without_waiting_for_a_garbage_collection():
+    # with numpy loaded, each batch's callback can send it again (RETRY above): it once
+    # named itself, and that cycle held the call (its arguments, the input generator)
+    # until a collection, so the input's ``finally`` ran late
+    closed = []
+    arr = big(1.0)
+
+    def tasks():
+        try:
+            for _ in range(1000):
+                yield delayed(describe)(arr)
+        finally:
+            closed.append(True)
+
+    gc.disable()
+    try:
+        gen = Parallel(n_jobs=2, batch_size=1, return_as="generator")(tasks())
+        next(gen)
+        gen.close()
+        del gen
+        assert closed == [True]
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("mode", ["r+", "c"])

@@ -178,29 +178,9 @@ class ProcessBackend(ParallelBackendBase):
             pool.submit(PoolJob(owner, batch, payload, callback, timeout))
             return
 
-        # ``done`` refers to itself (it resubmits), so it lives until a garbage collection:
-        # it holds the batch and the dispatcher's callback (hence the batch's arguments,
-        # large arrays) only until the final outcome
-        held: list = [batch, callback]
-
-        def done(outcome: Any) -> None:
-            if outcome is not protocol.RETRY:
-                _, final = held
-                held.clear()
-                final(outcome)
-                return
-            # a worker that was not forked after our arrays were pinned, or could not
-            # open an earlier call's file of one: place them
-            try:
-                placer.stop_inheriting()
-                again = protocol.encode_request(held[0], track, placer, result_nbytes)
-                pool.submit(PoolJob(owner, held[0], again, done, timeout))
-            except BaseException as exc:  # the call is failing: report, never hang
-                _, final = held
-                held.clear()
-                final(exc)
-
-        pool.submit(PoolJob(owner, batch, payload, done, timeout))
+        resubmit = _Resubmit(pool, owner, batch, callback, timeout, placer, track,
+                             result_nbytes)
+        pool.submit(resubmit.job(payload))
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         if self._pool is not None:
@@ -213,6 +193,45 @@ class ProcessBackend(ParallelBackendBase):
         if pool is not None:
             self._report_memory(pool)
             registry.release_pool(pool)
+
+
+class _Resubmit:
+    """The callback of a batch whose arguments were placed: a worker that was not forked
+    after they were pinned, or could not open an earlier call's file of one, answers
+    ``RETRY``, and the batch is placed again and sent anew. An object that holds no job,
+    not a closure that names itself: such a cycle held the batch and the dispatcher's
+    callback (the call's arguments, its input generator) after a cancelled call until a
+    garbage collection, where this goes as the pool drops the job."""
+
+    __slots__ = ("pool", "owner", "batch", "final", "timeout", "placer", "track",
+                 "result_nbytes")
+
+    def __init__(self, pool: WorkerPool, owner: object, batch: Batch, final: Callback,
+                 timeout: float | None, placer: ArgumentPlacer, track: bool,
+                 result_nbytes: int | None):
+        self.pool, self.owner, self.batch, self.final = pool, owner, batch, final
+        self.timeout, self.placer, self.track = timeout, placer, track
+        self.result_nbytes = result_nbytes
+
+    def job(self, payload: bytes) -> PoolJob:
+        return PoolJob(self.owner, self.batch, payload, self, self.timeout)
+
+    def __call__(self, outcome: Any) -> None:
+        final = self.final
+        if final is None:
+            return
+        if outcome is not protocol.RETRY:
+            self.final = None
+            final(outcome)
+            return
+        try:
+            self.placer.stop_inheriting()
+            again = protocol.encode_request(self.batch, self.track, self.placer,
+                                            self.result_nbytes)
+            self.pool.submit(self.job(again))
+        except BaseException as exc:  # the call is failing: report, never hang
+            self.final = None
+            final(exc)
 
 
 class NestedThreads(ThreadingBackend):

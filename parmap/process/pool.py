@@ -237,7 +237,7 @@ class WorkerPool:
             for worker in self.workers:
                 if worker.jobs and worker.jobs[0].owner is owner:  # all its jobs are owner's
                     for job in worker.jobs:
-                        job.cancelled = True
+                        job.cancel()
                     self.kill(worker)
                     killed.append(worker.process)
             rounds = self.rounds
@@ -279,7 +279,7 @@ class WorkerPool:
         for worker in self.workers:
             if worker.jobs:
                 for job in worker.jobs:
-                    job.cancelled = True
+                    job.cancel()
                 self.kill(worker)
             elif not worker.dead:
                 self.stop(worker)

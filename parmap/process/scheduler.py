@@ -54,6 +54,10 @@ PREFETCH = 2
 PREFETCH_MAX = 0.01
 
 
+def _ignore(outcome: Any) -> None:
+    """The callback of a cancelled job."""
+
+
 class PoolJob:
     """One batch travelling through the pool."""
 
@@ -78,6 +82,13 @@ class PoolJob:
         self.short = expected is None or expected < PREFETCH_MAX
         #: another job may wait behind this one (measured short)
         self.known_short = expected is not None and expected < PREFETCH_MAX
+
+    def cancel(self) -> None:
+        """Its call is not listening any more: drop the callback, which holds the
+        call's dispatcher (and so its input generator), at once, not when the manager
+        gets to the killed worker."""
+        self.cancelled = True
+        self.callback = _ignore
 
     def describe(self, running: int | None = None) -> str:
         """The batch's tasks, for an error; ``running``: the index of the task its worker
