@@ -96,33 +96,14 @@ class Parallel:
         # the call chose its backend: named it, or asked for threads (prefer, require)
         chosen = named or any(not isinstance(v, Default) and v is not None
                               for v in (prefer, require))
-        self._backend = self._choose_backend(settings["backend"], named, params,
-                                             settings["nesting_level"], not chosen)
+        self._backend = _choose_backend(self.prefer, self.require, self.n_jobs,
+                                        settings["backend"], named, params,
+                                        settings["nesting_level"], not chosen)
         self._managed = False
         self._running = False
-        self._live: Dispatcher | None = None  # the call a generator is still running
+        #: the call a generator is still running, and its monitor
+        self._live: tuple[Dispatcher, Monitor | None] | None = None
         self._inline_stop: list[str] | None = None  # or inline: why it must stop
-
-    def _choose_backend(self, spec: BackendSpec, named: bool, params: dict[str, object],
-                        nesting_level: int, implicit: bool) -> ParallelBackendBase:
-        if self.prefer == "processes" and self.require == "sharedmem":
-            raise ValueError("prefer == 'processes' and require == 'sharedmem' are "
-                             "inconsistent settings: processes do not share the caller's "
-                             "memory; drop one of them (require='sharedmem' runs on threads)")
-        if spec is None and (self.prefer == "threads" or self.require == "sharedmem"):
-            spec = "threading"
-        elif spec is None and self.n_jobs == 1 and not params and default_is_processes():
-            # one worker runs every task inline: the process backend would only cost
-            # its import (multiprocessing and the pool's modules, ~30 ms of cold start)
-            spec = "sequential"
-        backend = make_backend(spec, nesting_level, implicit=implicit, **params)
-        if self.require == "sharedmem" and not backend.supports_sharedmem:
-            if named:
-                raise ValueError(f"backend {spec!r} does not share memory with the "
-                                 f"caller, but require='sharedmem' was given; use "
-                                 f"backend='threading' or drop require")
-            backend = make_backend("threading", nesting_level)
-        return backend
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Parallel:
@@ -138,7 +119,8 @@ class Parallel:
             "Parallel(...)` block ended: read a generator's results inside the block, "
             "or use return_as='list'")
         if live is not None:  # a generator of this block is still referenced: its tasks
-            live.abort(ensure_ready=False, why=why)  # must not outlive the block
+            live[0].abort(ensure_ready=False, why=why)  # must not outlive the block
+            self._end(live, finished=False)
         if self._inline_stop is not None:  # the same for one that runs tasks inline
             self._inline_stop.append(why)
         if exc_type is not None:  # leaving on an error (a timeout, Ctrl-C): stop, and
@@ -271,7 +253,7 @@ class Parallel:
             if monitor is not None:
                 monitor.close(None)
             raise
-        self._live = dispatcher
+        live = self._live = (dispatcher, monitor)
         try:
             dispatcher.start()
             yield []  # primed by __call__, once the first batches are out
@@ -279,20 +261,54 @@ class Parallel:
             yield from batches if monitor is None else monitor.consumed(batches)
             finished = True
         finally:
+            self._end(live, finished)
+
+    def _end(self, live: tuple[Dispatcher, Monitor | None], finished: bool) -> None:
+        """End a dispatched call, once: from its generator's end, or from the end of the
+        ``with`` block it was made in (a generator still referenced must not hold the
+        call's files, its bar or the instance until it is dropped)."""
+        with _CLAIM:
+            if self._live is not live:
+                return  # ended by the block already
             self._live = None
+        dispatcher, monitor = live
+        try:
+            dispatcher.close(finished, keep_backend=self._managed)
+        finally:
             try:
-                dispatcher.close(finished, keep_backend=self._managed)
-            finally:
-                try:
-                    if monitor is not None:
-                        monitor.close(dispatcher.n_completed if finished else None)
-                    if not self._managed:
-                        backend.terminate()
-                finally:  # last: another thread may start a call of this instance now
-                    self._running = False
+                if monitor is not None:
+                    monitor.close(dispatcher.n_completed if finished else None)
+                if not self._managed:
+                    self._backend.terminate()
+            finally:  # last: another thread may start a call of this instance now
+                self._running = False
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"
+
+
+def _choose_backend(prefer: str | None, require: str | None, n_jobs: int | None,
+                    spec: BackendSpec, named: bool, params: dict[str, object],
+                    nesting_level: int, implicit: bool) -> ParallelBackendBase:
+    """The backend a ``Parallel`` runs on, from its arguments and the settings."""
+    if prefer == "processes" and require == "sharedmem":
+        raise ValueError("prefer == 'processes' and require == 'sharedmem' are "
+                         "inconsistent settings: processes do not share the caller's "
+                         "memory; drop one of them (require='sharedmem' runs on threads)")
+    if spec is None and (prefer == "threads" or require == "sharedmem"):
+        spec = "threading"
+    elif spec is None and n_jobs == 1 and not params and default_is_processes():
+        # one worker runs every task inline: the process backend would only cost
+        # its import (multiprocessing and the pool's modules, ~30 ms of cold start)
+        spec = "sequential"
+    backend = make_backend(spec, nesting_level, implicit=implicit, **params)
+    if require == "sharedmem" and not backend.supports_sharedmem:
+        if named:
+            raise ValueError(f"backend {spec!r} does not share memory with the "
+                             f"caller, but require='sharedmem' was given; use "
+                             f"backend='threading' or drop require")
+        backend = make_backend("threading", nesting_level)
+    return backend
 
 
 def _warn_inline(timeout: float | None, backend: ParallelBackendBase) -> None:

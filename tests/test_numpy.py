@@ -264,6 +264,17 @@ def test_a_closed_call_is_freed_without_waiting_for_a_garbage_collection():
         gc.enable()
 
 
+
+def test_a_with_blocks_end_frees_the_files_of_a_generator_still_referenced():
+    arr = big(1.0)
+    with Parallel(n_jobs=2, batch_size=1, return_as="generator") as parallel:
+        results = parallel(delayed(describe)(arr) for _ in range(100))
+        next(results)
+        assert shm_entries()  # the array was placed (no_inheritance)
+    assert not shm_entries()  # before the generator is dropped
+    with pytest.raises(RuntimeError, match="block ended"):
+        next(results)
+
 @pytest.mark.parametrize("mode", ["r+", "c"])
 def test_writable_modes_are_never_inherited(inheritance, count_placements, mode):
     arr = big(1.0)

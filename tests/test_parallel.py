@@ -96,11 +96,17 @@ def nap_square(x):
 
 
 @pytest.mark.timeout(30)
-def test_a_generator_read_after_its_with_block_ended_says_so(parallel_backend):
+@pytest.mark.parametrize("name", ["threading", "processes"])
+def test_a_generator_read_after_its_with_block_ended_says_so(name):
     # its remaining tasks were cancelled as the block ended: no result will come
-    with Parallel(n_jobs=2, backend=parallel_backend, return_as="generator") as parallel:
+    with Parallel(n_jobs=2, backend=name, return_as="generator",
+                  insights=True) as parallel:
         results = parallel(delayed(nap_square)(i) for i in range(50))
         assert next(results) == 0
+    # the block ended the call though its generator is still referenced: its report is
+    # final and the instance is free (the files of its arguments: test_numpy.py)
+    assert parallel.insights.to_dict()["running"] is False
+    assert list(parallel(delayed(square)(i) for i in range(3))) == [0, 1, 4]
     with pytest.raises(RuntimeError, match=r"cancelled when its `with Parallel\(...\)` "
                                            r"block ended.*inside the block"):
         list(results)

@@ -209,7 +209,8 @@ class _Resubmit:
     def __init__(self, pool: WorkerPool, owner: object, batch: Batch, final: Callback,
                  timeout: float | None, placer: ArgumentPlacer, track: bool,
                  result_nbytes: int | None):
-        self.pool, self.owner, self.batch, self.final = pool, owner, batch, final
+        self.pool, self.owner, self.batch = pool, owner, batch
+        self.final: Callback | None = final  # None once told
         self.timeout, self.placer, self.track = timeout, placer, track
         self.result_nbytes = result_nbytes
 
