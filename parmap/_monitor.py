@@ -15,6 +15,7 @@ at most every ``INLINE_INTERVAL`` and, with insights, a record per ~20 ms of tas
 """
 from __future__ import annotations
 
+import sys
 from itertools import count
 from time import monotonic, perf_counter, time
 from typing import Any, Callable, Generator, Iterable, Iterator
@@ -163,8 +164,8 @@ class Monitor:
                 yield result
                 insights.consumer_s += perf_counter() - t1
                 index += 1
-        finally:
-            if record is not None:
+        finally:  # (not at the interpreter's exit, for a generator left open: too late)
+            if record is not None and not sys.is_finalizing():
                 self._add(record, tasks)
 
     def _add(self, record: BatchRecord, tasks: dict[int, tuple]) -> None:

@@ -101,8 +101,9 @@ class Parallel:
                                         settings["nesting_level"], not chosen)
         self._managed = False
         self._running = False
-        #: the call a generator is still running, and its monitor
-        self._live: tuple[Dispatcher, Monitor | None] | None = None
+        #: the call a generator is still running (its dispatcher, None inline), and its
+        #: monitor
+        self._live: tuple[Dispatcher | None, Monitor | None] | None = None
         self._inline_stop: list[str] | None = None  # or inline: why it must stop
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,11 +119,12 @@ class Parallel:
             "the generator of this Parallel call was cancelled when its `with "
             "Parallel(...)` block ended: read a generator's results inside the block, "
             "or use return_as='list'")
-        if live is not None:  # a generator of this block is still referenced: its tasks
-            live[0].abort(ensure_ready=False, why=why)  # must not outlive the block
+        if self._inline_stop is not None:  # a generator of this block is still
+            self._inline_stop.append(why)  # referenced: its tasks must not outlive it
+        if live is not None:
+            if live[0] is not None:
+                live[0].abort(ensure_ready=False, why=why)
             self._end(live, finished=False)
-        if self._inline_stop is not None:  # the same for one that runs tasks inline
-            self._inline_stop.append(why)
         if exc_type is not None:  # leaving on an error (a timeout, Ctrl-C): stop, and
             # do not wait for the tasks still running (a stuck thread is abandoned)
             self._backend.abort_everything(ensure_ready=False)
@@ -217,6 +219,7 @@ class Parallel:
         stops it as it cancels a dispatched call (``_inline_stop``: ``__exit__``)."""
         stop: list[str] = []
         self._inline_stop = stop
+        live = self._live = (None, monitor)
         results: Generator[Any, None, None] | None = None
         try:
             yield None  # primed by __call__
@@ -228,14 +231,13 @@ class Parallel:
                 raise
             raise stopped_error(stopped.index, stopped.task) from stopped.stop
         finally:
-            self._inline_stop = None
+            if self._inline_stop is stop:
+                self._inline_stop = None
             try:
                 if results is not None:
                     results.close()
-                if monitor is not None:
-                    monitor.close(None)  # (if not closed yet: a generator closed at once)
             finally:
-                self._running = False  # last, as in _dispatched
+                self._end(live, False)
 
     def _dispatched(self, iterable: Iterable[Task], n_jobs: int, monitor: Monitor | None
                     ) -> Generator[list, None, None]:
@@ -263,22 +265,24 @@ class Parallel:
         finally:
             self._end(live, finished)
 
-    def _end(self, live: tuple[Dispatcher, Monitor | None], finished: bool) -> None:
-        """End a dispatched call, once: from its generator's end, or from the end of the
-        ``with`` block it was made in (a generator still referenced must not hold the
-        call's files, its bar or the instance until it is dropped)."""
+    def _end(self, live: tuple[Dispatcher | None, Monitor | None], finished: bool) -> None:
+        """End a call, once: from its generator's end, or from the end of the ``with``
+        block it was made in (a generator still referenced must not hold the call's
+        files, its bar or the instance until it is dropped)."""
         with _CLAIM:
             if self._live is not live:
                 return  # ended by the block already
             self._live = None
         dispatcher, monitor = live
         try:
-            dispatcher.close(finished, keep_backend=self._managed)
+            if dispatcher is not None:
+                dispatcher.close(finished, keep_backend=self._managed)
         finally:
             try:
-                if monitor is not None:
-                    monitor.close(dispatcher.n_completed if finished else None)
-                if not self._managed:
+                if monitor is not None:  # (inline: closed already, unless cancelled)
+                    monitor.close(dispatcher.n_completed if finished and dispatcher
+                                  else None)
+                if not self._managed and dispatcher is not None:
                     self._backend.terminate()
             finally:  # last: another thread may start a call of this instance now
                 self._running = False

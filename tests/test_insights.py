@@ -3,8 +3,11 @@ advice follows the figures; plot() writes a PNG; insights off adds nothing anywh
 from __future__ import annotations
 
 import json
+import os
 import re
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -103,6 +106,20 @@ def test_a_generator_closed_before_its_first_result_ends_the_run(n_jobs):
     data = parallel.insights.to_dict()
     assert not data["running"] and not data["finished"]
 
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_generator_left_open_at_exit_says_nothing(n_jobs):
+    # finalised as the interpreter tears its modules down, an n_jobs=1 call's last
+    # record once failed there ("Exception ignored ... NameError: name 'open'")
+    code = ("from parmap import Parallel, delayed\n"
+            f"g = Parallel(n_jobs={n_jobs}, insights=True, return_as='generator')("
+            "delayed(abs)(-i) for i in range(5))\n"
+            "next(g)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=50, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
 
 def test_recycled_workers_are_lanes_of_their_pool_slot():
     """With max_tasks_per_child, the processes that replace one another are one worker

@@ -122,15 +122,17 @@ def test_an_inline_generator_read_after_its_with_block_ended_says_so():
 
     for read_first in (True, False):
         ran.clear()
-        with Parallel(n_jobs=1, return_as="generator") as parallel:
+        with Parallel(n_jobs=1, return_as="generator", insights=True) as parallel:
             results = parallel(delayed(note)(i) for i in range(5))
             if read_first:
                 assert next(results) == 0
+        # the block ended the call though its generator is still referenced
+        assert parallel.insights.to_dict()["running"] is False
+        assert list(parallel([delayed(abs)(-1)])) == [1]  # the instance is free
         with pytest.raises(RuntimeError, match=r"cancelled when its `with Parallel\(...\)` "
                                                r"block ended"):
             next(results)
         assert ran == ([0] if read_first else [])
-    assert list(parallel([delayed(abs)(-1)])) == [1]  # the instance is free again
     with Parallel(n_jobs=1, return_as="generator") as parallel:  # all read in the block:
         results = parallel(delayed(note)(i) for i in range(2))
         assert [next(results), next(results)] == [0, 1]
