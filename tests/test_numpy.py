@@ -12,6 +12,7 @@ import pytest
 
 import parmap._shm_files as shm_files
 import parmap.process.shm as shm
+from parmap.process import folders
 from parmap.process.pool import WorkerPool
 from parmap import Parallel, delayed, parallel_config
 
@@ -172,7 +173,7 @@ def test_environment_variable_sets_the_temp_folder(tmp_path, monkeypatch):
 
 def test_small_dev_shm_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(shm_files, "SHM_MARGIN", 1 << 62)  # as if /dev/shm were nearly full
-    monkeypatch.setattr(shm.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path))
     before = shm_entries()
     arr = big()
     out = Parallel(n_jobs=2)(delayed(lambda a, p: (describe(a)["mapped"], len(os.listdir(p))))
@@ -183,11 +184,14 @@ def test_small_dev_shm_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
 
 
 def test_stale_folder_of_a_dead_caller_is_swept(tmp_path):
-    stale = tmp_path / "parmap_999999999_abc"  # no such pid
+    stale = tmp_path / f"parmap_999999999_{folders.origin()}_abc"  # no such pid here
     stale.mkdir()
     (stale / "data").write_bytes(b"x")
+    # another machine's or PID namespace's (a shared volume): its pid means nothing here
+    foreign = tmp_path / "parmap_999999999_0a0b0c0d_abc"
+    foreign.mkdir()
     Parallel(n_jobs=2, temp_folder=str(tmp_path))(delayed(describe)(big()) for _ in range(2))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [foreign.name]
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])

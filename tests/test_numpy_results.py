@@ -13,6 +13,7 @@ import pytest
 
 import parmap.process.shm as shm
 from parmap import Parallel, SerializationError, WorkerCrashedError, delayed
+from parmap.process import folders, shm_results
 
 from .conftest import shm_entries
 from .numpy_helpers import BIG, big, describe, identity, no_inheritance  # noqa: F401
@@ -131,18 +132,43 @@ def test_files_are_removed_when_a_generator_is_closed_early():
     assert shm_entries() == before
 
 
-def crash_after_writing_a_result_file(_):
-    path = f"/dev/shm/parmap_{os.getppid()}_w{os.getpid()}_999999"
-    with open(path, "wb") as f:
-        f.write(b"half a result")
+def crash_after_writing_a_result_file(caller):
+    # and one of another caller with our caller's pid, and a worker with our pid: a
+    # process of another PID namespace that shares /dev/shm (docker --ipc=host)
+    for tag in (caller, f"{os.getppid()}_0a0b0c0d"):
+        with open(f"/dev/shm/parmap_{tag}_w{os.getpid()}_999999", "wb") as f:
+            f.write(b"half a result")
     os._exit(3)
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
-def test_result_files_of_a_crashed_worker_are_swept():
-    with pytest.raises(WorkerCrashedError):
-        Parallel(n_jobs=2)(delayed(crash_after_writing_a_result_file)(i) for i in range(2))
-    assert not [name for name in shm_entries() if name.endswith("_999999")]
+def test_result_files_of_a_crashed_worker_are_swept_and_only_ours():
+    caller = shm_results.caller_tag()
+    try:
+        with pytest.raises(WorkerCrashedError):
+            Parallel(n_jobs=2)(delayed(crash_after_writing_a_result_file)(caller)
+                               for i in range(2))
+        left = [name for name in shm_entries() if name.endswith("_999999")]
+        assert left and all("_0a0b0c0d_" in name for name in left)
+    finally:
+        for name in shm_entries():
+            if "_0a0b0c0d_" in name:
+                os.unlink(os.path.join("/dev/shm", name))
+
+
+def test_result_file_names_are_this_callers_own():
+    tag = shm_results.caller_tag()
+    assert tag == shm_results.caller_tag() and tag.startswith(f"{os.getpid()}_")
+    assert shm_results.ResultPlacer(0, tag).prefix.startswith(f"/dev/shm/parmap_{tag}_w")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked child is another caller: a tag of its own
+        os.write(write, shm_results.caller_tag().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        assert f.read().startswith(f"{pid}_")
 
 
 def test_placer_close_is_idempotent_and_removes_everything(tmp_path):
@@ -158,8 +184,9 @@ def test_each_file_goes_where_there_is_room(monkeypatch, tmp_path):
     # room in /dev/shm was checked for a call's first file only: a later, larger array
     # failed the call with "No space left on device"
     rooms = itertools.chain([True], itertools.repeat(False))  # the first file fills it
-    monkeypatch.setattr(shm, "shm_has_room", lambda nbytes: next(rooms))
-    monkeypatch.setattr(shm.tempfile, "gettempdir", lambda: str(tmp_path))
+    for module in (shm, folders):
+        monkeypatch.setattr(module, "shm_has_room", lambda nbytes: next(rooms))
+    monkeypatch.setattr(folders.tempfile, "gettempdir", lambda: str(tmp_path))
     placer = shm.ArgumentPlacer(0, "r")
     first, second = (placer.reduce(np.full(10, float(i)))[1][0] for i in range(2))
     assert os.path.dirname(first) == shm.SHM_DIR
@@ -328,13 +355,11 @@ def test_results_placed_early_are_correct_and_cleaned_up_when_a_batch_fails():
 
 
 def test_a_result_that_no_longer_fits_in_shared_memory_is_pickled(monkeypatch):
-    from parmap.process import shm_results
-
     def full(fd, data, offset):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shm_results, "write_all", full)  # other results filled it meanwhile
-    placer = shm_results.ResultPlacer(0, os.getpid())
+    placer = shm_results.ResultPlacer(0, shm_results.caller_tag())
     assert placer.reduce(np.ones(10)) is None and placer.created == []
     assert shm_entries() == set()
 

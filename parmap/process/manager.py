@@ -17,7 +17,6 @@ bug in this loop fails every job of the pool with a ``PoolError`` rather than ha
 from __future__ import annotations
 
 import math
-import os
 import select
 import signal
 import threading
@@ -152,7 +151,7 @@ class Manager(threading.Thread):
                 # did hand over were taken above (mapped and unlinked): the sweep comes after
                 for pid in reaped:
                     if pid is not None:
-                        shm_results.sweep_worker_results(os.getpid(), pid)
+                        shm_results.sweep_worker_results(pid)
             # the last batch's tasks (their arguments: large arrays) must not stay alive
             # in this frame until the next round, which may come minutes later
             finished = job = outcome = callback = None  # type: ignore[assignment]

@@ -251,7 +251,7 @@ class WorkerPool:
         deadline = monotonic() + STOP_GRACE
         for process in killed:
             wait([process.sentinel], timeout=max(deadline - monotonic(), 0))
-            shm_results.sweep_worker_results(os.getpid(), process.pid)  # type: ignore[arg-type]
+            shm_results.sweep_worker_results(process.pid)  # type: ignore[arg-type]
         manager = self._manager
         if manager is not None and threading.current_thread() is not manager:
             with self.lock:

@@ -27,7 +27,8 @@ by an exception, Ctrl-C, a crash, a timeout or a closed generator), at interpret
 for calls still open, and — for /dev/shm files — by multiprocessing's resource tracker if
 the caller is killed. Result files are unlinked as soon as they are mapped; those of a
 cancelled batch or a crashed worker are swept by the pool. Folders elsewhere than
-/dev/shm left by a killed caller are swept the next time parmap places a file there.
+/dev/shm left by a killed caller are swept the next time parmap places a file there
+(``folders``).
 """
 from __future__ import annotations
 
@@ -37,19 +38,18 @@ import itertools
 import mmap
 import os
 import shutil
-import tempfile
 import threading
 import weakref
 from typing import Any, Protocol
 
 from .._shm_files import SHM_DIR, shm_has_room, track
 from . import arg_maps, remap
-from .lifetime import pid_alive
+from .folders import choose_folder
 from .remap import write_all
 
 __all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
            "byte_view", "dtype_spec",
-           "choose_folder", "dumps_with", "track", "unlink", "write_all", "shm_has_room",
+           "dumps_with", "track", "unlink", "write_all", "shm_has_room",
            "SHM_DIR"]
 
 _counter = itertools.count()
@@ -244,33 +244,6 @@ class ArgumentPlacer:
         if folder is not None and folder != SHM_DIR:
             shutil.rmtree(folder, ignore_errors=True)
         _open_placers.discard(self)
-
-
-def choose_folder(temp_folder: str | None, nbytes: int) -> str:
-    """Where a call's files go: ``temp_folder`` (the setting, which $PARMAP_TEMP_FOLDER
-    sets too), /dev/shm if it has room, else the system temp dir. Returns /dev/shm
-    itself, or a fresh 0700 folder."""
-    base = temp_folder
-    if base is None:
-        if shm_has_room(nbytes):
-            return SHM_DIR
-        base = tempfile.gettempdir()
-    os.makedirs(base, exist_ok=True)
-    _sweep_stale_folders(base)
-    return tempfile.mkdtemp(prefix=f"parmap_{os.getpid()}_", dir=base)
-
-
-def _sweep_stale_folders(base: str) -> None:
-    """Remove parmap folders whose owner process no longer exists (a killed caller)."""
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return
-    for entry in entries:
-        parts = entry.split("_")
-        if len(parts) >= 3 and parts[0] == "parmap" and parts[1].isdigit():
-            if not pid_alive(int(parts[1])):
-                shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
 
 
 def _memmap_reference(arr: Any) -> tuple[str, int] | None:

@@ -9,7 +9,11 @@
             ndarray whose memory is released with it. Nothing is pickled, nothing copied.
 
 Files of a batch that failed, was cancelled, or whose worker crashed are unlinked by the
-worker (failure) or swept by the pool (``sweep_worker_results``). Only workers that share
+worker (failure) or swept by the pool (``sweep_worker_results``). ``<caller>`` is the
+caller's pid and a random tag (``caller_tag``): /dev/shm may be shared by processes of
+other PID namespaces (containers run with ``--ipc=host``, those of a Kubernetes pod),
+where the same pids name other callers and workers, whose files must not be swept or
+collide with ours. Only workers that share
 the caller's resource tracker place results, so a killed caller's files are cleaned too.
 """
 from __future__ import annotations
@@ -21,18 +25,29 @@ from typing import Any
 
 from .shm import SHM_DIR, byte_view, dtype_spec, shm_has_room, track, unlink, write_all
 
-__all__ = ["ResultPlacer", "early_placement", "rebuild_result", "sweep_worker_results",
-           "discard_results"]
+__all__ = ["ResultPlacer", "caller_tag", "early_placement", "rebuild_result",
+           "sweep_worker_results", "discard_results"]
 
 _counter = itertools.count()
+_tag = (0, "")
+
+
+def caller_tag() -> str:
+    """``<pid>_<random>``, this process's part of its workers' result file names (new
+    in a forked child)."""
+    global _tag
+    pid = os.getpid()
+    if _tag[0] != pid:
+        _tag = (pid, f"{pid}_{os.urandom(4).hex()}")
+    return _tag[1]
 
 
 class ResultPlacer:
     """In a worker: puts large result arrays in /dev/shm files for the caller to map."""
 
-    def __init__(self, max_nbytes: int, parent_pid: int):
+    def __init__(self, max_nbytes: int, caller: str):
         self.max_nbytes = max_nbytes
-        self.prefix = os.path.join(SHM_DIR, f"parmap_{parent_pid}_w{os.getpid()}_")
+        self.prefix = os.path.join(SHM_DIR, f"parmap_{caller}_w{os.getpid()}_")
         self.created: list[str] = []
 
     def reduce(self, arr: Any) -> tuple | None:
@@ -108,9 +123,9 @@ def rebuild_result(path: str, dtype: str, shape: tuple) -> Any:
     return np.ndarray(shape, dtype=np.dtype(dtype), buffer=mm)
 
 
-def sweep_worker_results(parent_pid: int, worker_pid: int) -> None:
-    """Remove result files a dead worker had not handed over."""
-    prefix = f"parmap_{parent_pid}_w{worker_pid}_"
+def sweep_worker_results(worker_pid: int) -> None:
+    """Remove result files a dead worker of ours had not handed over."""
+    prefix = f"parmap_{caller_tag()}_w{worker_pid}_"
     try:
         entries = os.listdir(SHM_DIR)
     except OSError:

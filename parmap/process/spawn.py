@@ -29,6 +29,7 @@ from typing import Any
 from .._errors import PoolError
 from . import worker
 from .protocol import STATUS_SLOTS
+from .shm_results import caller_tag
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
@@ -368,7 +369,8 @@ def task_pipe_room(fd: int) -> int:
 def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: bool,
                 wid: int, finalizer: bytes | None, whole: bool) -> bytes:
     """A worker's set-up, as ``worker.worker_main`` reads it."""
-    return pickle.dumps((environ, initializer, cap_openmp, (wid, finalizer), whole))
+    return pickle.dumps((environ, initializer, cap_openmp, (wid, finalizer), whole,
+                         caller_tag()))
 
 
 def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:

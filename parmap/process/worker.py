@@ -74,7 +74,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     die_with_parent(parent_pid, guardian, death_signal)
     _enable_faulthandler()
-    env, init, cap_openmp, (wid, finalizer), whole = pickle.loads(setup)
+    env, init, cap_openmp, (wid, finalizer), whole, caller = pickle.loads(setup)
     if whole:  # the caller's whole environment now, not the forkserver's at its start
         for key in set(os.environ) - set(env):
             del os.environ[key]
@@ -103,7 +103,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
         tracker = getattr(tracker_module, "_resource_tracker", None)
         _shm_results = getattr(tracker, "_fd", None) is not None
     try:
-        _serve(task_conn, result_conn, status, init_error, parent_pid, rss)
+        _serve(task_conn, result_conn, status, init_error, caller, rss)
     except (EOFError, OSError):
         pass  # the parent closed our pipes: it is gone or shutting down
     if init_error is None:
@@ -177,7 +177,7 @@ def _run_initializer(init: bytes | None) -> BaseException | None:
 
 
 def _serve(task_conn: Connection, result_conn: Connection, status: Any,
-           init_error: BaseException | None, parent_pid: int, rss: RssProbe) -> None:
+           init_error: BaseException | None, caller: str, rss: RssProbe) -> None:
     tracker = _SharedTracker(status)
     send = result_conn.send_bytes
     readable = _readable(task_conn)
@@ -202,14 +202,14 @@ def _serve(task_conn: Connection, result_conn: Connection, status: Any,
         if init_error is not None:
             send(protocol.error_reply(_init_failed(init_error), request.start))
             continue
-        reply, placed = _run(request, tracker, parent_pid, sends_arrays, t0)
+        reply, placed = _run(request, tracker, caller, sends_arrays, t0)
         request = None  # type: ignore[assignment]
         sends_arrays = sends_arrays or placed
         status[RSS] = rss()  # the pool reads it with the reply (memory limit, crashes)
         send(reply)
 
 
-def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
+def _run(request: protocol.Request, tracker: _SharedTracker, caller: str,
          sends_arrays: bool, t0: float) -> tuple[bytes, bool]:
     """Run one batch: the reply's bytes, and whether result arrays went through /dev/shm.
 
@@ -224,7 +224,7 @@ def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
     limit = request.result_nbytes
     placer = None
     if sends_arrays and limit is not None:
-        placer = shm_results.ResultPlacer(limit, parent_pid)
+        placer = shm_results.ResultPlacer(limit, caller)
         batch.transform = shm_results.early_placement(placer, limit)
     try:
         payload = batch()
@@ -235,7 +235,7 @@ def _run(request: protocol.Request, tracker: _SharedTracker, parent_pid: int,
     finally:
         tracker.mark(-1, 0.0)
     if placer is None and limit is not None and _shm_results and "numpy" in sys.modules:
-        placer = shm_results.ResultPlacer(limit, parent_pid)  # numpy came with the tasks
+        placer = shm_results.ResultPlacer(limit, caller)  # numpy came with the tasks
     reply = protocol.encode_reply(protocol.OK, payload, batch.duration, request.start, t0,
                                   placer, batch.record)
     return reply, bool(placer is not None and placer.created)
