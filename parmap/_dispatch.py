@@ -44,7 +44,7 @@ from ._errors import timeout_error
 from ._input import LockedIterator
 from .backends._base import Outcome, ParallelBackendBase
 
-__all__ = ["Dispatcher", "Observer", "nested_settings"]
+__all__ = ["Dispatcher", "Observer", "nested_settings", "statistics"]
 
 #: how often the consumer wakes to check timeouts (and, on Windows, to see Ctrl-C)
 POLL_INTERVAL = 0.1
@@ -146,6 +146,7 @@ class Dispatcher:
         self.exhausted = False
         self.aborted = False
         self._cancelled_because: str | None = None  # see abort
+        self._handed: Any = None  # the last result list handed out
         self.n_dispatched = 0  # tasks read from the iterable and submitted
         self.n_batches = 0
         self.n_completed = 0  # tasks whose results the consumer has seen
@@ -188,7 +189,7 @@ class Dispatcher:
         # the first batch; its size may come from earlier calls of the function
         if start == 0 and tasks and self._fixed_size is None and (
                 func is not None or type(tasks[0]) is tuple and len(tasks[0]) == 3):
-            func, tasks, unary, size = self._first_batch(func, tasks, unary, size)
+            func, tasks, unary, size = _first_batch(self, func, tasks, unary, size)
         if tasks and func is None:
             func, tasks = _checked_compact(tasks, start)
         # only now: a consumer that sees the input exhausted with no batch left returns,
@@ -213,35 +214,6 @@ class Dispatcher:
         if observer is not None:
             observer.submitting(batch, perf_counter() - read_from)
         self.backend.submit(batch, lambda outcome: self._on_done(job, outcome))
-
-    def _first_batch(self, func: Callable[..., Any] | None, tasks: list, unary: bool,
-                     size: int) -> tuple[Callable[..., Any] | None, list, bool, int]:
-        """Size the first batch (read by ``take_compact``, and in its form) from earlier
-        calls of the same function, if any."""
-        if self._prime:
-            self.sizer.prime(func if func is not None else tasks[0][0], self.n_tasks)
-        want = self.sizer.size
-        if self._max_size is not None:
-            want = fit_to_limit(want, self._max_size)
-        if want <= size:
-            return func, tasks, unary, size
-        # an input of unknown length: read enough to give every worker a batch (within
-        # MAX_PRIMED), one more to tell if that was all: n_jobs tasks that wait for each
-        # other must not share a batch because an earlier call found the function quick
-        ahead = want if self.n_tasks is not None else \
-            max(want, min(want * self.n_jobs, MAX_PRIMED))
-        func, tasks, unary = self._input.take_more((func, tasks, unary),
-                                                   ahead + 1 - len(tasks))
-        if len(tasks) > ahead:
-            self._input.push_back(func, tasks[want:], unary)
-            tasks = tasks[:want]
-        elif self.n_tasks is None and len(tasks) > 1:
-            # that was every task: share them out so that every worker gets some
-            share = math.ceil(len(tasks) / self.n_jobs)
-            self.sizer.size = share  # the next batches too: one per worker, not one more
-            self._input.push_back(func, tasks[share:], unary)
-            tasks = tasks[:share]
-        return func, tasks, unary, len(tasks)  # the end, if this was it, shows next read
 
     def _on_done(self, job: _Job, outcome: Outcome) -> None:
         """Backend callback, from any thread."""
@@ -286,16 +258,23 @@ class Dispatcher:
             self.backend.abort_everything(ensure_ready=keep_backend)
         self.backend.stop_call()
 
+    @property
+    def finished(self) -> bool:  # every task read, every result handed out
+        return self.exhausted and not self._jobs
+
     def _ordered(self) -> Iterator[Any]:
         next_start = 0
         jobs = self._jobs
         while True:
+            self._check_cancelled()
             job = jobs.get(next_start)
             if job is not None and job.ready:
                 del jobs[next_start]
                 next_start += len(job.batch)
                 if not self.retain:
-                    self._release()
+                    self._release()  # (which may read the input a long while)
+                    self._check_cancelled()
+                self._handed = job.outcome
                 yield job.outcome
             elif self.exhausted and not jobs:
                 return
@@ -307,10 +286,18 @@ class Dispatcher:
     def _unordered(self) -> Iterator[Any]:
         jobs = self._jobs
         while not (self.exhausted and not jobs):
+            self._check_cancelled()
             job = self._handle(self._next_event())
             del jobs[job.batch.start]
             self._release()
+            self._check_cancelled()
+            self._handed = job.outcome
             yield job.outcome
+
+    def _check_cancelled(self) -> None:
+        """No result once the call's block ended (``abort(why=...)``), even one in."""
+        if self._cancelled_because is not None:
+            raise RuntimeError(self._cancelled_because)
 
     def _next_event(self) -> _Job | _InputError:
         if not self._jobs and not self.exhausted:
@@ -320,8 +307,7 @@ class Dispatcher:
             try:
                 return get(timeout=POLL_INTERVAL)
             except Empty:
-                if self._cancelled_because is not None:
-                    raise RuntimeError(self._cancelled_because)
+                self._check_cancelled()
                 if self._track:
                     self._check_timeouts()
 
@@ -351,18 +337,51 @@ class Dispatcher:
         """Stop dispatching and cancel what the backend has not finished. ``why``: what a
         consumer still waiting for results is told (cancelled jobs send none)."""
         self.aborted, self._cancelled_because = True, why or self._cancelled_because
+        if why is not None and self._handed is not None:  # its rest is not read either
+            self._handed.clear()  # (the consumer iterates it: ``Parallel``'s _flatten)
         if not self._abort_done:
             self._abort_done = True
             self.backend.abort_everything(ensure_ready=ensure_ready)
 
-    def statistics(self) -> dict[str, Any]:
-        """A snapshot for tests and progress reports."""
-        return {
-            "dispatched_tasks": self.n_dispatched,
-            "dispatched_batches": self.n_batches,
-            "completed_tasks": self.n_completed,
-            "unreleased_batches": self._unreleased,
-            "batch_size": self._fixed_size or self.sizer.size,
-            "exhausted": self.exhausted,
-            "n_tasks": self.n_tasks if self.exhausted or self.n_tasks else None,
-        }
+
+def _first_batch(d: Dispatcher, func: Callable[..., Any] | None, tasks: list, unary: bool,
+                 size: int) -> tuple[Callable[..., Any] | None, list, bool, int]:
+    """Size the first batch of ``d`` (read by ``take_compact``, and in its form) from
+    earlier calls of the same function, if any."""
+    if d._prime:
+        d.sizer.prime(func if func is not None else tasks[0][0], d.n_tasks)
+    want = d.sizer.size
+    if d._max_size is not None:
+        want = fit_to_limit(want, d._max_size)
+    if want <= size:
+        return func, tasks, unary, size
+    # an input of unknown length: read enough to give every worker a batch (within
+    # MAX_PRIMED), one more to tell if that was all: n_jobs tasks that wait for each
+    # other must not share a batch because an earlier call found the function quick
+    ahead = want if d.n_tasks is not None else \
+        max(want, min(want * d.n_jobs, MAX_PRIMED))
+    func, tasks, unary = d._input.take_more((func, tasks, unary), ahead + 1 - len(tasks))
+    if len(tasks) > ahead:
+        d._input.push_back(func, tasks[want:], unary)
+        tasks = tasks[:want]
+    elif d.n_tasks is None and len(tasks) > 1:
+        # that was every task: share them out so that every worker gets some
+        share = math.ceil(len(tasks) / d.n_jobs)
+        d.sizer.size = share  # the next batches too: one per worker, not one more
+        d._input.push_back(func, tasks[share:], unary)
+        tasks = tasks[:share]
+    return func, tasks, unary, len(tasks)  # the end, if this was it, shows next read
+
+
+def statistics(dispatcher: Dispatcher) -> dict[str, Any]:
+    """A snapshot of a call's dispatching, for tests."""
+    d = dispatcher
+    return {
+        "dispatched_tasks": d.n_dispatched,
+        "dispatched_batches": d.n_batches,
+        "completed_tasks": d.n_completed,
+        "unreleased_batches": d._unreleased,
+        "batch_size": d._fixed_size or d.sizer.size,
+        "exhausted": d.exhausted,
+        "n_tasks": d.n_tasks if d.exhausted or d.n_tasks else None,
+    }

@@ -76,6 +76,8 @@ class Monitor:
             insights.consumer_s += perf_counter() - t0
 
     closed = False
+    #: inline: the record the tasks running now go to, and those tasks (``_observed``)
+    _pending: tuple[BatchRecord, dict[int, tuple]] | None = None
 
     def close(self, done: int | None) -> None:
         """The call ended: with ``done`` tasks, or (None) failed or was cancelled. Only
@@ -83,6 +85,9 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        pending, self._pending = self._pending, None
+        if pending is not None:  # inline tasks run since the last record
+            self._add(*pending)
         if self.lines is not None and done is not None:
             self.lines.finish(done)
         if self.bar is not None:
@@ -151,6 +156,7 @@ class Monitor:
                     record = BatchRecord(time())
                     record.start()
                     until = monotonic() + INLINE_RECORD
+                    self._pending = record, tasks
                 tasks[index] = task
                 func, args, kwargs = task
                 try:
@@ -158,6 +164,7 @@ class Monitor:
                 except StopIteration as exc:
                     raise InlineStop(exc, index, task) from None
                 if monotonic() >= until:
+                    self._pending = None
                     self._add(record, tasks)
                     record, tasks = None, {}
                 t1 = perf_counter()
@@ -165,8 +172,9 @@ class Monitor:
                 insights.consumer_s += perf_counter() - t1
                 index += 1
         finally:  # (not at the interpreter's exit, for a generator left open: too late)
-            if record is not None and not sys.is_finalizing():
-                self._add(record, tasks)
+            pending, self._pending = self._pending, None
+            if pending is not None and not sys.is_finalizing():
+                self._add(*pending)
 
     def _add(self, record: BatchRecord, tasks: dict[int, tuple]) -> None:
         record.finish(tasks.__getitem__)

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
-from itertools import chain, islice
+from inspect import GEN_RUNNING, getgeneratorstate
+from itertools import chain
 from operator import length_hint
 from time import time
 from types import TracebackType
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable
 
-from ._delayed import InlineStop, Task, check_task, each_result, stopped_error
+from ._delayed import InlineStop, Task, stopped_error
 from ._dispatch import Dispatcher
-from ._genexpr import delayed_calls
+from ._inline import read_ahead, run_all, run_each, until_stopped, warn_unused
 from ._insights import Insights
 from ._monitor import Monitor
 from ._progress import print_line
@@ -101,13 +101,12 @@ class Parallel:
                                         settings["nesting_level"], not chosen)
         self._managed = False
         self._running = False
-        #: the call a generator is still running (its dispatcher, None inline), and its
-        #: monitor
-        self._live: tuple[Dispatcher | None, Monitor | None] | None = None
-        self._inline_stop: list[str] | None = None  # or inline: why it must stop
+        self._live: _Call | None = None  # the call a generator is still running
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Parallel:
+        if self._running:  # its block would end (or reconfigure) a call it did not make
+            raise RuntimeError(_BUSY)
         self._managed = True
         self._configure()
         return self
@@ -115,16 +114,11 @@ class Parallel:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._managed = False
-        live, why = self._live, (
-            "the generator of this Parallel call was cancelled when its `with "
-            "Parallel(...)` block ended: read a generator's results inside the block, "
-            "or use return_as='list'")
-        if self._inline_stop is not None:  # a generator of this block is still
-            self._inline_stop.append(why)  # referenced: its tasks must not outlive it
-        if live is not None:
-            if live[0] is not None:
-                live[0].abort(ensure_ready=False, why=why)
-            self._end(live, finished=False)
+        call = self._live
+        if call is not None:  # made in the block, its generator still referenced:
+            finished = call.stop_for_block()  # its tasks must not outlive the block
+            if not call.running_elsewhere():  # (else that thread ends it, told to)
+                self._end(call, finished)
         if exc_type is not None:  # leaving on an error (a timeout, Ctrl-C): stop, and
             # do not wait for the tasks still running (a stuck thread is abandoned)
             self._backend.abort_everything(ensure_ready=False)
@@ -141,7 +135,7 @@ class Parallel:
         backend = self._backend
         n_jobs = backend.effective_n_jobs(resolve_n_jobs(self.n_jobs))
         if n_jobs == 1 or backend.inline:
-            _warn_inline(self.timeout, backend)
+            warn_unused(self.timeout, backend)
             return 1
         return backend.configure(n_jobs, CallOptions(
             self.timeout, self.max_nbytes, self.mmap_mode, self.temp_folder,
@@ -162,14 +156,15 @@ class Parallel:
                 if monitor is not None:  # its total, for delayed(f)(x) for x in range(n)
                     iterable = monitor.counted(iterable)
                 if isinstance(self.batch_size, int) and self.batch_size > 1:
-                    iterable = _read_ahead(iterable, self.batch_size)
+                    iterable = read_ahead(iterable, self.batch_size)
                 if monitor is None and self.return_as == "list":
                     try:
-                        return _run_all(iterable)
+                        return run_all(iterable)
                     finally:
                         self._running = False
                 results = self._inline(iterable, monitor)
                 next(results)
+                self._track(results)
                 if self.return_as != "list":
                     return results
                 try:
@@ -178,6 +173,7 @@ class Parallel:
                     raise stopped.stop from None
             batches = self._dispatched(iterable, n_jobs, monitor)
             next(batches)  # start dispatching now, as joblib does
+            self._track(batches)
             if self.return_as == "list":
                 return list(chain.from_iterable(batches))
             results = _flatten(batches)  # closing it cancels the call
@@ -189,6 +185,13 @@ class Parallel:
                     begun.close()
             self._running = False
             raise
+
+    def _track(self, gen: Generator) -> None:
+        """``gen`` runs the call just started: the end of its block asks whether
+        another thread is inside it."""
+        call = self._live
+        if call is not None:
+            call.gen = gen
 
     @property
     def insights(self) -> Insights | None:
@@ -216,28 +219,25 @@ class Parallel:
     def _inline(self, iterable: Iterable[Task], monitor: Monitor | None
                 ) -> Generator[Any, None, None]:
         """Every task in the caller's thread, one by one; the end of a ``with`` block
-        stops it as it cancels a dispatched call (``_inline_stop``: ``__exit__``)."""
+        stops it as it cancels a dispatched call (``_Call.stop``: ``__exit__``)."""
         stop: list[str] = []
-        self._inline_stop = stop
-        live = self._live = (None, monitor)
+        call = self._live = _Call(None, monitor, stop)
         results: Generator[Any, None, None] | None = None
         try:
             yield None  # primed by __call__
-            results = _run_each(iterable, stop) if monitor is None else \
-                monitor.run_inline(_until_stopped(iterable, stop))
+            results = run_each(iterable, stop) if monitor is None else \
+                monitor.run_inline(until_stopped(iterable, stop))
             yield from results
         except InlineStop as stopped:  # (a list raises the task's own StopIteration)
             if self.return_as == "list":
                 raise
             raise stopped_error(stopped.index, stopped.task) from stopped.stop
         finally:
-            if self._inline_stop is stop:
-                self._inline_stop = None
             try:
                 if results is not None:
                     results.close()
             finally:
-                self._end(live, False)
+                self._end(call, False)
 
     def _dispatched(self, iterable: Iterable[Task], n_jobs: int, monitor: Monitor | None
                     ) -> Generator[list, None, None]:
@@ -255,7 +255,7 @@ class Parallel:
             if monitor is not None:
                 monitor.close(None)
             raise
-        live = self._live = (dispatcher, monitor)
+        call = self._live = _Call(dispatcher, monitor, None)
         try:
             dispatcher.start()
             yield []  # primed by __call__, once the first batches are out
@@ -263,17 +263,17 @@ class Parallel:
             yield from batches if monitor is None else monitor.consumed(batches)
             finished = True
         finally:
-            self._end(live, finished)
+            self._end(call, finished)
 
-    def _end(self, live: tuple[Dispatcher | None, Monitor | None], finished: bool) -> None:
+    def _end(self, call: _Call, finished: bool) -> None:
         """End a call, once: from its generator's end, or from the end of the ``with``
         block it was made in (a generator still referenced must not hold the call's
         files, its bar or the instance until it is dropped)."""
-        with _CLAIM:
-            if self._live is not live:
-                return  # ended by the block already
+        if not call.claim():
+            return  # ended by the block already
+        if self._live is call:
             self._live = None
-        dispatcher, monitor = live
+        dispatcher, monitor = call.dispatcher, call.monitor
         try:
             if dispatcher is not None:
                 dispatcher.close(finished, keep_backend=self._managed)
@@ -289,6 +289,50 @@ class Parallel:
 
     def __repr__(self) -> str:
         return f"Parallel(n_jobs={self.n_jobs}, backend={self._backend!r})"
+
+
+class _Call:
+    """A call of a ``Parallel`` whose generator may outlive the ``with`` block it was
+    made in (``Parallel._end``): its dispatcher (None inline), monitor, ``stop`` (inline:
+    why its tasks must stop), and the generator that runs it."""
+
+    __slots__ = ("dispatcher", "monitor", "stop", "gen", "_token")
+
+    def __init__(self, dispatcher: Dispatcher | None, monitor: Monitor | None,
+                 stop: list[str] | None):
+        self.dispatcher, self.monitor, self.stop = dispatcher, monitor, stop
+        self.gen: Generator | None = None
+        self._token = [True]
+
+    def claim(self) -> bool:
+        """True for the first caller only: ends it. A list's pop is atomic, and takes no
+        lock that a garbage collection could find held (a generator's ``finally``
+        runs in one)."""
+        try:
+            return self._token.pop()
+        except IndexError:
+            return False
+
+    def running_elsewhere(self) -> bool:
+        """Whether a thread is inside its generator (waiting for a result, reading the
+        input, running a task inline): that thread ends the call, once told to stop."""
+        gen = self.gen
+        return gen is not None and getgeneratorstate(gen) == GEN_RUNNING
+
+    def stop_for_block(self) -> bool:
+        """The block it was made in ended: stop it; whether it had finished (every
+        result handed out), so that reading on returns nothing rather than an error."""
+        why = ("the generator of this Parallel call was cancelled when its `with "
+               "Parallel(...)` block ended: read a generator's results inside the block, "
+               "or use return_as='list'")
+        if self.stop is not None:  # inline: raised when its next task is read
+            self.stop.append(why)
+            return False
+        assert self.dispatcher is not None
+        if self.dispatcher.finished:
+            return True
+        self.dispatcher.abort(ensure_ready=False, why=why)
+        return False
 
 
 def _choose_backend(prefer: str | None, require: str | None, n_jobs: int | None,
@@ -313,71 +357,6 @@ def _choose_backend(prefer: str | None, require: str | None, n_jobs: int | None,
                              f"backend='threading' or drop require")
         backend = make_backend("threading", nesting_level)
     return backend
-
-
-def _warn_inline(timeout: float | None, backend: ParallelBackendBase) -> None:
-    """What a call that runs its tasks in the caller (one worker) does not use."""
-    if timeout is not None:
-        warnings.warn(
-            f"The backend class 'SequentialBackend' does not support timeout. You have set "
-            f"'timeout={timeout:g}' in Parallel but the 'timeout' parameter will not be "
-            f"used.", stacklevel=4)
-    unused = [name for name in ("initializer", "finalizer")
-              if getattr(backend, name, None) is not None]
-    if unused:  # not run in the caller: one written for a worker (a SIGINT handler that
-        # ignores Ctrl-C, say) would change the caller itself
-        warnings.warn(
-            f"{' and '.join(unused)} do{'es' if len(unused) == 1 else ''} not run with "
-            f"n_jobs=1: the tasks run in the calling process, which is not a worker. If "
-            f"they need what it sets up, call it yourself before the call.", stacklevel=4)
-
-
-def _run_all(iterable: Iterable[Task]) -> list:
-    """``n_jobs=1``, a list, nothing to report: the plain loop, no generator in between
-    (about 20 % of a tiny task's cost)."""
-    found = delayed_calls(iterable)
-    if found is not None:  # delayed(f)(x) for x in xs: as fast as map(f, xs)
-        func, xs, _ = found
-        return [func(x) for x in xs]  # not map: it would end at a task's StopIteration
-    out: list = []
-    append = out.append
-    for task in iterable:
-        if type(task) is not tuple or len(task) != 3:  # a str of 3 would unpack
-            check_task(task, len(out))
-        func, args, kwargs = task
-        append(func(*args, **kwargs) if kwargs else func(*args))
-    return out
-
-
-def _until_stopped(items: Iterable, stop: list[str]) -> Iterator:
-    """``items``, until ``stop`` holds why not: raised then, if an item is left."""
-    for item in items:
-        if stop:
-            raise RuntimeError(stop[0])
-        yield item
-
-
-def _run_each(iterable: Iterable[Task], stop: list[str]) -> Generator[Any, None, None]:
-    """``n_jobs=1``, a generator: each task as it is asked for (see _until_stopped)."""
-    found = delayed_calls(iterable)
-    if found is not None:
-        func, xs, _ = found
-        for index, x in enumerate(_until_stopped(xs, stop)):
-            try:
-                result = func(x)
-            except StopIteration as exc:
-                raise InlineStop(exc, index, (func, (x,), {})) from None
-            yield result
-        return
-    yield from each_result(_until_stopped(iterable, stop))
-
-
-def _read_ahead(iterable: Iterable[Task], size: int) -> Iterator[Task]:
-    """The tasks, read ``size`` at a time before the first of them runs: the order in
-    which an explicit ``batch_size`` consumes the input, inline as in the workers."""
-    tasks = iter(iterable)
-    while chunk := list(islice(tasks, size)):
-        yield from chunk
 
 
 def _flatten(batches: Generator[list, None, None]) -> Generator[Any, None, None]:

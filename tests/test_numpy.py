@@ -6,6 +6,7 @@ import gc
 import mmap
 import os
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -278,6 +279,39 @@ def test_a_with_blocks_end_frees_the_files_of_a_generator_still_referenced():
     assert not shm_entries()  # before the generator is dropped
     with pytest.raises(RuntimeError, match="block ended"):
         next(results)
+
+
+@pytest.mark.timeout(30)
+def test_a_block_ending_while_another_thread_places_arrays_leaves_no_file():
+    # the block's thread once ended the call (closing its placer) under the thread that
+    # read the input and placed arrays: their files stayed until the process exited
+    reading, gate = threading.Event(), threading.Event()
+
+    def tasks():
+        yield delayed(describe)(big(0.0))
+        reading.set()
+        gate.wait(10)
+        for i in range(1, 20):
+            yield delayed(describe)(big(float(i)))
+
+    outcome = {}
+    with Parallel(n_jobs=2, batch_size=1, pre_dispatch=1, return_as="generator") as parallel:
+        results = parallel(tasks())
+
+        def consume():
+            try:
+                list(results)
+            except RuntimeError as exc:
+                outcome["error"] = str(exc)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert reading.wait(10)
+    gate.set()
+    reader.join(20)
+    assert "block ended" in outcome.get("error", "")
+    assert not shm_entries()
+
 
 @pytest.mark.parametrize("mode", ["r+", "c"])
 def test_writable_modes_are_never_inherited(inheritance, count_placements, mode):

@@ -103,13 +103,91 @@ def test_a_generator_read_after_its_with_block_ended_says_so(name):
                   insights=True) as parallel:
         results = parallel(delayed(nap_square)(i) for i in range(50))
         assert next(results) == 0
+        time.sleep(0.2)  # more results are in: none of them is handed out after the block
     # the block ended the call though its generator is still referenced: its report is
     # final and the instance is free (the files of its arguments: test_numpy.py)
     assert parallel.insights.to_dict()["running"] is False
     assert list(parallel(delayed(square)(i) for i in range(3))) == [0, 1, 4]
     with pytest.raises(RuntimeError, match=r"cancelled when its `with Parallel\(...\)` "
                                            r"block ended.*inside the block"):
-        list(results)
+        next(results)
+
+
+@pytest.mark.parametrize("name", ["threading", "processes"])
+def test_a_generator_read_to_its_last_result_in_its_block_finished(name):
+    with Parallel(n_jobs=2, backend=name, return_as="generator",
+                  insights=True) as parallel:
+        results = parallel(delayed(square)(i) for i in range(5))
+        assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
+    assert parallel.insights.to_dict()["finished"] is True
+    assert list(results) == []  # nothing was left to cancel
+
+
+def test_a_block_cannot_begin_while_a_call_of_its_instance_runs():
+    parallel = Parallel(n_jobs=2, backend="threading", return_as="generator")
+    results = parallel(delayed(square)(i) for i in range(5))
+    with pytest.raises(RuntimeError, match="already running"):
+        with parallel:
+            pass
+    assert list(results) == [0, 1, 4, 9, 16]  # its end would have cancelled it
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["threading", "processes"])
+def test_a_block_ends_while_another_thread_reads_its_generators_input(name):
+    # the reading thread ends the call, told to stop: ended by the block's thread under
+    # it, its batch went into the instance's next call (and, with placed arrays, left
+    # files: test_numpy.py)
+    reading, gate, ran = threading.Event(), threading.Event(), []
+
+    def tasks():
+        yield delayed(square)(0)
+        reading.set()
+        gate.wait(10)  # the input is slow
+        yield delayed(ran.append)(1)
+
+    outcome = {}
+    with Parallel(n_jobs=2, backend=name, return_as="generator", batch_size=1,
+                  pre_dispatch=1) as parallel:
+        results = parallel(tasks())
+
+        def consume():
+            try:
+                outcome["results"] = list(results)
+            except RuntimeError as exc:
+                outcome["error"] = str(exc)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert reading.wait(10)
+    with pytest.raises(RuntimeError, match="already running"):  # not ended under it
+        parallel(delayed(square)(i) for i in range(2))
+    gate.set()
+    reader.join(10)
+    assert "block ended" in outcome.get("error", "") and ran == []
+    assert list(parallel(delayed(square)(i) for i in range(2))) == [0, 1]
+
+
+def test_a_generator_finalised_while_the_claim_lock_is_held_does_not_deadlock(monkeypatch):
+    # a generator's finally can run in a garbage collection, which can start while
+    # Parallel.__call__ holds its module lock (raising "already running"): ending a
+    # call must not take that lock
+    from parmap import _parallel
+
+    monkeypatch.setattr(_parallel, "_CLAIM", threading.Lock())  # (a failure stays here)
+    results = Parallel(n_jobs=1, return_as="generator")(delayed(abs)(-i) for i in range(3))
+    next(results)
+    done = threading.Event()
+
+    def drop():
+        nonlocal results
+        with _parallel._CLAIM:
+            results = None  # the generator's finally runs here
+        done.set()
+
+    thread = threading.Thread(target=drop, daemon=True)
+    thread.start()
+    assert done.wait(5)
 
 
 def test_an_inline_generator_read_after_its_with_block_ended_says_so():
@@ -127,7 +205,8 @@ def test_an_inline_generator_read_after_its_with_block_ended_says_so():
             if read_first:
                 assert next(results) == 0
         # the block ended the call though its generator is still referenced
-        assert parallel.insights.to_dict()["running"] is False
+        report = parallel.insights.to_dict()
+        assert report["running"] is False and report["n_tasks"] == (1 if read_first else 0)
         assert list(parallel([delayed(abs)(-1)])) == [1]  # the instance is free
         with pytest.raises(RuntimeError, match=r"cancelled when its `with Parallel\(...\)` "
                                                r"block ended"):
@@ -249,7 +328,7 @@ def test_nested_parallel_calls(backend):
 
 
 def test_statistics_snapshot():
-    from parmap._dispatch import Dispatcher
+    from parmap._dispatch import Dispatcher, statistics
     from parmap.backends.sequential import SequentialBackend
 
     dispatcher = Dispatcher((delayed(square)(i) for i in range(10)), SequentialBackend(), 2,
@@ -257,7 +336,7 @@ def test_statistics_snapshot():
     dispatcher.start()
     assert [r for batch in dispatcher.batches(ordered=True) for r in batch] == \
         [square(i) for i in range(10)]
-    stats = dispatcher.statistics()
+    stats = statistics(dispatcher)
     assert stats["dispatched_tasks"] == stats["completed_tasks"] == 10
     assert stats["dispatched_batches"] == 4
     assert stats["exhausted"] and stats["n_tasks"] == 10

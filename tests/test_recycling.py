@@ -405,6 +405,30 @@ def test_a_worker_the_system_will_not_start_fails_the_call_saying_so(monkeypatch
         Parallel(n_jobs=2)(delayed(abs)(i) for i in range(4))
 
 
+def long_or_exit(kind):
+    if kind == "exit":
+        time.sleep(0.2)
+        os._exit(1)
+    time.sleep(2 if kind == "long" else 0)
+    return kind
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_still_running_gets_the_failure_of_its_pool(monkeypatch):
+    # a worker dies and its replacement cannot start: the pool fails, and the batch on
+    # the other worker must fail with it (it waited forever once: its callback had been
+    # dropped as the pool closed)
+    def no_start(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    registry.shutdown_all()
+    Parallel(n_jobs=2)(delayed(abs)(i) for i in range(4))  # two workers, warm
+    monkeypatch.setattr(pool_module, "start_worker", no_start)
+    with pytest.raises(parmap.PoolError, match="could not start a worker process"):
+        Parallel(n_jobs=2, batch_size=1)(delayed(long_or_exit)(kind)
+                                         for kind in ["long", "exit", "quick"])
+
+
 HUNG_FINALIZER = """
 import re, time, warnings
 import parmap.process.manager as manager

@@ -285,17 +285,26 @@ class Manager(threading.Thread):
     def _fail_everything(self, exc: BaseException) -> None:
         pool = self.pool
         with pool.lock:
-            jobs = pool.scheduler.clear() + [j for w in pool.workers for j in w.jobs]
+            # their callbacks before closing, which drops them (PoolJob.cancel); those of
+            # calls cancelled before are dropped already: nobody is listening there
+            callbacks = [j.callback for j in pool.scheduler.clear()] + \
+                [j.callback for w in pool.workers for j in w.jobs]
+            workers = list(pool.workers)
             pool.close_locked()
             self._notify_closed()
         error = exc if isinstance(exc, PoolError) else PoolError(
             f"parmap's pool manager failed ({type(exc).__name__}: {exc}); the pool was "
             f"shut down and the next call starts a new one. Please report this as a bug.")
-        for job in jobs:
+        for callback in callbacks:
             try:
-                job.callback(error)
+                callback(error)
             except Exception:
                 pass
+        deadline = monotonic() + STOP_GRACE
+        for worker in workers:  # this thread reaped them: none may stay a zombie
+            worker.process.join(timeout=max(deadline - monotonic(), 0))
+            if worker.process.exitcode is not None:
+                shm_results.sweep_worker_results(worker.process.pid)  # type: ignore[arg-type]
 
 
 def _drop_taken_requests(workers: list[Worker]) -> None:
