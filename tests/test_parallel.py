@@ -468,17 +468,22 @@ def test_a_with_blocks_threads_keep_their_state_after_a_failed_call():
     def count(x):
         if x is None:
             raise ValueError("failed")
+        time.sleep(0.005)  # (so that both threads take some)
         state = parmap.worker_state()
         state["n"] = state.get("n", 0) + 1
         return state["n"], parmap.worker_id()
 
-    with Parallel(n_jobs=2, backend="threading") as parallel:
+    with Parallel(n_jobs=2, backend="threading", batch_size=1) as parallel:
         first = parallel(delayed(count)(i) for i in range(8))
         with pytest.raises(ValueError):
             parallel(delayed(count)(x) for x in [1, None, 1])
         after = parallel(delayed(count)(i) for i in range(8))
-    assert sum(n for n, _ in first) < sum(n for n, _ in after)  # counts went on
-    assert {wid for _, wid in after} <= {0, 1}
+    last: dict[int, int] = {}
+    for n, wid in first:
+        last[wid] = max(last.get(wid, 0), n)
+    assert set(last) == {0, 1}
+    for n, wid in after:  # the same two threads, whose counts went on
+        assert n > last[wid]
 
 
 @pytest.mark.timeout(30)
