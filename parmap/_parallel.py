@@ -315,9 +315,10 @@ class _Call:
 
     def running_elsewhere(self) -> bool:
         """Whether a thread is inside its generator (waiting for a result, reading the
-        input, running a task inline): that thread ends the call, once told to stop."""
+        input, running a task inline), or still starting it (``Parallel.__call__``
+        before ``_track``): that thread ends the call, once told to stop."""
         gen = self.gen
-        return gen is not None and getgeneratorstate(gen) == GEN_RUNNING
+        return gen is None or getgeneratorstate(gen) == GEN_RUNNING
 
     def stop_for_block(self) -> bool:
         """The block it was made in ended: stop it; whether it had finished (every

@@ -133,11 +133,13 @@ def test_a_block_cannot_begin_while_a_call_of_its_instance_runs():
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("in_call", [False, True], ids=["reading", "starting"])
 @pytest.mark.parametrize("name", ["threading", "processes"])
-def test_a_block_ends_while_another_thread_reads_its_generators_input(name):
+def test_a_block_ends_while_another_thread_reads_its_generators_input(name, in_call):
     # the reading thread ends the call, told to stop: ended by the block's thread under
     # it, its batch went into the instance's next call (and, with placed arrays, left
-    # files: test_numpy.py)
+    # files: test_numpy.py). "starting": that thread is still in the call's first
+    # dispatch, inside Parallel(...)(tasks)
     reading, gate, ran = threading.Event(), threading.Event(), []
 
     def tasks():
@@ -148,12 +150,13 @@ def test_a_block_ends_while_another_thread_reads_its_generators_input(name):
 
     outcome = {}
     with Parallel(n_jobs=2, backend=name, return_as="generator", batch_size=1,
-                  pre_dispatch=1) as parallel:
-        results = parallel(tasks())
+                  pre_dispatch=3 if in_call else 1) as parallel:
+        results = None if in_call else parallel(tasks())
 
         def consume():
             try:
-                outcome["results"] = list(results)
+                outcome["results"] = list(results if results is not None
+                                          else parallel(tasks()))
             except RuntimeError as exc:
                 outcome["error"] = str(exc)
 
