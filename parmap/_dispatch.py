@@ -273,9 +273,10 @@ class Dispatcher:
                 next_start += len(job.batch)
                 if not self.retain:
                     self._release()  # (which may read the input a long while)
-                    self._check_cancelled()
-                self._handed = job.outcome
+                self._handed = job.outcome  # then the check: see abort
+                self._check_cancelled()
                 yield job.outcome
+                self._handed = job = None  # not kept while the next batch is awaited
             elif self.exhausted and not jobs:
                 return
             else:
@@ -290,9 +291,11 @@ class Dispatcher:
             job = self._handle(self._next_event())
             del jobs[job.batch.start]
             self._release()
-            self._check_cancelled()
             self._handed = job.outcome
+            self._check_cancelled()
             yield job.outcome
+            self._handed = None
+            del job  # not kept while the next batch is awaited
 
     def _check_cancelled(self) -> None:
         """No result once the call's block ended (``abort(why=...)``), even one in."""
@@ -337,8 +340,11 @@ class Dispatcher:
         """Stop dispatching and cancel what the backend has not finished. ``why``: what a
         consumer still waiting for results is told (cancelled jobs send none)."""
         self.aborted, self._cancelled_because = True, why or self._cancelled_because
-        if why is not None and self._handed is not None:  # its rest is not read either
-            self._handed.clear()  # (the consumer iterates it: ``Parallel``'s _flatten)
+        # the rest of the list the consumer iterates is not handed out either (it sets
+        # _handed before it checks _cancelled_because: one of the two sees the other)
+        handed = self._handed
+        if why is not None and handed is not None:
+            handed.clear()
         if not self._abort_done:
             self._abort_done = True
             self.backend.abort_everything(ensure_ready=ensure_ready)

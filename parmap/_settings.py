@@ -97,7 +97,8 @@ def _given(value: object) -> bool:
     return not isinstance(value, Default)
 
 
-#: each default, checked once (the checks are pure; a call resolves every setting)
+#: each default, checked once (the checks are pure; a call resolves every setting);
+#: empty until then, and then complete: see resolve
 _CHECKED_DEFAULT: dict[str, Any] = {}
 
 
@@ -107,8 +108,9 @@ def resolve(given: Mapping[str, object]) -> dict[str, Any]:
     ``backend=None`` and ``n_jobs=None`` defer to the context, as in joblib."""
     context = _context.CONFIG.get()
     defaults = _CHECKED_DEFAULT
-    if not defaults:
-        defaults.update((name, s.check(s.default)) for name, s in SETTINGS.items())
+    if not defaults:  # made whole, then put in at once: another thread may read it now
+        checked = {name: s.check(s.default) for name, s in SETTINGS.items()}
+        defaults.update(checked)
     out: dict[str, Any] = {}
     for name, setting in SETTINGS.items():
         value = given.get(name, DEFAULT[name])

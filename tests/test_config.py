@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
@@ -177,3 +178,33 @@ def test_verbose_above_50_goes_to_stdout(capsys):
 def test_verbose_zero_is_silent(capsys):
     Parallel(n_jobs=2, backend="threading")(delayed(abs)(i) for i in range(5))
     assert capsys.readouterr() == ("", "")
+
+
+def test_two_threads_making_the_first_parallel_at_once_both_succeed(monkeypatch):
+    # the checked defaults, made on first use, were seen half made by the other thread:
+    # KeyError('verbose') in 57 of 200 tries with a tiny switch interval
+    from parmap import _settings
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(50):
+            monkeypatch.setattr(_settings, "_CHECKED_DEFAULT", {})
+            barrier, errors = threading.Barrier(2), []
+
+            def make():
+                barrier.wait()
+                try:
+                    Parallel(n_jobs=2)
+                except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=make) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == []
+    finally:
+        sys.setswitchinterval(previous)
+

@@ -7,6 +7,7 @@ import itertools
 import mmap
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -169,6 +170,30 @@ def test_result_file_names_are_this_callers_own():
     os.waitpid(pid, 0)
     with os.fdopen(read) as f:
         assert f.read().startswith(f"{pid}_")
+
+
+def test_threads_asking_for_the_tag_at_once_get_the_same(monkeypatch):
+    # each made its own once (two pools' workers, one sweep prefix): 183 of 300 with a
+    # tiny switch interval
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(50):
+            monkeypatch.setattr(shm_results, "_tags", {})
+            barrier, tags = threading.Barrier(2), []
+
+            def ask():
+                barrier.wait()
+                tags.append(shm_results.caller_tag())
+
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert tags[0] == tags[1]
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def test_placer_close_is_idempotent_and_removes_everything(tmp_path):

@@ -6,6 +6,7 @@ import itertools
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -121,6 +122,35 @@ def test_a_generator_read_to_its_last_result_in_its_block_finished(name):
         assert [next(results) for _ in range(5)] == [0, 1, 4, 9, 16]
     assert parallel.insights.to_dict()["finished"] is True
     assert list(results) == []  # nothing was left to cancel
+
+
+class _Result:
+    pass
+
+
+def result_or_wait(i, event):
+    if i == 1:
+        event.wait(10)
+    return _Result()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
+def test_a_result_dropped_is_not_kept_while_the_next_is_awaited(return_as):
+    # the call kept the last batch handed out (its arrays) until the next one came
+    event, seen = threading.Event(), []
+    results = Parallel(n_jobs=2, backend="threading", batch_size=1, return_as=return_as)(
+        delayed(result_or_wait)(i, event) for i in range(2))
+    first = weakref.ref(next(results))
+
+    def look():
+        time.sleep(0.2)  # the caller is waiting in next() by then
+        seen.append(first() is None)
+        event.set()
+
+    threading.Thread(target=look).start()
+    next(results)
+    assert seen == [True]
 
 
 def test_a_block_cannot_begin_while_a_call_of_its_instance_runs():

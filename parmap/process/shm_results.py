@@ -29,17 +29,17 @@ __all__ = ["ResultPlacer", "caller_tag", "early_placement", "rebuild_result",
            "sweep_worker_results", "discard_results"]
 
 _counter = itertools.count()
-_tag = (0, "")
+_tags: dict[int, str] = {}  # pid -> its tag (a forked child has a pid, so a tag, of its own)
 
 
 def caller_tag() -> str:
-    """``<pid>_<random>``, this process's part of its workers' result file names (new
-    in a forked child)."""
-    global _tag
+    """``<pid>_<random>``, this process's part of its workers' result file names. The
+    first of two threads asking at once sets it for both (``setdefault`` is atomic)."""
     pid = os.getpid()
-    if _tag[0] != pid:
-        _tag = (pid, f"{pid}_{os.urandom(4).hex()}")
-    return _tag[1]
+    tag = _tags.get(pid)
+    if tag is None:
+        tag = _tags.setdefault(pid, f"{pid}_{os.urandom(4).hex()}")
+    return tag
 
 
 class ResultPlacer:
