@@ -301,7 +301,7 @@ class Manager(threading.Thread):
             except Exception:
                 pass
         deadline = monotonic() + STOP_GRACE
-        for worker in workers:  # this thread reaped them: none may stay a zombie
+        for worker in workers:  # the loop that reaped them ends here: no zombie left
             worker.process.join(timeout=max(deadline - monotonic(), 0))
             if worker.process.exitcode is not None:
                 shm_results.sweep_worker_results(worker.process.pid)  # type: ignore[arg-type]

@@ -9,12 +9,13 @@
             ndarray whose memory is released with it. Nothing is pickled, nothing copied.
 
 Files of a batch that failed, was cancelled, or whose worker crashed are unlinked by the
-worker (failure) or swept by the pool (``sweep_worker_results``). ``<caller>`` is the
-caller's pid and a random tag (``caller_tag``): /dev/shm may be shared by processes of
-other PID namespaces (containers run with ``--ipc=host``, those of a Kubernetes pod),
-where the same pids name other callers and workers, whose files must not be swept or
-collide with ours. Only workers that share
+worker (failure) or swept by the pool (``sweep_worker_results``). Only workers that share
 the caller's resource tracker place results, so a killed caller's files are cleaned too.
+
+``<caller>`` is the caller's pid and a random tag (``caller_tag``): /dev/shm may be
+shared by processes of other PID namespaces (containers run with ``--ipc=host``, those
+of a Kubernetes pod), where the same pids name other callers and workers, whose files
+must neither collide with ours nor be swept by us.
 """
 from __future__ import annotations
 
