@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import math
 import threading
-from operator import itemgetter
+from operator import itemgetter, length_hint
 from queue import Empty, SimpleQueue
 from time import monotonic, perf_counter
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, cast
 
 from ._batching import MAX_PRIMED, AutoBatchSizer, estimate_nbytes, fit_to_limit
 from ._delayed import Batch, check_task, compact
@@ -146,7 +146,7 @@ class Dispatcher:
         self.exhausted = False
         self.aborted = False
         self._cancelled_because: str | None = None  # see abort
-        self._handed: Any = None  # the last result list handed out
+        self._handed: tuple[list, Iterator] | None = None  # last list out, its iterator
         self.n_dispatched = 0  # tasks read from the iterable and submitted
         self.n_batches = 0
         self.n_completed = 0  # tasks whose results the consumer has seen
@@ -260,7 +260,8 @@ class Dispatcher:
 
     @property
     def finished(self) -> bool:  # every task read, every result handed out
-        return self.exhausted and not self._jobs
+        return self.exhausted and not self._jobs and (
+            self._handed is None or length_hint(self._handed[1]) == 0)
 
     def _ordered(self) -> Iterator[Any]:
         next_start = 0
@@ -273,10 +274,13 @@ class Dispatcher:
                 next_start += len(job.batch)
                 if not self.retain:
                     self._release()  # (which may read the input a long while)
-                self._handed = job.outcome  # then the check: see abort
+                results = cast(list, job.outcome)  # (ready: a list)
+                handed = iter(results)  # (an iterator: ``finished`` asks what is left)
+                self._handed = results, handed  # then the check: see abort
                 self._check_cancelled()
-                yield job.outcome
+                yield handed
                 self._handed = job = None  # not kept while the next batch is awaited
+                del results, handed
             elif self.exhausted and not jobs:
                 return
             else:
@@ -286,16 +290,20 @@ class Dispatcher:
 
     def _unordered(self) -> Iterator[Any]:
         jobs = self._jobs
-        while not (self.exhausted and not jobs):
-            self._check_cancelled()
+        while True:
+            self._check_cancelled()  # (also after the last: its list may have been cut)
+            if self.exhausted and not jobs:
+                return
             job = self._handle(self._next_event())
             del jobs[job.batch.start]
             self._release()
-            self._handed = job.outcome
+            results = cast(list, job.outcome)
+            handed = iter(results)
+            self._handed = results, handed
             self._check_cancelled()
-            yield job.outcome
+            yield handed
             self._handed = None
-            del job  # not kept while the next batch is awaited
+            del job, results, handed  # not kept while the next batch is awaited
 
     def _check_cancelled(self) -> None:
         """No result once the call's block ended (``abort(why=...)``), even one in."""
@@ -344,7 +352,7 @@ class Dispatcher:
         # _handed before it checks _cancelled_because: one of the two sees the other)
         handed = self._handed
         if why is not None and handed is not None:
-            handed.clear()
+            handed[0].clear()
         if not self._abort_done:
             self._abort_done = True
             self.backend.abort_everything(ensure_ready=ensure_ready)
@@ -379,9 +387,8 @@ def _first_batch(d: Dispatcher, func: Callable[..., Any] | None, tasks: list, un
     return func, tasks, unary, len(tasks)  # the end, if this was it, shows next read
 
 
-def statistics(dispatcher: Dispatcher) -> dict[str, Any]:
+def statistics(d: Dispatcher) -> dict[str, Any]:
     """A snapshot of a call's dispatching, for tests."""
-    d = dispatcher
     return {
         "dispatched_tasks": d.n_dispatched,
         "dispatched_batches": d.n_batches,

@@ -73,6 +73,7 @@ class Monitor:
         for results in batches:
             t0 = perf_counter()
             yield results
+            del results  # not kept while the next batch is awaited
             insights.consumer_s += perf_counter() - t0
 
     closed = False

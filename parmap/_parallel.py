@@ -188,10 +188,14 @@ class Parallel:
 
     def _track(self, gen: Generator) -> None:
         """``gen`` runs the call just started: the end of its block asks whether
-        another thread is inside it."""
+        another thread is inside it. A block that ended while it started left the
+        call to this thread (``running_elsewhere``): it ends it now (its generator,
+        when read, raises the block's error)."""
         call = self._live
         if call is not None:
-            call.gen = gen
+            call.gen = gen  # then the check: the block's thread sets, then checks, too
+            if call.block_ended is not None:
+                self._end(call, call.block_ended)
 
     @property
     def insights(self) -> Insights | None:
@@ -296,12 +300,14 @@ class _Call:
     made in (``Parallel._end``): its dispatcher (None inline), monitor, ``stop`` (inline:
     why its tasks must stop), and the generator that runs it."""
 
-    __slots__ = ("dispatcher", "monitor", "stop", "gen", "_token")
+    __slots__ = ("dispatcher", "monitor", "stop", "gen", "block_ended", "_token")
 
     def __init__(self, dispatcher: Dispatcher | None, monitor: Monitor | None,
                  stop: list[str] | None):
         self.dispatcher, self.monitor, self.stop = dispatcher, monitor, stop
         self.gen: Generator | None = None
+        #: set when its block ended: whether the call had finished then
+        self.block_ended: bool | None = None
         self._token = [True]
 
     def claim(self) -> bool:
@@ -328,12 +334,13 @@ class _Call:
                "or use return_as='list'")
         if self.stop is not None:  # inline: raised when its next task is read
             self.stop.append(why)
-            return False
-        assert self.dispatcher is not None
-        if self.dispatcher.finished:
-            return True
-        self.dispatcher.abort(ensure_ready=False, why=why)
-        return False
+            self.block_ended = False
+        else:
+            assert self.dispatcher is not None
+            self.block_ended = self.dispatcher.finished
+            if not self.block_ended:
+                self.dispatcher.abort(ensure_ready=False, why=why)
+        return self.block_ended
 
 
 def _choose_backend(prefer: str | None, require: str | None, n_jobs: int | None,

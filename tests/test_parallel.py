@@ -135,12 +135,13 @@ def result_or_wait(i, event):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("insights", [False, True])
 @pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
-def test_a_result_dropped_is_not_kept_while_the_next_is_awaited(return_as):
+def test_a_result_dropped_is_not_kept_while_the_next_is_awaited(return_as, insights):
     # the call kept the last batch handed out (its arrays) until the next one came
     event, seen = threading.Event(), []
-    results = Parallel(n_jobs=2, backend="threading", batch_size=1, return_as=return_as)(
-        delayed(result_or_wait)(i, event) for i in range(2))
+    results = Parallel(n_jobs=2, backend="threading", batch_size=1, return_as=return_as,
+                       insights=insights)(delayed(result_or_wait)(i, event) for i in range(2))
     first = weakref.ref(next(results))
 
     def look():
@@ -151,6 +152,20 @@ def test_a_result_dropped_is_not_kept_while_the_next_is_awaited(return_as):
     threading.Thread(target=look).start()
     next(results)
     assert seen == [True]
+
+
+
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
+def test_a_generator_read_to_the_middle_of_its_last_batch_is_not_finished(return_as):
+    # the rest of that batch was handed out after the block, as if the call had finished
+    with Parallel(n_jobs=2, backend="threading", batch_size=4,
+                  return_as=return_as) as parallel:
+        results = parallel(delayed(square)(i) for i in range(8))
+        for _ in range(5):
+            next(results)
+        time.sleep(0.1)  # (the last batch is in)
+    with pytest.raises(RuntimeError, match="block ended"):
+        next(results)
 
 
 def test_a_block_cannot_begin_while_a_call_of_its_instance_runs():
@@ -199,6 +214,31 @@ def test_a_block_ends_while_another_thread_reads_its_generators_input(name, in_c
     reader.join(10)
     assert "block ended" in outcome.get("error", "") and ran == []
     assert list(parallel(delayed(square)(i) for i in range(2))) == [0, 1]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["threading", "processes"])
+def test_a_call_started_as_its_block_ended_ends_even_if_never_read(name):
+    # the thread starting it was left to end it, and did so only when its generator
+    # was read: a thread that kept the generator kept the instance busy
+    reading, gate, held = threading.Event(), threading.Event(), []
+
+    def tasks():
+        yield delayed(square)(0)
+        reading.set()
+        gate.wait(10)
+        yield delayed(square)(1)
+
+    with Parallel(n_jobs=2, backend=name, return_as="generator", batch_size=1,
+                  pre_dispatch=3) as parallel:
+        starter = threading.Thread(target=lambda: held.append(parallel(tasks())))
+        starter.start()
+        assert reading.wait(10)
+    gate.set()
+    starter.join(10)
+    assert list(parallel(delayed(square)(i) for i in range(2))) == [0, 1]  # it is free
+    with pytest.raises(RuntimeError, match="block ended"):
+        next(held[0])
 
 
 def test_a_generator_finalised_while_the_claim_lock_is_held_does_not_deadlock(monkeypatch):

@@ -31,6 +31,8 @@ __all__ = ["ResultPlacer", "caller_tag", "early_placement", "rebuild_result",
 
 _counter = itertools.count()
 _tags: dict[int, str] = {}  # pid -> its tag (a forked child has a pid, so a tag, of its own)
+if hasattr(os, "register_at_fork"):  # (a child whose pid an ancestor had must not reuse
+    os.register_at_fork(after_in_child=_tags.clear)  # that ancestor's tag)
 
 
 def caller_tag() -> str:
