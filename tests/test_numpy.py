@@ -258,7 +258,8 @@ def test_a_closed_call_is_freed_without_waiting_for_a_garbage_collection():
         finally:
             closed.append(True)
 
-    gc.disable()
+    Parallel(n_jobs=2)(delayed(abs)(i) for i in range(2))  # workers started before:
+    gc.disable()  # one forked now would keep gc off for its life (and its cycles' arrays)
     try:
         gen = Parallel(n_jobs=2, batch_size=1, return_as="generator")(tasks())
         next(gen)
