@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 import threading
-from inspect import GEN_RUNNING, getgeneratorstate
 from itertools import chain
 from operator import length_hint
 from time import time
-from types import TracebackType
-from typing import Any, Callable, Generator, Iterable
+from types import GeneratorType, TracebackType
+from typing import Any, Callable, Generator, Iterable, cast
 
 from ._delayed import InlineStop, Task, stopped_error
 from ._dispatch import Dispatcher
@@ -323,8 +322,8 @@ class _Call:
         """Whether a thread is inside its generator (waiting for a result, reading the
         input, running a task inline), or still starting it (``Parallel.__call__``
         before ``_track``): that thread ends the call, once told to stop."""
-        gen = self.gen
-        return gen is None or getgeneratorstate(gen) == GEN_RUNNING
+        gen = self.gen  # (gi_running, not inspect.getgeneratorstate: ~10 ms of imports)
+        return gen is None or cast(GeneratorType, gen).gi_running
 
     def stop_for_block(self) -> bool:
         """The block it was made in ended: stop it; whether it had finished (every

@@ -175,6 +175,37 @@ def count_placements(monkeypatch):
     return calls
 
 
+def twice_at_once(action: Callable[[], object], reset: Callable[[], None],
+                  rounds: int = 50) -> list[list]:
+    """Run ``action`` in two threads released together, ``rounds`` times, ``reset``
+    before each round, with a tiny switch interval (a race's window, widened): each
+    round's two outcomes, a result or the exception raised."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        out = []
+        for _ in range(rounds):
+            reset()
+            barrier, outcomes = threading.Barrier(2, timeout=10), []
+
+            def run() -> None:
+                barrier.wait()
+                try:
+                    outcomes.append(action())
+                except Exception as exc:  # noqa: BLE001 - the outcome to check
+                    outcomes.append(exc)
+
+            threads = [threading.Thread(target=run) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            out.append(outcomes)
+        return out
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def run_script(code: str, timeout: float, args: tuple[str, ...] = ()) -> str:
     """Run ``code`` in a fresh interpreter (a process with no thread of pytest's), its
     ``__main__``, with ``args`` in ``sys.argv[1:]``; its standard output, once it exited

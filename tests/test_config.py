@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import pytest
@@ -14,7 +13,7 @@ from parmap._cpu import cgroup_cpu_limit, physical_core_count
 from parmap._settings import get_config
 from parmap.backends import _factories
 
-from .conftest import run_script
+from .conftest import run_script, twice_at_once
 
 DOCUMENTED_API = {
     "Parallel", "delayed", "parallel_config", "parallel_backend", "register_parallel_backend",
@@ -185,26 +184,8 @@ def test_two_threads_making_the_first_parallel_at_once_both_succeed(monkeypatch)
     # KeyError('verbose') in 57 of 200 tries with a tiny switch interval
     from parmap import _settings
 
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for _ in range(50):
-            monkeypatch.setattr(_settings, "_CHECKED_DEFAULT", {})
-            barrier, errors = threading.Barrier(2), []
-
-            def make():
-                barrier.wait()
-                try:
-                    Parallel(n_jobs=2)
-                except Exception as exc:  # noqa: BLE001 - any failure is the finding
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=make) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert errors == []
-    finally:
-        sys.setswitchinterval(previous)
+    for outcomes in twice_at_once(
+            lambda: Parallel(n_jobs=2),
+            lambda: monkeypatch.setattr(_settings, "_CHECKED_DEFAULT", {})):
+        assert len(outcomes) == 2 and all(isinstance(o, Parallel) for o in outcomes), outcomes
 

@@ -16,7 +16,7 @@ import parmap.process.shm as shm
 from parmap import Parallel, SerializationError, WorkerCrashedError, delayed
 from parmap.process import folders, shm_results
 
-from .conftest import shm_entries
+from .conftest import shm_entries, twice_at_once
 from .numpy_helpers import BIG, big, describe, identity, no_inheritance  # noqa: F401
 
 
@@ -175,25 +175,9 @@ def test_result_file_names_are_this_callers_own():
 def test_threads_asking_for_the_tag_at_once_get_the_same(monkeypatch):
     # each made its own once (two pools' workers, one sweep prefix): 183 of 300 with a
     # tiny switch interval
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for _ in range(50):
-            monkeypatch.setattr(shm_results, "_tags", {})
-            barrier, tags = threading.Barrier(2), []
-
-            def ask():
-                barrier.wait()
-                tags.append(shm_results.caller_tag())
-
-            threads = [threading.Thread(target=ask) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert tags[0] == tags[1]
-    finally:
-        sys.setswitchinterval(previous)
+    for first, second in twice_at_once(
+            shm_results.caller_tag, lambda: monkeypatch.setattr(shm_results, "_tags", {})):
+        assert isinstance(first, str) and first == second
 
 
 def test_placer_close_is_idempotent_and_removes_everything(tmp_path):

@@ -144,15 +144,16 @@ def test_a_result_dropped_is_not_kept_while_the_next_is_awaited(return_as, insig
                        insights=insights)(delayed(result_or_wait)(i, event) for i in range(2))
     first = weakref.ref(next(results))
 
-    def look():
-        time.sleep(0.2)  # the caller is waiting in next() by then
+    def look():  # while the caller waits in next(): the first result must go
+        deadline = time.monotonic() + 5
+        while first() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
         seen.append(first() is None)
         event.set()
 
     threading.Thread(target=look).start()
     next(results)
     assert seen == [True]
-
 
 
 @pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
