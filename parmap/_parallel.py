@@ -115,7 +115,7 @@ class Parallel:
         self._managed = False
         call = self._live
         if call is not None:  # made in the block, its generator still referenced:
-            finished = call.stop_for_block()  # its tasks must not outlive the block
+            finished = call.stop_for_block(self.return_as)  # its tasks end with it
             if not call.running_elsewhere():  # (else that thread ends it, told to)
                 self._end(call, finished)
         if exc_type is not None:  # leaving on an error (a timeout, Ctrl-C): stop, and
@@ -325,10 +325,13 @@ class _Call:
         gen = self.gen  # (gi_running, not inspect.getgeneratorstate: ~10 ms of imports)
         return gen is None or cast(GeneratorType, gen).gi_running
 
-    def stop_for_block(self) -> bool:
+    def stop_for_block(self, return_as: str) -> bool:
         """The block it was made in ended: stop it; whether it had finished (every
         result handed out), so that reading on returns nothing rather than an error."""
-        why = ("the generator of this Parallel call was cancelled when its `with "
+        why = ("this Parallel call, still running in another thread, was cancelled when "
+               "its `with Parallel(...)` block ended: end the block once the call has "
+               "returned" if return_as == "list" else
+               "the generator of this Parallel call was cancelled when its `with "
                "Parallel(...)` block ended: read a generator's results inside the block, "
                "or use return_as='list'")
         if self.stop is not None:  # inline: raised when its next task is read

@@ -242,6 +242,35 @@ def test_a_call_started_as_its_block_ended_ends_even_if_never_read(name):
         next(held[0])
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["threading", "processes"])
+def test_a_list_call_cut_off_by_its_block_says_so_in_its_own_terms(name):
+    # it said "the generator of this Parallel call ... or use return_as='list'"
+    reading, gate, outcome = threading.Event(), threading.Event(), {}
+
+    def tasks():
+        yield delayed(square)(0)
+        reading.set()
+        gate.wait(10)
+        yield delayed(square)(1)
+
+    def run():
+        try:
+            outcome["results"] = parallel(tasks())
+        except RuntimeError as exc:
+            outcome["error"] = str(exc)
+
+    with Parallel(n_jobs=2, backend=name, batch_size=1, pre_dispatch=1) as parallel:
+        runner = threading.Thread(target=run)
+        runner.start()
+        assert reading.wait(10)
+    gate.set()
+    runner.join(10)
+    assert "still running in another thread, was cancelled when its `with Parallel(...)` " \
+        "block ended: end the block once the call has returned" in outcome["error"]
+    assert "generator" not in outcome["error"]
+
+
 def test_a_generator_finalised_while_the_claim_lock_is_held_does_not_deadlock(monkeypatch):
     # a generator's finally can run in a garbage collection, which can start while
     # Parallel.__call__ holds its module lock (raising "already running"): ending a

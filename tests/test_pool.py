@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from parmap import Parallel, WorkerCrashedError, delayed
 from parmap.process.manager import _Waiter
-from parmap.process.spawn import task_pipe_room
+from parmap.process.protocol import task_pipe_room
 
 from .conftest import child_pids, run_script, shm_entries
 from .process_helpers import exit_on, healthy, identity, pid_of
@@ -188,6 +189,18 @@ def test_nested_calls_use_threads_not_processes():
     assert Parallel(n_jobs=2)(delayed(nested)(i) for i in range(4)) == [True] * 4
 
 
+def nested_from_a_thread(x):
+    # a thread starts with an empty context: the nesting level of the task's own thread
+    # does not reach it, yet this is a worker process
+    with ThreadPoolExecutor(1) as pool:
+        inner = pool.submit(lambda: Parallel(n_jobs=2)(delayed(pid_of)(i) for i in range(4)))
+        return set(inner.result()) == {os.getpid()}
+
+
+def test_nested_calls_from_a_thread_a_task_started_use_threads_too():
+    assert Parallel(n_jobs=2)(delayed(nested_from_a_thread)(i) for i in range(4)) == [True] * 4
+
+
 def test_concurrent_calls_from_eight_threads():
     results = {}
 
@@ -200,6 +213,28 @@ def test_concurrent_calls_from_eight_threads():
     for thread in threads:
         thread.join(30)
     assert results == {k: [k * 100 + i for i in range(50)] for k in range(8)}
+
+
+def timed_sleep(seconds):
+    started = time.monotonic()
+    time.sleep(seconds)
+    return started, time.monotonic()
+
+
+@pytest.mark.timeout(60)
+def test_n_jobs_bounds_a_call_on_a_pool_another_call_made_larger():
+    # the other call keeps the shared pool at 4 workers, 3 of them idle
+    other = threading.Thread(target=Parallel(n_jobs=4, batch_size=1),
+                             args=([delayed(time.sleep)(3)],))
+    other.start()
+    try:
+        time.sleep(0.5)  # (either call may start first: the pool has 4 workers while both run)
+        spans = Parallel(n_jobs=2, batch_size=1)(delayed(timed_sleep)(0.3) for _ in range(8))
+    finally:
+        other.join(30)
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = [sum(step for _, step in edges[:i + 1]) for i in range(len(edges))]
+    assert max(running) == 2
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])

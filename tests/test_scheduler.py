@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from parmap._delayed import Batch
-from parmap.process.scheduler import PREFETCH_MAX, PoolJob, Scheduler, WorkerSlot
+from parmap.process.scheduler import PREFETCH_MAX, CallOwner, PoolJob, Scheduler, WorkerSlot
 
 
 def job(owner, start=0, expected=None, timeout=None, n=1):
@@ -162,3 +162,20 @@ def test_a_replacement_waits_for_the_worker_it_replaces():
     assert scheduler.next_assignment([old, new], 1) is None  # old still runs its last job
     old.jobs.clear()
     assert scheduler.next_assignment([old, new], 1)[0] is new and new.after is None
+
+
+def test_a_call_holds_no_more_workers_than_its_n_jobs_in_a_larger_pool():
+    # the shared pool is as large as the largest call running: a call of 2 beside one of
+    # 6 ran 4 tasks at once on idle workers
+    small, large = CallOwner(2), CallOwner(6)
+    scheduler = Scheduler()
+    for start in range(4):
+        scheduler.add(job(small, start))
+    scheduler.add(job(large, 10))
+    workers = [slot(job(large, 0))] + [slot() for _ in range(3)]
+    placed = drain(scheduler, workers, size=6)
+    assert [(index, queued.batch.start) for index, queued in placed] == [
+        (1, 0), (2, 1), (3, 10)]  # the next job that may go, goes
+    assert [queued.batch.start for queued in scheduler.pending] == [2, 3]
+    workers[1].jobs.clear()  # one of the small call's tasks ended
+    assert [queued.batch.start for _, queued in drain(scheduler, workers, size=6)] == [2]

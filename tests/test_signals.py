@@ -13,7 +13,7 @@ import pytest
 
 from parmap import Parallel, delayed
 
-from .conftest import shutdown_pools
+from .conftest import run_script, shutdown_pools
 
 SCRIPT = textwrap.dedent("""
     import os, sys, time
@@ -140,3 +140,63 @@ def test_workers_started_by_a_thread_outlive_it(start_method):
     later = set(Parallel(n_jobs=2, start_method=start_method)(
         delayed(worker_pid)(i) for i in range(4)))
     assert later == first
+
+
+CTRL_C_DURING_START = textwrap.dedent("""
+    import multiprocessing, os, signal, sys, threading, time
+    from multiprocessing.process import BaseProcess
+    import parmap
+    from parmap import Parallel, delayed
+
+    start_method, handler = sys.argv[1:]
+    if start_method == "forkserver":  # as in a notebook: a thread, so no fork
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+    caught = []
+    if handler == "own":  # a program's handler that only takes note
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    original = BaseProcess.start
+
+    def start_under_ctrl_c(self):  # the user presses Ctrl-C while a worker starts
+        if self.name == "parmap-worker" and not caught:
+            caught.append(None)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in here
+        original(self)
+
+    BaseProcess.start = start_under_ctrl_c
+    t0 = time.monotonic()
+    try:
+        out = Parallel(n_jobs=2, start_method=start_method, batch_size=1)(
+            delayed(time.sleep)(0.1) for _ in range(40))
+        print("finished", len(out), caught)
+    except KeyboardInterrupt:
+        print("interrupted %.2f" % (time.monotonic() - t0))
+    BaseProcess.start = original
+    parmap._shutdown_pools()
+    print("left", multiprocessing.active_children())
+    again = Parallel(n_jobs=2, start_method=start_method)(delayed(abs)(-i) for i in range(3))
+    print("again", again)
+""")
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_a_worker_starts_is_not_lost(start_method):
+    # SIGINT used to be ignored while a worker started (with a forkserver that is still
+    # starting, 0.2-0.4 s): the Ctrl-C was lost and the call ran to its end
+    interrupted, left, again = run_script(CTRL_C_DURING_START, timeout=50,
+                                          args=(start_method, "default")).splitlines()
+    assert interrupted.startswith("interrupted") and float(interrupted.split()[1]) < 2.0
+    assert left == "left []"  # the worker started under the Ctrl-C was stopped, not lost
+    assert again == "again [0, 1, 2]"
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.timeout(60)
+def test_a_programs_own_sigint_handler_sees_a_ctrl_c_held_during_a_start(start_method):
+    # its handler, not parmap's, decides: here it takes note, and the call goes on
+    finished, left, again = run_script(CTRL_C_DURING_START, timeout=50,
+                                       args=(start_method, "own")).splitlines()
+    assert finished == "finished 40 [None, 2]"
+    assert left == "left []"
+    assert again == "again [0, 1, 2]"

@@ -29,7 +29,7 @@ from .._delayed import Batch
 from .._errors import SerializationError, func_name
 from ..process import protocol, registry
 from ..process.pool import PoolOptions, WorkerPool
-from ..process.scheduler import PoolJob
+from ..process.scheduler import CallOwner, PoolJob
 from ..process.shm import ArgumentPlacer
 from ..process.spawn import choose_start_method
 from ._base import Callback, CallOptions, ParallelBackendBase
@@ -86,7 +86,7 @@ class ProcessBackend(ParallelBackendBase):
         self.idle_timeout = float(idle_timeout)
         self.start_method = start_method
         self._pool: WorkerPool | None = None
-        self._owner: object = object()
+        self._owner = CallOwner()
         self._placer: ArgumentPlacer | None = None
 
     def configure(self, n_jobs: int, options: CallOptions) -> int:
@@ -134,7 +134,7 @@ class ProcessBackend(ParallelBackendBase):
                                      f"pickled: {exc}") from exc
 
     def start_call(self) -> None:
-        self._owner = object()
+        self._owner = CallOwner(self.n_jobs)  # never more workers at once, in a larger pool
         self._placer = None
         options = self.options
         if (options.max_nbytes is not None and options.mmap_mode is not None

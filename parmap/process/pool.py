@@ -53,8 +53,7 @@ from .launcher import Launcher
 from .options import PoolOptions
 from .recycling import Recycler
 from .scheduler import PoolJob, ProcessHandle, Scheduler, Worker
-from .spawn import (choose_start_method, pool_pipe, prestart, start_failed, start_worker,
-                    task_pipe_room)
+from .spawn import choose_start_method, pool_pipe, prestart, start_failed, start_worker
 from .zygote import Zygote
 
 __all__ = ["PoolOptions", "PoolJob", "WorkerPool"]
@@ -129,7 +128,7 @@ class WorkerPool:
                 # thread ends at close, before retired workers finish their finalizer
                 threading.current_thread() is self._manager)
         return Worker(process, task_w, result_r, status, wid, self.recycler.budget,
-                      task_pipe_room(task_w.fileno()))
+                      protocol.task_pipe_room(task_w.fileno()))
 
     def _free_id(self) -> int:
         taken = {w.wid for w in self.workers if not w.dead} | set(self.recycler.replacing)

@@ -49,8 +49,10 @@ Without insights, requests and replies are what they were: not a byte more.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
+import sys
 import time
 from itertools import chain
 from typing import Any, Callable, Mapping, NamedTuple
@@ -63,7 +65,7 @@ from . import byvalue, shm, shm_results
 __all__ = ["OK", "ERR", "RETRY", "STOP", "STATUS_SLOTS", "READ", "INITIALIZER", "Request",
            "Reply", "encode_request", "decode_request", "encode_reply", "error_reply",
            "retry_reply", "unloadable_request", "decode_reply", "discard_reply", "dumps",
-           "dumps_importable"]
+           "dumps_importable", "task_pipe_room"]
 
 OK, ERR, RETRY_STATUS = 0, 1, 2
 STOP = b""
@@ -324,3 +326,27 @@ def discard_reply(data: bytes) -> None:
         return
     if shm_files:
         shm_results.discard_results(shm_files)
+
+
+#: what a pipe holds for sure where its size cannot be read: POSIX's PIPE_BUF at least
+#: (macOS and FreeBSD shrink a new pipe to a page or less when pipe memory runs short;
+#: the buffer sizes of Windows' named pipes are advisory)
+_PORTABLE_PIPE_BYTES = 512
+
+
+def task_pipe_room(fd: int) -> int:
+    """How large a request may wait in a worker's task pipe (``fd``: its write end) while
+    the worker runs a batch, so that writing it never waits for the worker: the pipe
+    holds at most that one request then (``scheduler``, rule 2), and a STOP behind it.
+    The pipe keeps its size (a larger one would count against the user's pipe quota,
+    which every program of the user shares). Linux counts a pipe in page-sized slots:
+    a page is kept for the STOP, and 8 bytes let the request's last page take its
+    header; elsewhere a pipe counts bytes."""
+    if sys.platform.startswith("linux"):
+        import fcntl  # stdlib, POSIX only
+
+        try:
+            return max(0, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) - mmap.PAGESIZE - 8)
+        except OSError:  # not a pipe (cannot happen here): as elsewhere
+            pass
+    return _PORTABLE_PIPE_BYTES - 8  # the request's header and a STOP

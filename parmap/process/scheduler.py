@@ -8,7 +8,11 @@ and never touches a process or a pipe, so every rule here is testable without pr
 Rules:
 
 1. A pending job goes to an idle live worker; if there is none and fewer live workers
-   than the pool's size exist, to a new worker (the pool starts it).
+   than the pool's size exist, to a new worker (the pool starts it). Not while its
+   call's jobs are on as many workers as the call's ``n_jobs`` (its owner's ``limit``):
+   the shared pool is as large as the largest call running, and a call of 2 running
+   beside one of 6 must still run at most 2 tasks at once. The next job that may go,
+   goes.
 2. If every worker is busy, a *short* job (expected to run under ``PREFETCH_MAX``) may
    wait in the pipe of a worker that runs a job of the same call and holds fewer than
    ``PREFETCH`` jobs, when the jobs that worker holds are *known* to be short (measured,
@@ -44,8 +48,8 @@ from .._delayed import Batch
 from .._errors import call_repr
 from .protocol import INITIALIZER, READ
 
-__all__ = ["PoolJob", "WorkerSlot", "Worker", "ProcessHandle", "Scheduler", "PREFETCH",
-           "PREFETCH_MAX"]
+__all__ = ["CallOwner", "PoolJob", "WorkerSlot", "Worker", "ProcessHandle", "Scheduler",
+           "PREFETCH", "PREFETCH_MAX"]
 
 #: jobs a worker may hold: the running one and the next, queued in its pipe
 PREFETCH = 2
@@ -56,6 +60,16 @@ PREFETCH_MAX = 0.01
 
 def _ignore(outcome: Any) -> None:
     """The callback of a cancelled job."""
+
+
+class CallOwner:
+    """What a call's jobs have as their ``owner``: ``limit`` is the most workers that may
+    hold its jobs at once, its ``n_jobs`` (rule 1)."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: float = inf):
+        self.limit = limit
 
 
 class PoolJob:
@@ -206,10 +220,10 @@ class Scheduler:
         if not pending:
             return None
         idle = next((w for w in workers if not w.jobs and w.ready()), None)
-        if idle is not None:
-            return idle, pending.popleft()
-        if sum(not w.dead for w in workers) < size:
-            return None, pending.popleft()
+        if idle is not None or sum(not w.dead for w in workers) < size:
+            job = self._first_within_limit(workers)
+            if job is not None:
+                return idle, job
         # rule 2: queue a short job behind one of its own call, never ahead of a pending
         # job of a call that holds no worker: it waits for one to fall idle, and workers
         # fed this way would not until this call ends
@@ -225,6 +239,24 @@ class Scheduler:
             if job is not None:
                 pending.remove(job)
                 return worker, job
+        return None
+
+    def _first_within_limit(self, workers: Sequence[WorkerSlot]) -> PoolJob | None:
+        """The first pending job whose call holds fewer workers than its limit, removed
+        from the queue (rule 1)."""
+        pending = self.pending
+        holding: dict[int, int] = {}  # id(owner) -> live workers holding its jobs
+        for worker in workers:
+            if worker.jobs and not worker.dead:
+                key = id(worker.jobs[0].owner)  # a worker holds one call's jobs only
+                holding[key] = holding.get(key, 0) + 1
+        for job in pending:
+            if holding.get(id(job.owner), 0) < getattr(job.owner, "limit", inf):
+                if job is pending[0]:
+                    pending.popleft()
+                else:
+                    pending.remove(job)
+                return job
         return None
 
     def spent(self, workers: Iterable[WorkerSlot], fresh: float) -> list[WorkerSlot]:

@@ -33,7 +33,7 @@ from .shm_results import caller_tag
 
 __all__ = ["THREAD_CAP_VARS", "choose_start_method", "start_worker", "exit_description",
            "prestart", "start_process", "setup_bytes", "thread_caps", "forkserver_context",
-           "task_pipe_room", "keep_from_forks", "hand", "handed", "pool_pipe", "start_lock",
+           "keep_from_forks", "hand", "handed", "pool_pipe", "start_lock",
            "start_failed"]
 
 THREAD_CAP_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
@@ -342,30 +342,6 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     return process, task_w, result_r, status
 
 
-#: what a pipe holds for sure where its size cannot be read: POSIX's PIPE_BUF at least
-#: (macOS and FreeBSD shrink a new pipe to a page or less when pipe memory runs short;
-#: the buffer sizes of Windows' named pipes are advisory)
-_PORTABLE_PIPE_BYTES = 512
-
-
-def task_pipe_room(fd: int) -> int:
-    """How large a request may wait in a worker's task pipe (``fd``: its write end) while
-    the worker runs a batch, so that writing it never waits for the worker: the pipe
-    holds at most that one request then (``scheduler``, rule 2), and a STOP behind it.
-    The pipe keeps its size (a larger one would count against the user's pipe quota,
-    which every program of the user shares). Linux counts a pipe in page-sized slots:
-    a page is kept for the STOP, and 8 bytes let the request's last page take its
-    header; elsewhere a pipe counts bytes."""
-    if sys.platform.startswith("linux"):
-        import fcntl  # stdlib, POSIX only
-
-        try:
-            return max(0, fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) - mmap.PAGESIZE - 8)
-        except OSError:  # not a pipe (cannot happen here): as elsewhere
-            pass
-    return _PORTABLE_PIPE_BYTES - 8  # the request's header and a STOP
-
-
 def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: bool,
                 wid: int, finalizer: bytes | None, whole: bool) -> bytes:
     """A worker's set-up, as ``worker.worker_main`` reads it."""
@@ -374,22 +350,47 @@ def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: 
 
 
 def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
-    """Start a process of parmap's (a worker, a zygote) with the context ``ctx``: SIGINT
-    ignored while it starts (it inherits that; Ctrl-C is the caller's), without
-    multiprocessing's re-import of ``__main__``."""
+    """Start a process of parmap's (a worker, a zygote) with the context ``ctx``, without
+    multiprocessing's re-import of ``__main__``.
+
+    A Ctrl-C while it starts is held back, then handed to the caller's own SIGINT handler
+    once the start is over: raised in the middle of it, it could leave a process started
+    that no pool knows of. If that handler raises (``KeyboardInterrupt``), the new process
+    is stopped before the exception goes on, since no pool will take it. A start can take
+    long (connecting to a forkserver that is still importing its preload: ~0.4 s under
+    load); SIGINT used to be ignored meanwhile, and such a Ctrl-C was lost."""
     process: BaseProcess = ctx.Process(target=target, name=name, daemon=False, args=args)
     if ctx.get_start_method() != "fork":  # (fork: no multiprocessing.spawn import, ~0.6 ms)
         _skip_main_in_workers()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    held: list[int] = []
+    previous = signal.getsignal(signal.SIGINT) \
+        if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:  # (None: another thread's start, or a handler set in C)
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     _spawning.active = True
+    started = False
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork with C-level threads; see the module doc
             warnings.simplefilter("ignore", DeprecationWarning)
             process.start()
+        started = True
     finally:
         _spawning.active = False
-        if in_main:
+        if previous is not None:
             signal.signal(signal.SIGINT, previous)
+            if held:
+                _hand_over_interrupt(process if started else None)
     return process
+
+
+def _hand_over_interrupt(process: BaseProcess | None) -> None:
+    """Run the caller's SIGINT handler for a Ctrl-C held back during a start; if it raises,
+    stop the process just started (no pool has it yet) before the exception goes on."""
+    try:
+        signal.raise_signal(signal.SIGINT)  # runs the Python handler before it returns
+    except BaseException:
+        if process is not None:
+            process.kill()
+            process.join()
+        raise
