@@ -7,13 +7,16 @@ import mmap
 import os
 import stat
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import parmap._shm_files as shm_files
 import parmap.process.shm as shm
-from parmap.process import folders
+from parmap._delayed import Batch
+from parmap.backends.process import _Resubmit
+from parmap.process import folders, protocol
 from parmap.process.pool import WorkerPool
 from parmap import Parallel, delayed, parallel_config
 
@@ -480,3 +483,18 @@ def try_writeable(arr):
         return "refused"
     arr[0] = 99.0  # would change the worker's copy for every later task
     return "allowed"
+
+
+def test_a_late_retry_after_its_call_ended_places_nothing():
+    # a worker that did not inherit a pinned array answers RETRY; answered after the
+    # call had ended (failed, timed out), the batch was placed again, into a file that
+    # stayed in /dev/shm until the interpreter exited
+    before = shm_entries()
+    placer = shm.ArgumentPlacer(max_nbytes=1024, mmap_mode="r")
+    sent, told = [], []
+    resubmit = _Resubmit(SimpleNamespace(submit=sent.append), object(),
+                         Batch(0, [(np.sum, (big(),), {})]), told.append, None, placer,
+                         False, None)
+    placer.close()  # the call ended
+    resubmit(protocol.RETRY)
+    assert sent == [] and told == [] and shm_entries() == before

@@ -225,6 +225,9 @@ class _Resubmit:
             self.final = None
             final(outcome)
             return
+        if self.placer.closed:  # a late answer: the call has ended (failed, cancelled)
+            self.final = None
+            return
         try:
             self.placer.stop_inheriting()
             again = protocol.encode_request(self.batch, self.track, self.placer,
@@ -232,7 +235,8 @@ class _Resubmit:
             self.pool.submit(self.job(again))
         except BaseException as exc:  # the call is failing: report, never hang
             self.final = None
-            final(exc)
+            if not self.placer.closed:  # (it ended meanwhile: nobody listens)
+                final(exc)
 
 
 class NestedThreads(ThreadingBackend):

@@ -121,6 +121,9 @@ class ArgumentPlacer:
         self.reuse = True  # may an array remapped by an earlier call go without a copy?
         self._folder: str | None = None
         self._lock = threading.Lock()
+        #: set by close (under the lock): a batch sent again after its call ended (a
+        #: worker's late RETRY) must not place files that nobody would remove
+        self.closed = False
         _open_placers.add(self)
 
     def reduce(self, arr: Any) -> tuple | None:
@@ -156,6 +159,9 @@ class ArgumentPlacer:
                 return rebuild_inherited, (pinned, offset, dtype_spec(arr.dtype),
                                            arr.shape, arr.strides)
             with self._lock:
+                if self.closed:
+                    raise RuntimeError("parmap: an array of a call that has ended was to "
+                                       "be placed in shared memory (report this as a bug)")
                 entry = self._placed.get(id(root))
                 if entry is None:
                     entry = self._placed[id(root)] = self._place(root)
@@ -228,6 +234,7 @@ class ArgumentPlacer:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             files, self._files = self._files, []
             remapped, self._remapped = self._remapped, []
             self._placed.clear()
