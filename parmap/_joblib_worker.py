@@ -18,16 +18,23 @@ from typing import Any, Callable
 import joblib  # type: ignore[import-untyped]
 from joblib._parallel_backends import ThreadingBackend  # type: ignore[import-untyped]
 
-__all__ = ["NestedCall", "CappedThreads"]
+__all__ = ["NestedCall", "CappedThreads", "REGISTERED"]
+
+#: the names the caller gave the bridge (``register_parmap``) -> its backend class; a
+#: worker that was not forked (forkserver, spawn) knows none of them, and a task that
+#: names one (``Parallel(backend="parmap")``) failed there with "Invalid backend"
+REGISTERED: dict[str, type] = {}
 
 
 class CappedThreads(ThreadingBackend):
     """The backend of joblib calls made inside our tasks: threads, at most
-    ``max_n_jobs`` of them (the worker's share of the CPUs); one means sequential."""
+    ``max_n_jobs`` of them (the worker's share of the CPUs); one means sequential.
+    It carries the bridge's names (:data:`REGISTERED`) to the workers."""
 
     def __init__(self, max_n_jobs: int, nesting_level: int | None = None):
         super().__init__(nesting_level=nesting_level)
         self.max_n_jobs = max_n_jobs
+        self.registered = tuple(REGISTERED.items())
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         return min(int(super().effective_n_jobs(n_jobs)), self.max_n_jobs)
@@ -72,6 +79,8 @@ def _apply(backend: Any, n_jobs: int | None, threads: int) -> None:
     previous = getattr(_applied, "config", None)
     if previous is not None:
         previous.unregister()
+    for name, factory in getattr(backend, "registered", ()):
+        joblib.register_parallel_backend(name, factory)  # a task's calls of them: inline
     _cap_thread_pools(threads)
     _applied.config = joblib.parallel_config(backend=backend, n_jobs=n_jobs)
     _applied.backend = backend

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import RemoteTraceback, TaskTimeoutError, WorkerCrashedError, cpu_count
 from ._delayed import Batch
-from ._joblib_worker import CappedThreads, NestedCall
+from ._joblib_worker import REGISTERED, CappedThreads, NestedCall
 from .backends import CallOptions
 from .backends.process import ProcessBackend
 
@@ -87,6 +87,7 @@ def register_parmap(name: str = "parmap", make_default: bool = False) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_parmap(name=...): expected a non-empty str, got {name!r}")
     joblib.register_parallel_backend(name, ParmapBackend, make_default=make_default)
+    REGISTERED[name] = ParmapBackend  # for the workers that were not forked
 
 
 def _configure_pool(inner: ProcessBackend, n_jobs: int, options: CallOptions) -> int:

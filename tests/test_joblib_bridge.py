@@ -35,6 +35,8 @@ from sklearn.svm import SVC  # noqa: E402
 import parmap  # noqa: E402
 from parmap.joblib import JoblibWorkerCrashedError, register_parmap  # noqa: E402
 
+from .conftest import run_script  # noqa: E402
+
 register_parmap()
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -264,6 +266,31 @@ def test_nested_parallel_calls_stay_in_the_worker_within_its_cpu_share(start_met
         assert len({thread for _, thread in probe.inner_}) <= share
         assert probe.children_ == []
         assert probe.thread_pools_ and all(n <= share for _, n in probe.thread_pools_)
+
+
+NAMED_IN_A_TASK = """
+import os, sys, joblib
+import parmap.joblib
+
+parmap.joblib.register_parmap()  # in the caller only: the tasks go by value
+
+def inner(i):
+    return os.getpid(), joblib.Parallel(n_jobs=2, backend="parmap")(
+        joblib.delayed(abs)(-j) for j in range(4))
+
+with joblib.parallel_config(backend="parmap", n_jobs=2, start_method=sys.argv[1]):
+    out = joblib.Parallel()(joblib.delayed(inner)(i) for i in range(2))
+print([results for _, results in out], os.getpid() in {pid for pid, _ in out})
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.timeout(60)
+def test_a_task_may_name_the_bridge_in_a_worker_that_was_not_forked(start_method):
+    # a forked worker inherits the caller's registration; a forkserver's did not know the
+    # name: "ValueError: Invalid backend: parmap"
+    out = run_script(NAMED_IN_A_TASK, timeout=50, args=(start_method,))
+    assert out == "[[0, 1, 2, 3], [0, 1, 2, 3]] False\n"
 
 
 @linux_only
