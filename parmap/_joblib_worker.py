@@ -18,7 +18,7 @@ from typing import Any, Callable
 import joblib  # type: ignore[import-untyped]
 from joblib._parallel_backends import ThreadingBackend  # type: ignore[import-untyped]
 
-__all__ = ["NestedCall", "CappedThreads", "REGISTERED"]
+__all__ = ["NestedCall", "CappedThreads", "REGISTERED", "library_limits"]
 
 #: the names the caller gave the bridge (``register_parmap``) -> its backend class; a
 #: worker that was not forked (forkserver, spawn) knows none of them, and a task that
@@ -47,7 +47,8 @@ class NestedCall:
 
     __slots__ = ("func", "backend", "n_jobs", "threads")
 
-    def __init__(self, func: Callable, backend: Any, n_jobs: int | None, threads: int):
+    def __init__(self, func: Callable, backend: Any, n_jobs: int | None,
+                 threads: tuple[tuple[str, int], ...]):
         self.func = func
         self.backend = backend
         self.n_jobs = n_jobs
@@ -71,7 +72,7 @@ class NestedCall:
 _applied = threading.local()
 
 
-def _apply(backend: Any, n_jobs: int | None, threads: int) -> None:
+def _apply(backend: Any, n_jobs: int | None, threads: tuple[tuple[str, int], ...]) -> None:
     """Make ``backend`` joblib's default in this worker thread until the next batch
     brings its own copy (parmap's workers keep ``threading`` as their default the same
     way): entering and leaving a ``parallel_config`` around each task costs microseconds
@@ -86,22 +87,40 @@ def _apply(backend: Any, n_jobs: int | None, threads: int) -> None:
     _applied.backend = backend
 
 
-_capped: tuple[int, int] | None = None  # (pid, cap) of the last cap applied
+#: threadpoolctl's name of a library -> the variable that sets its thread count
+_LIBRARY_VARS = (("openmp", "OMP_NUM_THREADS"), ("openblas", "OPENBLAS_NUM_THREADS"),
+                 ("mkl", "MKL_NUM_THREADS"), ("blis", "BLIS_NUM_THREADS"))
 
 
-def _cap_thread_pools(limit: int) -> None:
-    """Cap this worker's BLAS and OpenMP pools at ``limit`` threads, once per cap (best
-    effort). Environment variables cannot: a forked worker's libraries read them when
-    the parent loaded them."""
+def library_limits(threads: int, inner_max_num_threads: int | None
+                   ) -> tuple[tuple[str, int], ...]:
+    """In the caller: each library's thread count in the workers, ``threads``, but where
+    the caller's environment sets one and no ``inner_max_num_threads`` is given: as in
+    loky, the user's value wins (``spawn.thread_caps`` gives the workers' environment
+    the same, which the libraries a task loads later read)."""
+    limits = []
+    for api, var in _LIBRARY_VARS:
+        value = os.environ.get(var, "") if inner_max_num_threads is None else ""
+        limits.append((api, int(value) if value.isdigit() and int(value) > 0 else threads))
+    return tuple(limits)
+
+
+_capped: tuple[int, tuple] | None = None  # (pid, limits) of the last cap applied
+
+
+def _cap_thread_pools(limits: tuple[tuple[str, int], ...]) -> None:
+    """Cap this worker's BLAS and OpenMP pools (``library_limits``), once per set of
+    limits (best effort). Environment variables cannot: a forked worker's libraries read
+    them when the parent loaded them."""
     global _capped
-    if _capped == (os.getpid(), limit):
+    if _capped == (os.getpid(), limits):
         return
-    _capped = (os.getpid(), limit)
+    _capped = (os.getpid(), limits)
     try:
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            threadpool_limits(limits=limit)
+            threadpool_limits(limits=dict(limits))
     except Exception:
         pass

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import RemoteTraceback, TaskTimeoutError, WorkerCrashedError, cpu_count
 from ._delayed import Batch
-from ._joblib_worker import REGISTERED, CappedThreads, NestedCall
+from ._joblib_worker import REGISTERED, CappedThreads, NestedCall, library_limits
 from .backends import CallOptions
 from .backends.process import ProcessBackend
 
@@ -267,13 +267,13 @@ class ParmapBackend(ParallelBackendBase):
             tasks.append((func, (), {}))
         else:
             backend, n_jobs = self.get_nested_backend()
-            # one wrapper per function: joblib's delayed(f)(x) tasks all call the same f,
-            # and parmap then sends that function once per batch, not once per task
+            # one wrapper per function (delayed(f)(x) tasks share f): sent once per batch
             wrappers: dict[int, NestedCall] = {}
+            limits = library_limits(self._threads, self.inner_max_num_threads)
             for f, args, kwargs in items:
                 wrapper = wrappers.get(id(f))  # items hold every f: no id is reused here
                 if wrapper is None:
-                    wrapper = wrappers[id(f)] = NestedCall(f, backend, n_jobs, self._threads)
+                    wrapper = wrappers[id(f)] = NestedCall(f, backend, n_jobs, limits)
                 tasks.append((wrapper, args, kwargs))
         with self._lock:
             call, start, per_task = self._call, self._next_index, self._per_task

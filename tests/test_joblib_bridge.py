@@ -293,6 +293,32 @@ def test_a_task_may_name_the_bridge_in_a_worker_that_was_not_forked(start_method
     assert out == "[[0, 1, 2, 3], [0, 1, 2, 3]] False\n"
 
 
+USERS_OWN_THREAD_COUNT = """
+import os
+os.environ["OPENBLAS_NUM_THREADS"] = "3"  # the user's own, before numpy loads OpenBLAS
+import joblib, numpy
+from threadpoolctl import threadpool_info
+import parmap.joblib
+
+parmap.joblib.register_parmap()
+
+def openblas_threads(_):
+    return sorted({pool["num_threads"] for pool in threadpool_info()
+                   if pool["internal_api"] == "openblas"})
+
+with joblib.parallel_config(backend="parmap", n_jobs=2):
+    print(joblib.Parallel()(joblib.delayed(openblas_threads)(i) for i in range(2)))
+"""
+
+
+@linux_only
+@pytest.mark.timeout(60)
+def test_the_users_own_thread_count_wins_in_every_library_of_a_worker():
+    # as with loky; the OpenBLAS loaded before the workers started was capped at
+    # cpu_count() // n_jobs, while a library a task loaded later read the user's value
+    assert run_script(USERS_OWN_THREAD_COUNT, timeout=50) == "[[3], [3]]\n"
+
+
 @linux_only
 @pytest.mark.parametrize("threads", [None, 2])
 def test_openmp_in_workers_after_the_caller_used_it(threads):
