@@ -189,3 +189,20 @@ def test_two_threads_making_the_first_parallel_at_once_both_succeed(monkeypatch)
             lambda: monkeypatch.setattr(_settings, "_CHECKED_DEFAULT", {})):
         assert len(outcomes) == 2 and all(isinstance(o, Parallel) for o in outcomes), outcomes
 
+
+
+def test_an_input_read_by_a_worker_thread_sees_the_callers_settings():
+    # the threading backend's threads read the input as they finish a batch: there the
+    # generator ran in an empty context, without the caller's parallel_config
+    seen = []
+
+    def tasks():
+        for i in range(200):
+            seen.append((threading.current_thread() is threading.main_thread(),
+                         get_config()["n_jobs"]))
+            yield delayed(abs)(i)
+
+    with parallel_config(n_jobs=3):
+        Parallel(backend="threading", batch_size=1)(tasks())
+    assert {n_jobs for _, n_jobs in seen} == {3}
+    assert not all(in_caller for in_caller, _ in seen)  # (threads did read some)

@@ -5,6 +5,8 @@ cancelled call bumps ``generation``, so items queued before the abort are droppe
 running. Each batch runs in a copy of the caller's :mod:`contextvars` context, so
 ``parallel_config`` settings reach nested calls made by the tasks (the batch then layers
 the nested backend's settings over them: see ``ParallelBackendBase.get_nested_backend``).
+Its callback runs in another copy: it may read the call's input (``dispatch``), and an
+input generator must see the caller's settings there as in the caller's thread.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class _ThreadPool:
         except BaseException as exc:
             outcome = exc
         if generation == self.generation:
-            callback(outcome)
+            context.copy().run(callback, outcome)
 
 
 class ThreadingBackend(ParallelBackendBase):
