@@ -126,7 +126,7 @@ def resolve(given: Mapping[str, object]) -> dict[str, Any]:
     out["backend_params"] = context.get("backend_params", {})
     # in a worker process every call is nested, from the task's thread or from a thread
     # the task started (a new thread starts with an empty context)
-    out["nesting_level"] = max(context.get("nesting_level", 0), in_worker_process())
+    out["nesting_level"] = max(context.get("nesting_level", 0), int(in_worker_process()))
     return out
 
 

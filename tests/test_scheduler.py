@@ -179,3 +179,25 @@ def test_a_call_holds_no_more_workers_than_its_n_jobs_in_a_larger_pool():
     assert [queued.batch.start for queued in scheduler.pending] == [2, 3]
     workers[1].jobs.clear()  # one of the small call's tasks ended
     assert [queued.batch.start for _, queued in drain(scheduler, workers, size=6)] == [2]
+
+
+def test_a_retired_worker_running_its_last_job_counts_against_its_calls_limit():
+    # told to stop (recycling), a worker is dead while it still runs its last job: not
+    # counting it let a call of 2 run 4 tasks at once
+    small = CallOwner(2)
+    scheduler = Scheduler()
+    scheduler.add(job(small, 2))
+    workers = [slot(job(small, 0), dead=True), slot(job(small, 1)), slot()]
+    assert scheduler.next_assignment(workers, size=4) is None
+
+
+def test_a_worker_is_spent_by_the_job_it_would_get_not_by_the_first_pending_one():
+    # the first pending job's call is at its limit: the next job is another call's
+    # batch of 3, which a worker with 2 tasks left must not take (max_tasks_per_child)
+    small, other = CallOwner(1), CallOwner(2)
+    scheduler = Scheduler()
+    scheduler.add(job(small, 5))
+    scheduler.add(job(other, 0, n=3))
+    low = WorkerSlot([0.0, 0.0], 2)
+    workers = [slot(job(small, 4)), low]
+    assert scheduler.spent(workers, fresh=3) == [low]

@@ -151,16 +151,21 @@ CTRL_C_DURING_START = textwrap.dedent("""
     start_method, handler = sys.argv[1:]
     if start_method == "forkserver":  # as in a notebook: a thread, so no fork
         threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-    caught = []
-    if handler == "own":  # a program's handler that only takes note
+    caught, starts = [], []
+    if handler != "default":  # a program's handler that only takes note
         signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    if handler == "wakeup":  # as asyncio's add_signal_handler: one byte per signal
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
     original = BaseProcess.start
 
-    def start_under_ctrl_c(self):  # the user presses Ctrl-C while a worker starts
-        if self.name == "parmap-worker" and not caught:
-            caught.append(None)
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the handler runs in here
+    def start_under_ctrl_c(self):  # Ctrl-C as the pool's second worker starts
+        if self.name == "parmap-worker":
+            starts.append(self)
+            if len(starts) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs in here
         original(self)
 
     BaseProcess.start = start_under_ctrl_c
@@ -168,14 +173,16 @@ CTRL_C_DURING_START = textwrap.dedent("""
     try:
         out = Parallel(n_jobs=2, start_method=start_method, batch_size=1)(
             delayed(time.sleep)(0.1) for _ in range(40))
-        print("finished", len(out), caught)
+        wakeups = len(os.read(wake_r, 100)) if handler == "wakeup" else None
+        print("finished", len(out), caught, wakeups)
     except KeyboardInterrupt:
         print("interrupted %.2f" % (time.monotonic() - t0))
     BaseProcess.start = original
+    again = Parallel(n_jobs=2, start_method=start_method)(delayed(abs)(-i) for i in range(3))
+    print("again", again, "workers", sum(p.name == "parmap-worker"
+                                          for p in multiprocessing.active_children()))
     parmap._shutdown_pools()
     print("left", multiprocessing.active_children())
-    again = Parallel(n_jobs=2, start_method=start_method)(delayed(abs)(-i) for i in range(3))
-    print("again", again)
 """)
 
 
@@ -183,20 +190,53 @@ CTRL_C_DURING_START = textwrap.dedent("""
 @pytest.mark.timeout(60)
 def test_ctrl_c_while_a_worker_starts_is_not_lost(start_method):
     # SIGINT used to be ignored while a worker started (with a forkserver that is still
-    # starting, 0.2-0.4 s): the Ctrl-C was lost and the call ran to its end
-    interrupted, left, again = run_script(CTRL_C_DURING_START, timeout=50,
+    # starting, 0.2-0.4 s): the Ctrl-C was lost and the call ran to its end. Held and
+    # raised as the start ended, it left the pool's first worker started, and the next
+    # call started two more: three workers for n_jobs=2
+    interrupted, again, left = run_script(CTRL_C_DURING_START, timeout=50,
                                           args=(start_method, "default")).splitlines()
     assert interrupted.startswith("interrupted") and float(interrupted.split()[1]) < 2.0
+    assert again == "again [0, 1, 2] workers 2"
     assert left == "left []"  # the worker started under the Ctrl-C was stopped, not lost
-    assert again == "again [0, 1, 2]"
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.parametrize("handler", ["own", "wakeup"])
 @pytest.mark.timeout(60)
-def test_a_programs_own_sigint_handler_sees_a_ctrl_c_held_during_a_start(start_method):
-    # its handler, not parmap's, decides: here it takes note, and the call goes on
-    finished, left, again = run_script(CTRL_C_DURING_START, timeout=50,
-                                       args=(start_method, "own")).splitlines()
-    assert finished == "finished 40 [None, 2]"
+def test_a_programs_own_sigint_handler_sees_a_ctrl_c_held_during_a_start(start_method,
+                                                                          handler):
+    # its handler, not parmap's, decides: here it takes note, and the call goes on. With
+    # a wakeup descriptor (asyncio's add_signal_handler), one Ctrl-C wakes it once: the
+    # signal raised again after the start had written it twice
+    finished, again, left = run_script(CTRL_C_DURING_START, timeout=50,
+                                       args=(start_method, handler)).splitlines()
+    assert finished == ("finished 40 [2] 1" if handler == "wakeup" else "finished 40 [2] None")
+    assert again == "again [0, 1, 2] workers 2"
     assert left == "left []"
-    assert again == "again [0, 1, 2]"
+
+
+SPAWNED_UNDER_CTRL_C = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from parmap import Parallel, delayed
+
+    os.setpgrp()  # Ctrl-C in a terminal signals the whole group: the workers too
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    threading.Timer(0.1, os.killpg, args=(0, signal.SIGINT)).start()
+    out = Parallel(n_jobs=2, start_method=sys.argv[1], batch_size=1)(
+        delayed(time.sleep)(0.05) for _ in range(20))
+    print(len(out), caught)
+""")
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_to_the_group_does_not_kill_workers_or_a_forkserver_as_they_start(
+        start_method):
+    # a spawned worker, or the forkserver, that a Ctrl-C reached while its interpreter
+    # started died of a KeyboardInterrupt (the forkserver: the call failed with EOFError)
+    out = subprocess.run([sys.executable, "-c", SPAWNED_UNDER_CTRL_C, start_method],
+                         capture_output=True, text=True, timeout=50,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and out.stdout == "20 [2]\n", out.stderr[-2000:]
+    assert "KeyboardInterrupt" not in out.stderr

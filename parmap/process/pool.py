@@ -94,8 +94,8 @@ class WorkerPool:
         thread starts last, so that the caller is still single-threaded (fork-safe)
         while the workers fork.
         """
-        for _ in range(self.size):
-            self.spawn()
+        for _ in range(self.size - sum(not w.dead for w in self.workers)):
+            self.spawn()  # (a start interrupted by Ctrl-C kept those started before it)
         self._manager = Manager(self)
         self._manager.start()
 
@@ -219,9 +219,8 @@ class WorkerPool:
                 worker.task_conn.send_bytes(job.payload)  # type: ignore[arg-type]
             except OSError:
                 pass  # the worker died: the manager reaps it (see manager._reap)
-            pending = scheduler.pending
-            if recycler.assigned(worker, len(job.batch),
-                                 len(pending[0].batch) if pending else 0):
+            after = scheduler.next_job(self.workers)
+            if recycler.assigned(worker, len(job.batch), len(after.batch) if after else 0):
                 self.retire(worker)  # its last job: the replacement starts ahead
             if job.timeout is not None:
                 wake = True  # the manager must start polling for the deadline

@@ -32,7 +32,7 @@ Rules:
 3. A job with a timeout whose running task started more than ``timeout`` seconds ago
    has expired; its worker is killed by the pool.
 4. A worker takes only jobs that fit its task budget (``max_tasks_per_child``; infinite
-   otherwise); a live worker whose budget cannot take the next pending job is *spent*:
+   otherwise); a live worker whose budget cannot take the next job (rule 1) is *spent*:
    the pool retires it and starts a replacement (see ``recycling``). The replacement
    takes work once the worker it replaces has finished its last jobs.
 """
@@ -221,8 +221,12 @@ class Scheduler:
             return None
         idle = next((w for w in workers if not w.jobs and w.ready()), None)
         if idle is not None or sum(not w.dead for w in workers) < size:
-            job = self._first_within_limit(workers)
-            if job is not None:
+            job = self.next_job(workers)
+            if job is not None:  # (a worker whose budget it exceeds is spent: rule 4)
+                if job is pending[0]:
+                    pending.popleft()
+                else:
+                    pending.remove(job)
                 return idle, job
         # rule 2: queue a short job behind one of its own call, never ahead of a pending
         # job of a call that holds no worker: it waits for one to fall idle, and workers
@@ -241,32 +245,28 @@ class Scheduler:
                 return worker, job
         return None
 
-    def _first_within_limit(self, workers: Sequence[WorkerSlot]) -> PoolJob | None:
-        """The first pending job whose call holds fewer workers than its limit, removed
-        from the queue (rule 1)."""
-        pending = self.pending
-        holding: dict[int, int] = {}  # id(owner) -> live workers holding its jobs
+    def next_job(self, workers: Sequence[WorkerSlot]) -> PoolJob | None:
+        """The job that goes next: the first pending one whose call holds fewer workers
+        than its limit (rule 1). A worker told to stop counts while it runs its last
+        job (it is ``dead`` then), and a crashed one until its jobs are requeued."""
+        holding: dict[int, int] = {}  # id(owner) -> workers holding its jobs
         for worker in workers:
-            if worker.jobs and not worker.dead:
-                key = id(worker.jobs[0].owner)  # a worker holds one call's jobs only
+            if worker.jobs:  # a worker holds one call's jobs only
+                key = id(worker.jobs[0].owner)
                 holding[key] = holding.get(key, 0) + 1
-        for job in pending:
-            if holding.get(id(job.owner), 0) < getattr(job.owner, "limit", inf):
-                if job is pending[0]:
-                    pending.popleft()
-                else:
-                    pending.remove(job)
-                return job
-        return None
+        return next((job for job in self.pending if holding.get(id(job.owner), 0)
+                     < getattr(job.owner, "limit", inf)), None)
 
     def spent(self, workers: Iterable[WorkerSlot], fresh: float) -> list[WorkerSlot]:
-        """Live workers whose budget cannot take the next pending job (rule 4). A
+        """Live workers whose budget cannot take the next job (rule 4). A
         worker with a ``fresh`` budget is never spent: a job larger than any budget
         (which the dispatcher does not make) goes to it rather than to endless
         replacements."""
-        if not self.pending:
+        workers = list(workers)
+        job = self.next_job(workers)
+        if job is None:
             return []
-        size = len(self.pending[0].batch)
+        size = len(job.batch)
         return [w for w in workers if not w.dead and w.budget < min(size, fresh)]
 
     @staticmethod

@@ -21,13 +21,14 @@ import sys
 import threading
 import warnings
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Iterator
 
 from .._errors import PoolError
 from . import worker
+from .lifetime import hand_over_ctrl_c
 from .protocol import STATUS_SLOTS
 from .shm_results import caller_tag
 
@@ -268,8 +269,9 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
 
     _skip_main_in_workers()
     _spawning.active = True  # the server must not import __main__ either
-    try:
-        forkserver.ensure_running()
+    try:  # it inherits SIGINT ignored: a Ctrl-C must not kill it while it imports
+        with _sigint_ignored(threading.current_thread() is threading.main_thread()):
+            forkserver.ensure_running()
     finally:
         _spawning.active = False
 
@@ -350,27 +352,30 @@ def setup_bytes(environ: dict[str, str], initializer: bytes | None, cap_openmp: 
 
 
 def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
-    """Start a process of parmap's (a worker, a zygote) with the context ``ctx``, without
-    multiprocessing's re-import of ``__main__``.
-
-    A Ctrl-C while it starts is held back, then handed to the caller's own SIGINT handler
-    once the start is over: raised in the middle of it, it could leave a process started
-    that no pool knows of. If that handler raises (``KeyboardInterrupt``), the new process
-    is stopped before the exception goes on, since no pool will take it. A start can take
-    long (connecting to a forkserver that is still importing its preload: ~0.4 s under
-    load); SIGINT used to be ignored meanwhile, and such a Ctrl-C was lost."""
+    """Start a process of parmap's (a worker, a zygote) with ``ctx``, without
+    multiprocessing's re-import of ``__main__``. A Ctrl-C in the main thread meanwhile
+    is held (raised mid-start, it could leave a process no pool knows of; ignored, it was
+    lost: a start from a forkserver still starting takes 0.4 s under load), then handed
+    to the program's handler after the start. Where it execs an interpreter (spawn, a
+    forkserver) SIGINT is ignored instead, which that one inherits (a short window)."""
     process: BaseProcess = ctx.Process(target=target, name=name, daemon=False, args=args)
-    if ctx.get_start_method() != "fork":  # (fork: no multiprocessing.spawn import, ~0.6 ms)
+    method = ctx.get_start_method()
+    if method != "fork":  # (fork: no multiprocessing.spawn import, ~0.6 ms)
         _skip_main_in_workers()
-    held: list[int] = []
-    previous = signal.getsignal(signal.SIGINT) \
-        if threading.current_thread() is threading.main_thread() else None
-    if previous is not None:  # (None: another thread's start, or a handler set in C)
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    in_main = threading.current_thread() is threading.main_thread()
+    if method == "forkserver":  # running already, as a rule (prestart)
+        from multiprocessing import forkserver
+
+        with _sigint_ignored(in_main):
+            forkserver.ensure_running()
+    held: list[Any] = []  # the frame of each SIGINT held
+    previous = signal.getsignal(signal.SIGINT) if in_main and method != "spawn" else None
+    if previous is not None:  # (None: spawn, another thread, or a handler set in C)
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     _spawning.active = True
     started = False
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigint_ignored(in_main and method == "spawn"):
             # Python 3.12+ warns about fork with C-level threads; see the module doc
             warnings.simplefilter("ignore", DeprecationWarning)
             process.start()
@@ -380,17 +385,16 @@ def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
             if held:
-                _hand_over_interrupt(process if started else None)
+                hand_over_ctrl_c(previous, held, process if started else None)
     return process
 
 
-def _hand_over_interrupt(process: BaseProcess | None) -> None:
-    """Run the caller's SIGINT handler for a Ctrl-C held back during a start; if it raises,
-    stop the process just started (no pool has it yet) before the exception goes on."""
+@contextmanager
+def _sigint_ignored(really: bool) -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if really else None
     try:
-        signal.raise_signal(signal.SIGINT)  # runs the Python handler before it returns
-    except BaseException:
-        if process is not None:
-            process.kill()
-            process.join()
-        raise
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
