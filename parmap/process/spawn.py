@@ -21,14 +21,15 @@ import sys
 import threading
 import warnings
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Iterator
+from typing import Any
 
 from .._errors import PoolError
 from . import worker
 from .lifetime import hand_over_ctrl_c
+from .mp_patches import ignore_sigint_at_exec, skip_main_in_workers, spawning
 from .protocol import STATUS_SLOTS
 from .shm_results import caller_tag
 
@@ -85,7 +86,6 @@ def _openmp_pool_running() -> bool:
     return bool(_gomp_seen[0])
 
 
-_spawning = threading.local()
 
 # ------------------------------------------------------- what a forked process keeps
 # A forked child inherits every descriptor of its parent. One that belongs to a pool
@@ -180,33 +180,6 @@ if _FORKS:
     os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
-def _skip_main_in_workers() -> None:
-    """Make spawn/forkserver workers started by parmap skip re-running ``__main__``
-    (installed before the first such start: ``prestart``, ``start_process``).
-
-    multiprocessing re-imports the main script in every spawned child, which breaks
-    scripts without an ``if __name__ == "__main__"`` guard. Our workers never need it:
-    functions and classes from ``__main__`` travel by value (``byvalue``, cloudpickle).
-    The wrapper changes nothing for processes other code starts (the flag is per thread,
-    and set only around our own ``Process.start()``).
-    """
-    from multiprocessing import spawn
-
-    original = spawn.get_preparation_data
-    if getattr(original, "_parmap", False):
-        return
-
-    def get_preparation_data(name: str, *args: Any, **kwargs: Any) -> dict:
-        data = original(name, *args, **kwargs)
-        if getattr(_spawning, "active", False):
-            data.pop("init_main_from_path", None)
-            data.pop("init_main_from_name", None)
-        return data
-
-    get_preparation_data._parmap = True  # type: ignore[attr-defined]
-    spawn.get_preparation_data = get_preparation_data
-
-
 def exit_description(exitcode: int | None) -> str:
     if exitcode is None:
         return "an unknown status"
@@ -267,13 +240,12 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     forkserver_context(cloudpickle)
     from multiprocessing import forkserver
 
-    _skip_main_in_workers()
-    _spawning.active = True  # the server must not import __main__ either
-    try:  # it inherits SIGINT ignored: a Ctrl-C must not kill it while it imports
-        with _sigint_ignored(threading.current_thread() is threading.main_thread()):
-            forkserver.ensure_running()
+    skip_main_in_workers()
+    spawning.active = True  # the server must not import __main__ either
+    try:
+        forkserver.ensure_running()
     finally:
-        _spawning.active = False
+        spawning.active = False
 
 
 def thread_caps(pool_size: int, cpus: int, inner_max_num_threads: int | None
@@ -356,45 +328,32 @@ def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
     multiprocessing's re-import of ``__main__``. A Ctrl-C in the main thread meanwhile
     is held (raised mid-start, it could leave a process no pool knows of; ignored, it was
     lost: a start from a forkserver still starting takes 0.4 s under load), then handed
-    to the program's handler after the start. Where it execs an interpreter (spawn, a
-    forkserver) SIGINT is ignored instead, which that one inherits (a short window)."""
+    to the program's handler after the start. A spawned interpreter is exec'd with SIGINT
+    ignored, which it inherits (``mp_patches``): it ignores Ctrl-C from birth."""
     process: BaseProcess = ctx.Process(target=target, name=name, daemon=False, args=args)
     method = ctx.get_start_method()
     if method != "fork":  # (fork: no multiprocessing.spawn import, ~0.6 ms)
-        _skip_main_in_workers()
-    in_main = threading.current_thread() is threading.main_thread()
-    if method == "forkserver":  # running already, as a rule (prestart)
-        from multiprocessing import forkserver
-
-        with _sigint_ignored(in_main):
-            forkserver.ensure_running()
+        skip_main_in_workers()
     held: list[Any] = []  # the frame of each SIGINT held
-    previous = signal.getsignal(signal.SIGINT) if in_main and method != "spawn" else None
-    if previous is not None:  # (None: spawn, another thread, or a handler set in C)
+    previous = signal.getsignal(signal.SIGINT) \
+        if threading.current_thread() is threading.main_thread() else None
+    if previous is not None:  # (None: another thread's start, or a handler set in C)
         signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    _spawning.active = True
+        if method == "spawn":
+            ignore_sigint_at_exec()
+    spawning.active = True
+    spawning.exec_ignoring = previous is not None and method == "spawn"
     started = False
     try:
-        with warnings.catch_warnings(), _sigint_ignored(in_main and method == "spawn"):
+        with warnings.catch_warnings():
             # Python 3.12+ warns about fork with C-level threads; see the module doc
             warnings.simplefilter("ignore", DeprecationWarning)
             process.start()
         started = True
     finally:
-        _spawning.active = False
+        spawning.active = spawning.exec_ignoring = False
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
             if held:
                 hand_over_ctrl_c(previous, held, process if started else None)
     return process
-
-
-@contextmanager
-def _sigint_ignored(really: bool) -> Iterator[None]:
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if really else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
