@@ -27,7 +27,7 @@ from ._checks import (check_batch_size, check_insights, check_n_jobs, check_posi
                       check_pre_dispatch, check_progress, check_temp_folder, check_timeout,
                       check_verbose, one_of, parse_pre_dispatch, parse_size, resolve_n_jobs)
 from ._public import public
-from ._worker_state import in_worker_process
+from ._worker_state import process_slot
 from .backends import BackendSpec, check_backend, check_backend_kwargs, make_backend
 
 __all__ = ["Setting", "SETTINGS", "Default", "DEFAULT", "parallel_config", "parallel_backend",
@@ -126,7 +126,7 @@ def resolve(given: Mapping[str, object]) -> dict[str, Any]:
     out["backend_params"] = context.get("backend_params", {})
     # in a worker process every call is nested, from the task's thread or from a thread
     # the task started (a new thread starts with an empty context)
-    out["nesting_level"] = max(context.get("nesting_level", 0), int(in_worker_process()))
+    out["nesting_level"] = max(context.get("nesting_level", 0), int(process_slot() is not None))
     return out
 
 

@@ -20,8 +20,7 @@ from typing import Any
 
 from ._public import public
 
-__all__ = ["worker_state", "worker_id", "enter_process", "enter_thread", "process_slot",
-           "in_worker_process"]
+__all__ = ["worker_state", "worker_id", "enter_process", "enter_thread", "process_slot"]
 
 #: this process's state and id (a worker process resets both when it starts)
 _state: dict[str, Any] = {}
@@ -72,11 +71,6 @@ def process_slot() -> int | None:
     """In a process worker of a pool, its id: the slot that the processes replacing it
     (recycling, a crash) take in turn; elsewhere None."""
     return _id if _in_worker else None
-
-
-def in_worker_process() -> bool:
-    """Whether this process is a worker of a parmap pool."""
-    return _in_worker
 
 
 def enter_thread(wid: int) -> None:

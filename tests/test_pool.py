@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from parmap import Parallel, WorkerCrashedError, delayed
+from parmap.process import registry
 from parmap.process.manager import _Waiter
 from parmap.process.protocol import task_pipe_room
 
@@ -228,7 +229,10 @@ def test_n_jobs_bounds_a_call_on_a_pool_another_call_made_larger():
                              args=([delayed(time.sleep)(3)],))
     other.start()
     try:
-        time.sleep(0.5)  # (either call may start first: the pool has 4 workers while both run)
+        deadline = time.monotonic() + 10  # until its call holds the shared pool of 4
+        while not any(pool.size == 4 and pool.active_calls for pool in registry._shared):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         spans = Parallel(n_jobs=2, batch_size=1)(delayed(timed_sleep)(0.3) for _ in range(8))
     finally:
         other.join(30)

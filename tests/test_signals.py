@@ -164,8 +164,7 @@ CTRL_C_DURING_START = textwrap.dedent("""
         if self.name == "parmap-worker":
             starts.append(self)
             if len(starts) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)  # the handler runs in here
+                os.kill(os.getpid(), signal.SIGINT)  # its handler runs inside the start
         original(self)
 
     BaseProcess.start = start_under_ctrl_c

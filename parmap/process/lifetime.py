@@ -1,6 +1,6 @@
 """Workers die with their parent: Linux's parent-death signal, and a portable watch thread.
-And Ctrl-C is their parent's: they ignore SIGINT (``ignore_ctrl_c``), and one that comes
-while a worker starts is held and handed to the parent's handler (``hand_over_ctrl_c``).
+And Ctrl-C is their parent's: they ignore SIGINT, and one that comes while a worker
+starts is held and handed to the parent's handler (``hand_over_ctrl_c``).
 
 The death signal (``prctl(PR_SET_PDEATHSIG)``) kills a worker the moment its parent
 dies, even mid-task; it is not inherited across fork and is not sent if the parent died
@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 __all__ = ["pid_alive", "die_with_parent", "prepare_children", "PARENT_POLL",
-           "ignore_ctrl_c", "hand_over_ctrl_c"]
+           "hand_over_ctrl_c"]
 
 #: how often a worker checks that its parent is still alive (the portable fallback)
 PARENT_POLL = 0.5
@@ -133,11 +133,6 @@ def _watch_parent(parent_pid: int, direct_parent: int) -> None:
         time.sleep(PARENT_POLL)
         if os.getppid() != direct_parent or not pid_alive(parent_pid):
             os._exit(1)
-
-
-def ignore_ctrl_c() -> None:
-    """In a worker or zygote, first thing: Ctrl-C is the caller's to handle."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def hand_over_ctrl_c(handler: Any, frames: list[Any], process: Any) -> None:

@@ -223,10 +223,7 @@ class Scheduler:
         if idle is not None or sum(not w.dead for w in workers) < size:
             job = self.next_job(workers)
             if job is not None:  # (a worker whose budget it exceeds is spent: rule 4)
-                if job is pending[0]:
-                    pending.popleft()
-                else:
-                    pending.remove(job)
+                pending.remove(job)
                 return idle, job
         # rule 2: queue a short job behind one of its own call, never ahead of a pending
         # job of a call that holds no worker: it waits for one to fall idle, and workers

@@ -25,6 +25,7 @@ import faulthandler
 import os
 import pickle
 import select
+import signal
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -34,7 +35,7 @@ from .._delayed import Batch
 from .._record import BatchRecord
 from .._worker_state import enter_process
 from . import arg_maps, protocol, shm, shm_results
-from .lifetime import die_with_parent, ignore_ctrl_c
+from .lifetime import die_with_parent
 from .recycling import RSS, RssProbe, run_finalizer
 
 __all__ = ["worker_main", "WorkerSetup"]
@@ -70,7 +71,7 @@ def worker_main(task_conn: Connection, result_conn: Connection, status: Any, par
     """Entry point of a worker process (``guardian``, ``death_signal``: see
     ``lifetime.die_with_parent``). Forked, it has closed the pools' pipe ends already
     (``spawn.keep_from_forks``)."""
-    ignore_ctrl_c()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     die_with_parent(parent_pid, guardian, death_signal)
     _enable_faulthandler()
     env, init, cap_openmp, (wid, finalizer), whole, caller = pickle.loads(setup)

@@ -46,7 +46,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import worker
-from .lifetime import PARENT_POLL, ignore_ctrl_c, pid_alive, prepare_children
+from .lifetime import PARENT_POLL, pid_alive, prepare_children
 from .protocol import STATUS_SLOTS
 from .spawn import choose_start_method, forkserver_context, keep_from_forks, setup_bytes, \
     hand, handed, start_lock, start_process, thread_caps
@@ -201,7 +201,7 @@ def _receive_exactly(sock: socket.socket, n: int) -> bytes:
 # ---------------------------------------------------------------------- the zygote itself
 def zygote_main(sock: socket.socket, owner: int) -> None:
     """Entry point of the zygote process (see the module doc)."""
-    ignore_ctrl_c()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
     me = os.getpid()
     prepare_children()
     gc.freeze()  # what is here now stays out of the children's collections: fewer
