@@ -95,9 +95,26 @@ SCRIPT = textwrap.dedent('''
         return Parallel(n_jobs=2, start_method=sys.argv[1])(
             delayed(func)(i, *args, **kwargs) for i in range(4))
 
-    out = {"scaled": run(scaled)}
+    @functools.lru_cache(maxsize=None)
+    def cached_scaled(x):
+        return x * SCALE
+
+    def make_cached(k):
+        @functools.lru_cache(maxsize=None)
+        def times(x):
+            return x * k
+        return times
+
+    twice, thrice = make_cached(2), make_cached(3)  # two caches of one code: two caches
+
+    out = {"scaled": run(scaled), "cached scaled": run(cached_scaled)}
     SCALE = 10  # changed between two calls on the same (warm) workers: seen
     out["scaled again"] = run(scaled)
+    out["cached scaled, new arguments"] = Parallel(n_jobs=2, start_method=sys.argv[1])(
+        delayed(cached_scaled)(i) for i in range(10, 14))
+    out["two caches, one call"] = Parallel(n_jobs=2, start_method=sys.argv[1], batch_size=1)(
+        delayed(f)(x) for f, x in [(twice, 1), (thrice, 1), (twice, 5), (thrice, 5)] * 3)
+    out["two caches, two calls"] = [run(twice), run(thrice)]
     out["fact"] = run(fact)
     out["defaults"] = run(with_defaults, m=1)
     out["closure"] = run(make_adder(5))
@@ -147,6 +164,10 @@ def test_functions_of_a_script_run_in_workers_without_cloudpickle(method):
     assert out == {
         "scaled": [i * 2 + i // 2 for i in range(4)],
         "scaled again": [i * 10 + i // 2 for i in range(4)],
+        "cached scaled": [i * 2 for i in range(4)],
+        "cached scaled, new arguments": [i * 10 for i in range(10, 14)],
+        "two caches, one call": [2, 3, 10, 15] * 3,
+        "two caches, two calls": [[0, 2, 4, 6], [0, 3, 6, 9]],
         "fact": [1, 1, 2, 6],
         "defaults": [i + 3 + 1 for i in range(4)],
         "closure": [i + 5 for i in range(4)],

@@ -18,9 +18,9 @@ the way cloudpickle does, for what a script's functions are made of:
   worker imports too;
 * methods bound to an object, with the function by value (:func:`bind`);
 * ``functools.lru_cache``/``cache`` wrappers of such functions, as a cache of the same
-  size around the function by value, one per worker for its life (:func:`cached`; by
-  reference, as cloudpickle sends them, the worker looks the name up in a
-  ``__main__`` that does not have it).
+  size around the function by value, one per worker and cache of the caller's for the
+  worker's life (:func:`cached`; by reference, as cloudpickle sends them, the worker
+  looks the name up in a ``__main__`` that does not have it).
 
 :class:`ImportablePickler` raises for what this does not cover (a class defined in
 ``__main__`` and whatever else names ``__main__`` as its module, a module that is not
@@ -34,11 +34,12 @@ import builtins
 import functools
 import importlib
 import marshal
+import os
 import pickle
 import sys
 import types
 import weakref
-from itertools import chain
+from itertools import chain, count
 from typing import Any, Callable
 
 __all__ = ["ImportablePickler", "cloud_pickler", "reduce_function", "module_base",
@@ -90,8 +91,18 @@ def _reduce_cache(obj: Any) -> tuple | None:
         func = getattr(obj, "__wrapped__", None)
         if isinstance(func, types.FunctionType) and func.__module__ == "__main__":
             parameters = obj.cache_parameters()
-            return cached, (func, parameters["maxsize"], parameters["typed"])
+            token = _cache_tokens.get(obj)
+            if token is None:
+                token = _cache_tokens[obj] = (os.getpid(), next(_cache_serials))
+            return cached, (token, func, parameters["maxsize"], parameters["typed"])
     return None
+
+
+#: each cache of the caller's that went to workers -> its token there, (pid, serial):
+#: a worker keeps one cache per token (``cached``), so two caches of the caller never
+#: share one (two made by one factory, around closures of different cells, say)
+_cache_tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_cache_serials = count()
 
 
 class ImportablePickler(_SharedGlobals, pickle.Pickler):
@@ -249,27 +260,30 @@ def bind(func: Callable, obj: Any) -> types.MethodType:
     return types.MethodType(func, obj)
 
 
-#: the caches made here, by (qualified name, code, maxsize, typed): one per function
-#: for the worker's life, not one per batch
-_caches: dict[tuple, Callable] = {}
+#: the caches made here, by the token of the caller's cache (see ``_reduce_cache``): one
+#: per cache of the caller's for the worker's life, not one per batch; with each, where
+#: its calls go (the function as the latest batch sent it)
+_caches: dict[tuple, tuple[Callable, list[types.FunctionType]]] = {}
 
 
-def cached(func: types.FunctionType, maxsize: int | None, typed: bool) -> Callable:
-    """The cache of ``func`` in this worker, made as the caller's was: the one a forked
-    worker has in its ``__main__`` (filled before the fork), or one made here for the
-    first batch that sends it and kept for the next ones."""
-    key = (func.__qualname__, func.__code__, maxsize, typed)
-    found = _caches.get(key)
-    if found is None:
-        inherited = getattr(sys.modules.get("__main__"), func.__qualname__, None)
-        if type(inherited) is _LRU_CACHE and \
-                getattr(inherited.__wrapped__, "__code__", None) == func.__code__ and \
-                inherited.cache_parameters() == {"maxsize": maxsize, "typed": typed}:
-            found = inherited
-        else:
-            found = functools.lru_cache(maxsize=maxsize, typed=typed)(func)
-        _caches[key] = found
-    return found
+def cached(token: tuple, func: types.FunctionType, maxsize: int | None, typed: bool
+           ) -> Callable:
+    """This worker's cache of the caller's cache ``token`` around ``func``: made for the
+    first batch that sends it and kept for the next ones (a "load once" function then
+    loads once per worker). Its misses run ``func`` as the latest batch sent it, so with
+    the globals, cells and defaults the caller had then, as the caller's own cache does
+    for its misses; a result it holds stays, as in the caller's. A forked worker does
+    not use the cache it inherited: its misses would see the globals of the fork."""
+    entry = _caches.get(token)
+    if entry is None:
+        latest = [func]
+        cache = functools.lru_cache(maxsize=maxsize, typed=typed)(
+            lambda *args, **kwargs: latest[0](*args, **kwargs))
+        entry = _caches[token] = (cache, latest)
+    cache, latest = entry
+    latest[0] = func
+    functools.update_wrapper(cache, func)  # its name, doc and __wrapped__: func's
+    return cache
 
 
 def _rebuild(code: bytes, base: dict, name: str, n_cells: int) -> types.FunctionType:
