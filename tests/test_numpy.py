@@ -274,6 +274,27 @@ def test_a_closed_call_is_freed_without_waiting_for_a_garbage_collection():
 
 
 
+
+@pytest.mark.parametrize("view", [False, True], ids=["arrays", "views-copied"])
+def test_a_stream_of_new_arrays_keeps_only_the_files_of_tasks_in_flight(
+        count_placements, view):
+    # an input that makes a new array per task: each array's file goes once the array
+    # is gone (its batch done), not when the call ends (all 40 files were kept, and the
+    # arrays with them). A view that is not contiguous goes through a C copy (kept with
+    # its view's root)
+    in_shm = []
+
+    def tasks():
+        for i in range(40):
+            in_shm.append(len(shm_entries()))
+            arr = big(float(i), 2 * BIG)
+            yield delayed(describe)(arr[::2] if view else arr[:BIG])
+
+    out = Parallel(n_jobs=2, batch_size=1, pre_dispatch=2, return_as="generator")(tasks())
+    assert [d["sum"] for d in out] == [float(i) * BIG for i in range(40)]
+    assert len(count_placements) == 40
+    assert max(in_shm) <= 5, in_shm
+
 def test_a_with_blocks_end_frees_the_files_of_a_generator_still_referenced():
     arr = big(1.0)
     with Parallel(n_jobs=2, batch_size=1, return_as="generator") as parallel:

@@ -55,7 +55,7 @@ import pickle
 import sys
 import time
 from itertools import chain
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 from .._delayed import Batch, compact
 from .._errors import CapturedError, SerializationError, add_note, func_name
@@ -149,7 +149,7 @@ def _dumps_request(pickler: type, request: Request, placer: shm.ArgumentPlacer |
         buf = io.BytesIO()
         pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(message)
         return buf.getvalue()
-    return shm.dumps_with(pickler, message, placer)
+    return dumps_with(pickler, message, placer)
 
 
 def dumps_importable(obj: Any) -> bytes | None:
@@ -215,7 +215,7 @@ def encode_reply(status: int, payload: Any, duration: float, start: int, t0: flo
     if status == OK and placer is not None:
         early = len(placer.created)  # files written as tasks returned: still referenced
         try:
-            inner = shm.dumps_with(pickle.Pickler, payload, placer)
+            inner = dumps_with(pickle.Pickler, payload, placer)
             return dumps((OK, inner, duration, placer.created))
         except Exception:
             shm_results.discard_results(placer.created[early:])  # pickled the ordinary way below
@@ -235,7 +235,7 @@ def _observed_reply(payload: Any, duration: float, placer: shm_results.ResultPla
     then sent as bytes next to the record (``shm_files`` [] or the files: see
     :func:`decode_reply`)."""
     t0 = time.perf_counter()
-    inner = shm.dumps_with(pickle.Pickler, payload, placer) if placer is not None \
+    inner = dumps_with(pickle.Pickler, payload, placer) if placer is not None \
         else dumps(payload)
     files = placer.created if placer is not None else []
     record.shm_bytes = sum(os.stat(path).st_size for path in files)
@@ -350,3 +350,49 @@ def task_pipe_room(fd: int) -> int:
         except OSError:  # not a pipe (cannot happen here): as elsewhere
             pass
     return _PORTABLE_PIPE_BYTES - 8  # the request's header and a STOP
+
+
+# ------------------------------------------------ pickling with arrays placed in files
+
+_pickler_classes: dict[type, type] = {}
+
+
+class Placer(Protocol):
+    """Reduces a numpy array to a file reference for pickling, or returns None."""
+
+    def reduce(self, arr: Any) -> tuple | None: ...
+
+
+def dumps_with(base: type, obj: Any, placer: Placer, protocol: int = 5) -> bytes:
+    """Pickle ``obj`` with the pickler class ``base``, letting ``placer`` reduce ndarrays."""
+    cls = _pickler_classes.get(base)
+    if cls is None:
+        cls = _pickler_classes[base] = _ndarray_pickler(base)
+    buf = io.BytesIO()
+    pickler = cls(buf, protocol=protocol)
+    pickler.placer = placer
+    pickler.dump(obj)
+    return buf.getvalue()
+
+
+def _ndarray_pickler(base: type) -> type:
+    import numpy as np
+
+    ndarray, memmap = np.ndarray, np.memmap
+    parent_override = getattr(base, "reducer_override", None)
+
+    class _Pickler(base):
+        placer: Any = None
+
+        def reducer_override(self, obj: Any) -> Any:
+            # an ndarray or a memmap; not other subclasses (masked arrays, matrices):
+            # a file holds only the data, they are pickled whole
+            if isinstance(obj, ndarray) and (type(obj) is ndarray or isinstance(obj, memmap)):
+                reduced = self.placer.reduce(obj)
+                if reduced is not None:
+                    return reduced
+            if parent_override is not None:
+                return parent_override(self, obj)
+            return NotImplemented
+
+    return _Pickler

@@ -33,23 +33,21 @@ cancelled batch or a crashed worker are swept by the pool. Folders elsewhere tha
 from __future__ import annotations
 
 import atexit
-import io
 import itertools
 import mmap
 import os
 import shutil
 import threading
 import weakref
-from typing import Any, Protocol
+from typing import Any
 
 from .._shm_files import SHM_DIR, shm_has_room, track
 from . import arg_maps, remap
 from .folders import choose_folder
 from .remap import write_all
 
-__all__ = ["ArgumentPlacer", "NotInherited", "Placer", "rebuild_array", "rebuild_inherited",
-           "byte_view", "dtype_spec",
-           "dumps_with", "track", "unlink", "write_all", "shm_has_room",
+__all__ = ["ArgumentPlacer", "NotInherited", "rebuild_array", "rebuild_inherited",
+           "byte_view", "dtype_spec", "track", "unlink", "write_all", "shm_has_room",
            "SHM_DIR"]
 
 _counter = itertools.count()
@@ -110,14 +108,23 @@ class ArgumentPlacer:
         self.temp_folder = temp_folder
         self.can_inherit = can_inherit if self.mmap_mode == "r" else None
         self.token = os.urandom(6).hex()
-        #: id(root) -> (root, path, base address, the file's (device, inode) when it is
-        #: an earlier call's, which a worker checks: a descriptor's number may be reused)
+        #: id(root) -> (weak reference to root, path, base address, the file's (device,
+        #: inode) when it is an earlier call's, which a worker checks: a descriptor's
+        #: number may be reused)
         self._placed: dict[int, tuple] = {}
-        self._copies: dict[tuple, tuple] = {}  # view's geometry -> (its root, C copy)
+        #: view's geometry -> (weak reference to its root, C copy)
+        self._copies: dict[tuple, tuple] = {}
         self._pins: dict[int, str] = {}  # id(root) -> its key in _PINNED
         self._files: list[str] = []
-        #: (array, files, start, parts) of the arrays remapped onto their files (``remap``)
+        #: (weak reference to the array, files, start, parts) of the arrays remapped onto
+        #: their files (``remap``)
         self._remapped: list[tuple[Any, list[str], int, list[tuple[int, int]]]] = []
+        #: the weak references above whose array died: its files go at the next reduce
+        #: or at close. A call whose input makes a new array per task (a stream) kept
+        #: every one of them, and its file, until it ended. An array that died is in no
+        #: batch still running (a batch holds its tasks, so their arrays, until it is
+        #: done), and no later task can name it.
+        self._dead: list[Any] = []
         self.reuse = True  # may an array remapped by an earlier call go without a copy?
         self._folder: str | None = None
         self._lock = threading.Lock()
@@ -147,10 +154,12 @@ class ArgumentPlacer:
                 key = (id(root), arr.__array_interface__["data"][0], arr.shape,
                        arr.strides, arr.dtype.str)
                 with self._lock:
+                    self._release_dead()
                     copy = self._copies.get(key)
                     if copy is None:  # (np.ascontiguousarray would make 0-d 1-d)
-                        copy = self._copies[key] = (root, arr if arr.flags.c_contiguous
-                                                    else arr.copy(order="C"))
+                        copy = self._copies[key] = (
+                            weakref.ref(root, self._dead.append),
+                            arr if arr.flags.c_contiguous else arr.copy(order="C"))
                 arr = root = copy[1]
             pinned = self._pin(root)
             if pinned is not None:
@@ -162,9 +171,11 @@ class ArgumentPlacer:
                 if self.closed:
                     raise RuntimeError("parmap: an array of a call that has ended was to "
                                        "be placed in shared memory (report this as a bug)")
+                self._release_dead()
                 entry = self._placed.get(id(root))
                 if entry is None:
-                    entry = self._placed[id(root)] = self._place(root)
+                    entry = self._placed[id(root)] = (weakref.ref(root, self._dead.append),
+                                                      *self._place(root))
             path, offset = entry[1], arr.__array_interface__["data"][0] - entry[2]
             if entry[3] is not None:
                 return rebuild_array, (path, offset, dtype_spec(arr.dtype), arr.shape,
@@ -195,6 +206,8 @@ class ArgumentPlacer:
                 remap.disable()
 
     def _place(self, root: Any) -> tuple:
+        """Place ``root``: (path, or parts as ((path, size), ...); the address the file
+        starts at; the file's identity if it is an earlier call's). Lock held."""
         address = root.__array_interface__["data"][0]
         start = address - address % mmap.PAGESIZE
         end = -(-(address + root.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -204,16 +217,16 @@ class ArgumentPlacer:
         if remapping and self.reuse:
             kept = remap.reusable(root, start, end)
             if kept is not None:  # an earlier call's file, unchanged: no copy
-                return root, kept[0], start, kept[1]
+                return kept[0], start, kept[1]
         if remapping:
             remap.forget(root)  # the files it was remapped onto before, if any
             bounds = remap.parts(end - start)
             paths = [self._new_path(end - start) for _ in bounds]  # room for all of it
             remap.copy_and_remap(paths, start, bounds)
-            self._remapped.append((root, paths, start, bounds))
+            self._remapped.append((weakref.ref(root), paths, start, bounds))
             if len(paths) == 1:
-                return root, paths[0], start, None
-            return root, tuple((p, hi - lo) for p, (lo, hi) in zip(paths, bounds)), start, None
+                return paths[0], start, None
+            return tuple((p, hi - lo) for p, (lo, hi) in zip(paths, bounds)), start, None
         path = self._new_path(end - start)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -221,7 +234,21 @@ class ArgumentPlacer:
             write_all(fd, byte_view(root), address - start)
         finally:
             os.close(fd)
-        return root, path, start, None
+        return path, start, None
+
+    def _release_dead(self) -> None:
+        """Forget the arrays that died (``_dead``) and remove their files. Lock held."""
+        while self._dead:
+            ref = self._dead.pop()
+            for geometry in [k for k, (root_ref, _) in self._copies.items() if root_ref is ref]:
+                del self._copies[geometry]  # the copy dies: its reference comes here next
+            for key in [k for k, entry in self._placed.items() if entry[0] is ref]:
+                path, _start, identity = self._placed.pop(key)[1:]
+                if identity is None:  # (else an earlier call's file: not this call's)
+                    for name in [path] if isinstance(path, str) else [p for p, _ in path]:
+                        self._files.remove(name)
+                        unlink(name, made_here=True)
+            self._remapped = [entry for entry in self._remapped if entry[0]() is not None]
 
     def _new_path(self, nbytes: int) -> str:
         if self._folder is None or self._folder == SHM_DIR and self.temp_folder is None \
@@ -239,13 +266,16 @@ class ArgumentPlacer:
             remapped, self._remapped = self._remapped, []
             self._placed.clear()
             self._copies.clear()
+            self._dead.clear()
             self.can_inherit = None
             for key in self._pins.values():
                 _PINNED.pop(key, None)  # the caller's array is the caller's again
             self._pins.clear()
             folder, self._folder = self._folder, None
-        for root, paths, start, bounds in remapped:  # before the files are unlinked
-            remap.keep(root, paths, start, bounds)
+        for root_ref, paths, start, bounds in remapped:  # before the files are unlinked
+            root = root_ref()
+            if root is not None:
+                remap.keep(root, paths, start, bounds)
         for path in files:
             unlink(path, made_here=True)
         if folder is not None and folder != SHM_DIR:
@@ -334,47 +364,3 @@ def rebuild_array(path: Any, offset: int, dtype: str, shape: tuple, strides: tup
 def _close_open_placers() -> None:
     for placer in list(_open_placers):
         placer.close()
-
-
-_pickler_classes: dict[type, type] = {}
-
-
-class Placer(Protocol):
-    """Reduces a numpy array to a file reference for pickling, or returns None."""
-
-    def reduce(self, arr: Any) -> tuple | None: ...
-
-
-def dumps_with(base: type, obj: Any, placer: Placer, protocol: int = 5) -> bytes:
-    """Pickle ``obj`` with the pickler class ``base``, letting ``placer`` reduce ndarrays."""
-    cls = _pickler_classes.get(base)
-    if cls is None:
-        cls = _pickler_classes[base] = _ndarray_pickler(base)
-    buf = io.BytesIO()
-    pickler = cls(buf, protocol=protocol)
-    pickler.placer = placer
-    pickler.dump(obj)
-    return buf.getvalue()
-
-
-def _ndarray_pickler(base: type) -> type:
-    import numpy as np
-
-    ndarray, memmap = np.ndarray, np.memmap
-    parent_override = getattr(base, "reducer_override", None)
-
-    class _Pickler(base):
-        placer: Any = None
-
-        def reducer_override(self, obj: Any) -> Any:
-            # an ndarray or a memmap; not other subclasses (masked arrays, matrices):
-            # a file holds only the data, they are pickled whole
-            if isinstance(obj, ndarray) and (type(obj) is ndarray or isinstance(obj, memmap)):
-                reduced = self.placer.reduce(obj)
-                if reduced is not None:
-                    return reduced
-            if parent_override is not None:
-                return parent_override(self, obj)
-            return NotImplemented
-
-    return _Pickler
