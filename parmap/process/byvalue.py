@@ -276,10 +276,9 @@ def cached(token: tuple, func: types.FunctionType, maxsize: int | None, typed: b
     not use the cache it inherited: its misses would see the globals of the fork."""
     entry = _caches.get(token)
     if entry is None:
-        latest = [func]
-        cache = functools.lru_cache(maxsize=maxsize, typed=typed)(
-            lambda *args, **kwargs: latest[0](*args, **kwargs))
-        entry = _caches[token] = (cache, latest)
+        calls = [func]
+        entry = _caches[token] = (functools.lru_cache(maxsize=maxsize, typed=typed)(
+            lambda *args, **kwargs: calls[0](*args, **kwargs)), calls)
     cache, latest = entry
     latest[0] = func
     functools.update_wrapper(cache, func)  # its name, doc and __wrapped__: func's
