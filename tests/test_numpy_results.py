@@ -216,6 +216,9 @@ def task(arr, seconds):
     return np.full(300_000, float(arr[0]))  # 2.4 MB: comes back through /dev/shm
 
 how, folder = sys.argv[1], sys.argv[2] or None
+if sys.argv[3:] == ["thread"]:  # workers from the forkserver, whose start (parmap's)
+    import threading            # launches multiprocessing's resource tracker
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
 Parallel(n_jobs=2)(delayed(abs)(-1) for _ in range(2))  # a warm pool: arr is placed
 arr = np.ones(300_000)
 gen = Parallel(n_jobs=2, batch_size=1, temp_folder=folder, return_as="generator")(
@@ -223,7 +226,8 @@ gen = Parallel(n_jobs=2, batch_size=1, temp_folder=folder, return_as="generator"
 for _ in range(4):
     next(gen)
 try:
-    print(os.getpid(), flush=True)
+    from multiprocessing import resource_tracker
+    print(os.getpid(), resource_tracker._resource_tracker._pid, flush=True)
     if how == "exit":
         sys.exit(0)  # the generator and its call are still open
     list(gen)  # SIGINT or SIGKILL arrives in here (or just before)
@@ -249,16 +253,21 @@ def wait_for_nothing_of(pid, folder=None, seconds=10.0):
     return ours(pid, folder)
 
 
-def start_script(tmp_path, how, folder=None):
+def start_script(tmp_path, how, folder=None, thread=False, tracker=None):
+    """The script above, running; its pid. ``tracker``: a list to receive the pid of
+    its resource tracker."""
     import subprocess
     import sys
 
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, str(script), how, folder or ""],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    pid = int(proc.stdout.readline())
+    proc = subprocess.Popen(
+        [sys.executable, str(script), how, folder or ""] + (["thread"] if thread else []),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pid, tracker_pid = (int(word) for word in proc.stdout.readline().split())
+    if tracker is not None:
+        tracker.append(tracker_pid)
     return proc, pid
 
 
@@ -283,13 +292,22 @@ def test_nothing_is_left_when_the_caller_exits_or_is_interrupted(tmp_path, how, 
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
-def test_shared_memory_is_removed_when_the_caller_is_killed(tmp_path):
+@pytest.mark.parametrize("thread", [False, True], ids=["forked", "forkserver"])
+def test_shared_memory_is_removed_when_the_caller_is_killed(tmp_path, thread):
     import signal
 
-    proc, pid = start_script(tmp_path, "kill")
-    assert ours(pid)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=20)
+    tracker: list[int] = []
+    proc, pid = start_script(tmp_path, "kill", thread=thread, tracker=tracker)
+    try:
+        assert ours(pid)
+        # launched by parmap's start of the forkserver, the tracker goes without site
+        # (-S); launched by other code (here parmap's first file, after forked
+        # workers), as it was
+        with open(f"/proc/{tracker[0]}/cmdline", "rb") as cmdline:
+            assert (b"-S" in cmdline.read().split(b"\0")) == thread
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=20)
     # the resource tracker unlinks them once the caller and its workers are gone
     assert wait_for_nothing_of(pid) == []
 

@@ -332,6 +332,31 @@ def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path, method):
     assert out.stdout.splitlines() == ["top-level ran", "[1, 2, 3, 4]"]
 
 
+
+def test_the_resource_tracker_parmap_launches_goes_without_site_and_no_other(monkeypatch):
+    from multiprocessing import util
+
+    from parmap.process import mp_patches
+
+    execs = []
+    monkeypatch.setattr(util, "spawnv_passfds", lambda path, args, fds: execs.append(args))
+    mp_patches.patch_exec()
+    tracker = [sys.executable, "-B", "-c",
+               "from multiprocessing.resource_tracker import main;main(5)"]
+    worker = [sys.executable, "-B", "-c", "from multiprocessing.spawn import spawn_main"]
+    monkeypatch.setattr(mp_patches.spawning, "active", True, raising=False)
+    util.spawnv_passfds(sys.executable, tracker, ())
+    util.spawnv_passfds(sys.executable, worker, ())  # a worker needs site-packages
+    util.spawnv_passfds("/opt/other/python", tracker, ())  # multiprocessing.set_executable
+    util.spawnv_passfds(sys.executable, [sys.executable, "-S", *tracker[1:]], ())
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # an app reads its own argv
+    util.spawnv_passfds(sys.executable, tracker, ())
+    monkeypatch.delattr(sys, "frozen")
+    monkeypatch.setattr(mp_patches.spawning, "active", False)  # other code's start
+    util.spawnv_passfds(sys.executable, tracker, ())
+    assert execs == [[sys.executable, "-S", *tracker[1:]], worker, tracker,
+                     [sys.executable, "-S", *tracker[1:]], tracker, tracker]
+
 def test_batches_travel_compactly_and_errors_still_name_the_task():
     from parmap._delayed import Batch, compact
 

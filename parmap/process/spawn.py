@@ -29,7 +29,7 @@ from typing import Any
 from .._errors import PoolError
 from . import worker
 from .lifetime import hand_over_ctrl_c
-from .mp_patches import ignore_sigint_at_exec, skip_main_in_workers, spawning
+from .mp_patches import patch_exec, skip_main_in_workers, spawning
 from .protocol import STATUS_SLOTS
 from .shm_results import caller_tag
 
@@ -241,6 +241,7 @@ def prestart(start_method: str | None, cloudpickle: bool = False) -> None:
     from multiprocessing import forkserver
 
     skip_main_in_workers()
+    patch_exec()  # (its resource tracker starts without site)
     spawning.active = True  # the server must not import __main__ either
     try:
         forkserver.ensure_running()
@@ -334,13 +335,12 @@ def start_process(ctx: Any, target: Any, name: str, args: tuple) -> BaseProcess:
     method = ctx.get_start_method()
     if method != "fork":  # (fork: no multiprocessing.spawn import, ~0.6 ms)
         skip_main_in_workers()
+        patch_exec()
     held: list[Any] = []  # the frame of each SIGINT held
     previous = signal.getsignal(signal.SIGINT) \
         if threading.current_thread() is threading.main_thread() else None
     if previous is not None:  # (None: another thread's start, or a handler set in C)
         signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-        if method == "spawn":
-            ignore_sigint_at_exec()
     spawning.active = True
     spawning.exec_ignoring = previous is not None and method == "spawn"
     started = False
