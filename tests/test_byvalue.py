@@ -199,3 +199,21 @@ def test_what_it_cannot_send_falls_back_to_cloudpickle():
     exec("import math\ndef root(x): return math.sqrt(x)", main)
     root = pickle.loads(protocol.dumps_importable(main["root"]))
     assert root(16) == 4.0 and root.__module__ == "__main__" and root is not main["root"]
+
+
+def test_a_worker_keeps_the_caches_it_was_sent_most_recently(monkeypatch):
+    # a caller that makes a new cache per task would otherwise fill the worker with them
+    from parmap.process import byvalue
+
+    monkeypatch.setattr(byvalue, "_caches", type(byvalue._caches)())
+
+    def square(x):
+        return x * x
+
+    made = [byvalue.cached(("caller", i), square, None, False)
+            for i in range(byvalue.KEPT_CACHES + 5)]
+    assert made[-1](3) == 9 and made[-1].__wrapped__ is square
+    assert byvalue.cached(("caller", 5), square, None, False) is made[5]  # used again:
+    byvalue.cached(("caller", "new"), square, None, False)  # so it stays, and the oldest
+    assert list(byvalue._caches)[:2] == [("caller", 7), ("caller", 8)]  # left goes
+    assert len(byvalue._caches) == byvalue.KEPT_CACHES

@@ -39,6 +39,7 @@ import pickle
 import sys
 import types
 import weakref
+from collections import OrderedDict
 from itertools import chain, count
 from typing import Any, Callable
 
@@ -261,9 +262,12 @@ def bind(func: Callable, obj: Any) -> types.MethodType:
 
 
 #: the caches made here, by the token of the caller's cache (see ``_reduce_cache``): one
-#: per cache of the caller's for the worker's life, not one per batch; with each, where
-#: its calls go (the function as the latest batch sent it)
-_caches: dict[tuple, tuple[Callable, list[types.FunctionType]]] = {}
+#: per cache of the caller's, not one per batch; with each, where its calls go (the
+#: function as the latest batch sent it). The least recently sent go beyond
+#: ``KEPT_CACHES`` (a caller that makes a new cache for every task would fill the
+#: worker's memory with them otherwise; one dropped and sent again starts empty)
+_caches: OrderedDict[tuple, tuple[Callable, list[types.FunctionType]]] = OrderedDict()
+KEPT_CACHES = 64
 
 
 def cached(token: tuple, func: types.FunctionType, maxsize: int | None, typed: bool
@@ -279,6 +283,10 @@ def cached(token: tuple, func: types.FunctionType, maxsize: int | None, typed: b
         calls = [func]
         entry = _caches[token] = (functools.lru_cache(maxsize=maxsize, typed=typed)(
             lambda *args, **kwargs: calls[0](*args, **kwargs)), calls)
+        if len(_caches) > KEPT_CACHES:
+            _caches.popitem(last=False)
+    else:
+        _caches.move_to_end(token)
     cache, latest = entry
     latest[0] = func
     functools.update_wrapper(cache, func)  # its name, doc and __wrapped__: func's
