@@ -3,6 +3,7 @@ fixture that keeps a cold pool's forked workers from inheriting arrays."""
 from __future__ import annotations
 
 import mmap
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,11 @@ def identity(x):
 
 def scaled(arr, factor):
     return arr * factor
+
+
+def first_after(arr, seconds):
+    time.sleep(seconds)
+    return float(arr[0])
 
 
 def describe(arr):

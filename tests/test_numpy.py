@@ -22,7 +22,7 @@ from parmap import Parallel, delayed, parallel_config
 
 from .conftest import shm_entries
 from .numpy_helpers import (_REAL_WILL_FORK, BIG, _root, big, describe, describe_all,  # noqa: F401
-                            identity, no_inheritance, scaled)
+                            first_after, identity, no_inheritance, scaled)
 
 
 # ---------------------------------------------------------------------- arguments
@@ -295,6 +295,39 @@ def test_a_stream_of_new_arrays_keeps_only_the_files_of_tasks_in_flight(
     assert len(count_placements) == 40
     assert max(in_shm) <= 5, in_shm
 
+
+def test_a_stream_of_arrays_over_foreign_buffers_keeps_only_the_files_in_flight():
+    # such an array is its own "C copy": it was held by the call, so none of them died
+    in_shm = []
+
+    def tasks():
+        for i in range(30):
+            in_shm.append(len(shm_entries()))
+            yield delayed(describe)(np.frombuffer(bytearray(big(float(i)).tobytes())))
+
+    out = Parallel(n_jobs=2, batch_size=1, pre_dispatch=2, return_as="generator")(tasks())
+    assert [d["sum"] for d in out] == [float(i) * BIG for i in range(30)]
+    assert max(in_shm) <= 5, in_shm
+
+
+class MadeWhenPickled:
+    """Pickles as a large array made on the spot: an array that exists only while its
+    batch is encoded."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return np.asarray, (big(self.value),)
+
+
+def test_an_array_made_while_its_batch_is_pickled_keeps_its_file_until_the_batch_is_done():
+    # it died as soon as its batch was encoded, and the next batch's encoding removed
+    # its file before a worker had read it (FileNotFoundError in the worker)
+    out = Parallel(n_jobs=2, batch_size=1)(
+        delayed(first_after)(MadeWhenPickled(float(i)), 0.02) for i in range(20))
+    assert out == [float(i) for i in range(20)]
+
 def test_a_with_blocks_end_frees_the_files_of_a_generator_still_referenced():
     arr = big(1.0)
     with Parallel(n_jobs=2, batch_size=1, return_as="generator") as parallel:
@@ -515,7 +548,7 @@ def test_a_late_retry_after_its_call_ended_places_nothing():
     sent, told = [], []
     resubmit = _Resubmit(SimpleNamespace(submit=sent.append), object(),
                          Batch(0, [(np.sum, (big(),), {})]), told.append, None, placer,
-                         False, None)
+                         False, None, [])
     placer.close()  # the call ended
     resubmit(protocol.RETRY)
     assert sent == [] and told == [] and shm_entries() == before

@@ -171,15 +171,18 @@ class ProcessBackend(ParallelBackendBase):
         result_nbytes = self.options.max_nbytes
         record = batch.record  # insights: pickling time and bytes are the caller's share
         t0 = perf_counter() if record is not None else 0.0
-        payload = protocol.encode_request(batch, track, placer, result_nbytes)
-        if record is not None:
-            record.pickle_s, record.request_bytes = perf_counter() - t0, len(payload)
-        if placer is None:  # no arrays pinned, so no worker can ask for the batch again
+        if placer is None:  # no arrays placed, so no worker can ask for the batch again
+            payload = protocol.encode_request(batch, track, placer, result_nbytes)
+            if record is not None:
+                record.pickle_s, record.request_bytes = perf_counter() - t0, len(payload)
             pool.submit(PoolJob(owner, batch, payload, callback, timeout))
             return
-
+        with placer.held() as arrays:
+            payload = protocol.encode_request(batch, track, placer, result_nbytes)
+        if record is not None:
+            record.pickle_s, record.request_bytes = perf_counter() - t0, len(payload)
         resubmit = _Resubmit(pool, owner, batch, callback, timeout, placer, track,
-                             result_nbytes)
+                             result_nbytes, arrays)
         pool.submit(resubmit.job(payload))
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
@@ -201,18 +204,19 @@ class _Resubmit:
     ``RETRY``, and the batch is placed again and sent anew. An object that holds no job,
     not a closure that names itself: such a cycle held the batch and the dispatcher's
     callback (the call's arguments, its input generator) after a cancelled call until a
-    garbage collection, where this goes as the pool drops the job."""
+    garbage collection, where this goes as the pool drops the job. It holds the arrays
+    its encoding placed (``ArgumentPlacer.held``) until the batch is done."""
 
     __slots__ = ("pool", "owner", "batch", "final", "timeout", "placer", "track",
-                 "result_nbytes")
+                 "result_nbytes", "arrays")
 
     def __init__(self, pool: WorkerPool, owner: object, batch: Batch, final: Callback,
                  timeout: float | None, placer: ArgumentPlacer, track: bool,
-                 result_nbytes: int | None):
+                 result_nbytes: int | None, arrays: list):
         self.pool, self.owner, self.batch = pool, owner, batch
         self.final: Callback | None = final  # None once told
         self.timeout, self.placer, self.track = timeout, placer, track
-        self.result_nbytes = result_nbytes
+        self.result_nbytes, self.arrays = result_nbytes, arrays
 
     def job(self, payload: bytes) -> PoolJob:
         return PoolJob(self.owner, self.batch, payload, self, self.timeout)
@@ -224,14 +228,17 @@ class _Resubmit:
         if outcome is not protocol.RETRY:
             self.final = None
             final(outcome)
+            self.arrays = []
             return
         if self.placer.closed:  # a late answer: the call has ended (failed, cancelled)
             self.final = None
             return
         try:
             self.placer.stop_inheriting()
-            again = protocol.encode_request(self.batch, self.track, self.placer,
-                                            self.result_nbytes)
+            with self.placer.held() as arrays:
+                again = protocol.encode_request(self.batch, self.track, self.placer,
+                                                self.result_nbytes)
+            self.arrays = arrays
             self.pool.submit(self.job(again))
         except BaseException as exc:  # the call is failing: report, never hang
             self.final = None

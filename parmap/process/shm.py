@@ -39,7 +39,8 @@ import os
 import shutil
 import threading
 import weakref
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .._shm_files import SHM_DIR, shm_has_room, track
 from . import arg_maps, remap
@@ -128,10 +129,24 @@ class ArgumentPlacer:
         self.reuse = True  # may an array remapped by an earlier call go without a copy?
         self._folder: str | None = None
         self._lock = threading.Lock()
+        self._local = threading.local()  # ``arrays``: see ``held``
         #: set by close (under the lock): a batch sent again after its call ended (a
         #: worker's late RETRY) must not place files that nobody would remove
         self.closed = False
         _open_placers.add(self)
+
+    @contextmanager
+    def held(self) -> Iterator[list]:
+        """The arrays this thread reduces meanwhile (one batch's encoding), for the one
+        who holds the batch until it is done to hold too: an array made only while the
+        batch was pickled (an object's ``__reduce__`` that builds one) then outlives its
+        file's use (see ``_dead``)."""
+        arrays: list = []
+        self._local.arrays = arrays
+        try:
+            yield arrays
+        finally:
+            self._local.arrays = None
 
     def reduce(self, arr: Any) -> tuple | None:
         """The pickle reduction of ``arr`` as a file reference, or None to pickle it."""
@@ -145,22 +160,28 @@ class ArgumentPlacer:
         elif arr.nbytes <= self.max_nbytes or arr.nbytes == 0:
             return None
         else:
+            held = getattr(self._local, "arrays", None)
+            if held is not None:
+                held.append(arr)  # (and so its root, its C copy, their files)
             root = arr
             while isinstance(root.base, np.ndarray):
                 root = root.base
             if root.base is not None or not root.flags.c_contiguous:
                 # a foreign buffer, or another order: place a C copy of the view, made
-                # once per call however many tasks get the array
+                # once per call however many tasks get the array (a contiguous view of a
+                # foreign buffer is its own copy, held weakly, as its root is)
                 key = (id(root), arr.__array_interface__["data"][0], arr.shape,
                        arr.strides, arr.dtype.str)
                 with self._lock:
                     self._release_dead()
                     copy = self._copies.get(key)
-                    if copy is None:  # (np.ascontiguousarray would make 0-d 1-d)
-                        copy = self._copies[key] = (
-                            weakref.ref(root, self._dead.append),
-                            arr if arr.flags.c_contiguous else arr.copy(order="C"))
-                arr = root = copy[1]
+                    made = None if copy is None else \
+                        copy[1]() if isinstance(copy[1], weakref.ref) else copy[1]
+                    if made is None:  # (np.ascontiguousarray would make 0-d 1-d)
+                        made = arr if arr.flags.c_contiguous else arr.copy(order="C")
+                        self._copies[key] = (weakref.ref(root, self._dead.append),
+                                             weakref.ref(made) if made is arr else made)
+                arr = root = made
             pinned = self._pin(root)
             if pinned is not None:
                 offset = (arr.__array_interface__["data"][0]
