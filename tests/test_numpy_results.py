@@ -301,10 +301,11 @@ def test_shared_memory_is_removed_when_the_caller_is_killed(tmp_path, thread):
     try:
         assert ours(pid)
         # launched by parmap's start of the forkserver, the tracker goes without site
-        # (-S); launched by other code (here parmap's first file, after forked
-        # workers), as it was
+        # (-S, from Python 3.11); launched by other code (here parmap's first file,
+        # after forked workers), as it was
         with open(f"/proc/{tracker[0]}/cmdline", "rb") as cmdline:
-            assert (b"-S" in cmdline.read().split(b"\0")) == thread
+            words = cmdline.read().split(b"\0")
+        assert (b"-S" in words) == (b"-P" in words) == (thread and sys.version_info >= (3, 11))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=20)

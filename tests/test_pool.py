@@ -354,8 +354,32 @@ def test_the_resource_tracker_parmap_launches_goes_without_site_and_no_other(mon
     monkeypatch.delattr(sys, "frozen")
     monkeypatch.setattr(mp_patches.spawning, "active", False)  # other code's start
     util.spawnv_passfds(sys.executable, tracker, ())
-    assert execs == [[sys.executable, "-S", *tracker[1:]], worker, tracker,
-                     [sys.executable, "-S", *tracker[1:]], tracker, tracker]
+    bare = [sys.executable, "-P", "-S", *tracker[1:]] if sys.version_info >= (3, 11) \
+        else tracker  # (-P, needed with -S: 3.11)
+    assert execs == [bare, worker, tracker, [sys.executable, "-S", *tracker[1:]], tracker,
+                     tracker]
+
+
+TRACKER_IN_A_FOLDER = """
+import threading
+from parmap import Parallel, delayed
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # the forkserver
+print(Parallel(n_jobs=2)(delayed(abs)(-i) for i in range(4)))
+"""
+
+
+def test_the_resource_tracker_runs_no_file_of_the_callers_folder(tmp_path):
+    # started without site, the tracker imported stat, posixpath... after the current
+    # folder joined its sys.path: a user's stat.py there ran in it (Python 3.10), and
+    # the tracker died of it; it now goes with -P, and without -S before 3.11
+    # (the caller imported stat before the folder joined its path: only the tracker can)
+    (tmp_path / "stat.py").write_text("open('ran-as-stat', 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", TRACKER_IN_A_FOLDER], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[0, 1, 2, 3]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stat.py"]
 
 def test_batches_travel_compactly_and_errors_still_name_the_task():
     from parmap._delayed import Batch, compact

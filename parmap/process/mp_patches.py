@@ -63,9 +63,12 @@ def patch_exec() -> None:
       forkserver's and spawn's do), exec'd without ``site`` (``-S``): it runs only
       multiprocessing's own module, which needs nothing from site-packages, and ``site``
       with its ``.pth`` files was most of its start (60 of 75 ms of CPU here, where one
-      imports ``certifi``), on the same cores as the forkserver the first workers wait
-      for. Not in a frozen program (it reads its own command line) nor with an
-      executable other than this interpreter (``multiprocessing.set_executable``).
+      imports ``certifi``; ~4 ms in a clean venv), on the same cores as the forkserver
+      the first workers wait for. With ``-P`` too: the modules ``site`` imported before
+      the current directory joined ``sys.path`` are imported after, where a file of
+      that directory named like one (``stat.py``) would be run instead. So from Python
+      3.11 (``-P``), not in a frozen program (it reads its own command line), nor with
+      an executable other than this interpreter (``multiprocessing.set_executable``).
 
     Other code's spawns are untouched (the flags are per thread, as in
     ``skip_main_in_workers``)."""
@@ -77,7 +80,7 @@ def patch_exec() -> None:
 
     def spawnv_passfds(path: Any, args: Any, passfds: Any) -> int:
         if getattr(spawning, "active", False) and _is_tracker(path, args):
-            args = [args[0], "-S", *args[1:]]
+            args = [args[0], "-P", "-S", *args[1:]]
         if not getattr(spawning, "exec_ignoring", False):
             return original(path, args, passfds)
         held_by = signal.signal(signal.SIGINT, signal.SIG_IGN)  # start_process's
@@ -99,7 +102,7 @@ def _is_tracker(path: Any, args: Any) -> bool:
     which may go without ``site`` (see ``patch_exec``)."""
     try:
         words = [os.fsdecode(word) for word in args]
-        return (len(words) >= 3 and words[-2] == "-c"
+        return (sys.version_info >= (3, 11) and len(words) >= 3 and words[-2] == "-c"
                 and words[-1].startswith(_TRACKER_COMMAND) and "-S" not in words[1:-2]
                 and os.fsdecode(path) == sys.executable
                 and not getattr(sys, "frozen", False))
