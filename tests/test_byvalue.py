@@ -91,6 +91,17 @@ SCRIPT = textwrap.dedent('''
     def ident(x: T) -> T:
         return typing.cast(T, x)
 
+    @functools.cache
+    def warm():  # "load once", loaded here before the workers start
+        return "loaded"
+
+    warm()
+
+    def warm_entries(x):  # entries before the task's own call: a forked worker has the
+        before = warm.cache_info().currsize  # caller's cache, with its entry
+        warm()
+        return before
+
     def run(func, *args, **kwargs):
         return Parallel(n_jobs=2, start_method=sys.argv[1])(
             delayed(func)(i, *args, **kwargs) for i in range(4))
@@ -115,6 +126,13 @@ SCRIPT = textwrap.dedent('''
     out["two caches, one call"] = Parallel(n_jobs=2, start_method=sys.argv[1], batch_size=1)(
         delayed(f)(x) for f, x in [(twice, 1), (thrice, 1), (twice, 5), (thrice, 5)] * 3)
     out["two caches, two calls"] = [run(twice), run(thrice)]
+    # a cache made anew after the workers started, under the name of one they had
+    exec("@functools.lru_cache(maxsize=None)\\ndef cached_scaled(x):\\n    return x * SCALE")
+    out["cache made anew"] = run(cached_scaled)
+    out["warm cache entries"] = min(run(warm_entries))
+    out["returned cache"] = Parallel(n_jobs=2, start_method=sys.argv[1])(
+        delayed(lambda x: fib if sys.argv[1] == "fork" else None)(i) for i in range(2))
+    out["returned cache"] = [c is fib for c in out["returned cache"] if c is not None]
     out["fact"] = run(fact)
     out["defaults"] = run(with_defaults, m=1)
     out["closure"] = run(make_adder(5))
@@ -168,6 +186,9 @@ def test_functions_of_a_script_run_in_workers_without_cloudpickle(method):
         "cached scaled, new arguments": [i * 10 for i in range(10, 14)],
         "two caches, one call": [2, 3, 10, 15] * 3,
         "two caches, two calls": [[0, 2, 4, 6], [0, 3, 6, 9]],
+        "cache made anew": [0, 10, 20, 30],
+        "warm cache entries": 1 if method == "fork" else 0,
+        "returned cache": [True, True] if method == "fork" else [],
         "fact": [1, 1, 2, 6],
         "defaults": [i + 3 + 1 for i in range(4)],
         "closure": [i + 5 for i in range(4)],

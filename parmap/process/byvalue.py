@@ -44,7 +44,8 @@ from itertools import chain, count
 from typing import Any, Callable
 
 __all__ = ["ImportablePickler", "cloud_pickler", "reduce_function", "module_base",
-           "module_name", "registered_by_value", "bind", "cached"]
+           "module_name", "registered_by_value", "bind", "cached", "token_main_caches",
+           "unpickle"]
 
 #: the globals an instruction of these kinds names: what cloudpickle sends too
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL"})
@@ -92,10 +93,7 @@ def _reduce_cache(obj: Any) -> tuple | None:
         func = getattr(obj, "__wrapped__", None)
         if isinstance(func, types.FunctionType) and func.__module__ == "__main__":
             parameters = obj.cache_parameters()
-            token = _cache_tokens.get(obj)
-            if token is None:
-                token = _cache_tokens[obj] = (os.getpid(), next(_cache_serials))
-            return cached, (token, func, parameters["maxsize"], parameters["typed"])
+            return cached, (_token(obj), func, parameters["maxsize"], parameters["typed"])
     return None
 
 
@@ -104,6 +102,23 @@ def _reduce_cache(obj: Any) -> tuple | None:
 #: share one (two made by one factory, around closures of different cells, say)
 _cache_tokens: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _cache_serials = count()
+
+
+def _token(cache: Any) -> tuple:
+    # (setdefault: two threads pickling one cache at once get one token)
+    token: tuple = _cache_tokens.setdefault(cache, (os.getpid(), next(_cache_serials)))
+    return token
+
+
+def token_main_caches() -> None:
+    """Before workers are forked: give a token to each cache ``__main__`` holds, so that
+    a forked worker knows the caches it inherited by the tokens they arrive with (see
+    ``cached``). A cache made or rebound after the fork gets a token they do not have."""
+    main = sys.modules.get("__main__")
+    for value in list(getattr(main, "__dict__", {}).values()):
+        if type(value) is _LRU_CACHE and \
+                getattr(getattr(value, "__wrapped__", None), "__module__", None) == "__main__":
+            _token(value)
 
 
 class ImportablePickler(_SharedGlobals, pickle.Pickler):
@@ -266,31 +281,77 @@ def bind(func: Callable, obj: Any) -> types.MethodType:
 #: function as the latest batch sent it). The least recently sent go beyond
 #: ``KEPT_CACHES`` (a caller that makes a new cache for every task would fill the
 #: worker's memory with them otherwise; one dropped and sent again starts empty)
-_caches: OrderedDict[tuple, tuple[Callable, list[types.FunctionType]]] = OrderedDict()
-KEPT_CACHES = 64
+_caches: OrderedDict[tuple, tuple[Any, list[types.FunctionType] | None]] = OrderedDict()
+KEPT_CACHES = 16
 
 
 def cached(token: tuple, func: types.FunctionType, maxsize: int | None, typed: bool
-           ) -> Callable:
+           ) -> Any:
     """This worker's cache of the caller's cache ``token`` around ``func``: made for the
     first batch that sends it and kept for the next ones (a "load once" function then
     loads once per worker). Its misses run ``func`` as the latest batch sent it, so with
     the globals, cells and defaults the caller had then, as the caller's own cache does
-    for its misses; a result it holds stays, as in the caller's. A forked worker does
-    not use the cache it inherited: its misses would see the globals of the fork."""
+    for its misses; a result it holds stays, as in the caller's.
+
+    A forked worker uses the caller's cache itself where it inherited it (found by its
+    token, ``token_main_caches``): what the caller cached before the fork stays cached,
+    and a task may return it (pickled by name). Its function, the worker's copy, is
+    brought to the state the batch sent once the request is unpickled
+    (``unpickle``; not before: a function's state comes after the function)."""
     entry = _caches.get(token)
     if entry is None:
-        calls = [func]
-        entry = _caches[token] = (functools.lru_cache(maxsize=maxsize, typed=typed)(
-            lambda *args, **kwargs: calls[0](*args, **kwargs)), calls)
+        inherited = None if token[0] == os.getpid() else \
+            next((cache for cache, t in list(_cache_tokens.items()) if t == token), None)
+        if inherited is not None:
+            entry = _caches[token] = (inherited, None)
+        else:
+            calls = [func]
+            entry = _caches[token] = (functools.lru_cache(maxsize=maxsize, typed=typed)(
+                lambda *args, **kwargs: calls[0](*args, **kwargs)), calls)
         if len(_caches) > KEPT_CACHES:
             _caches.popitem(last=False)
     else:
         _caches.move_to_end(token)
-    cache, latest = entry
-    latest[0] = func
-    functools.update_wrapper(cache, func)  # its name, doc and __wrapped__: func's
+    cache: Any = entry[0]
+    latest = entry[1]
+    if latest is None:
+        _to_refresh.append((cache.__wrapped__, func))
+    else:
+        latest[0] = func
+        functools.update_wrapper(cache, func)  # its name, doc and __wrapped__: func's
     return cache
+
+
+#: (inherited function, the function as a batch sent it), until its request is loaded
+_to_refresh: list[tuple[types.FunctionType, types.FunctionType]] = []
+
+
+def unpickle(data: bytes) -> Any:
+    """``pickle.loads`` of a request, in a worker; then, if it loaded, the inherited
+    caches' functions take the globals, cells and defaults that came with it (their
+    globals are the worker's copy of ``__main__``, which thereby catches up with the
+    caller's for the names those functions use)."""
+    loaded = False
+    try:
+        obj, loaded = pickle.loads(data), True
+    finally:
+        _refresh_inherited(loaded)
+    return obj
+
+
+def _refresh_inherited(loaded: bool) -> None:
+    pending = _to_refresh[:]
+    del _to_refresh[:]
+    for target, sent in pending if loaded else ():
+        target.__globals__.update(
+            (name, value) for name, value in sent.__globals__.items()
+            if not name.startswith("__"))
+        target.__defaults__, target.__kwdefaults__ = sent.__defaults__, sent.__kwdefaults__
+        for mine, theirs in zip(target.__closure__ or (), sent.__closure__ or ()):
+            try:
+                mine.cell_contents = theirs.cell_contents
+            except ValueError:  # an empty cell
+                pass
 
 
 def _rebuild(code: bytes, base: dict, name: str, n_cells: int) -> types.FunctionType:

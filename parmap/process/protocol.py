@@ -35,10 +35,10 @@ to each, so no message needs an id (the pool knows which batches each worker hol
 sent again with its arrays placed in shared memory.
 
 Requests go through plain pickle first: it is faster, and the common cases (functions
-from importable modules, and the functions a script or notebook defines: ``byvalue``)
-then never import cloudpickle (~20-25 ms of cold start). What they cannot send
-faithfully (classes defined in ``__main__``, lambdas and closures of other modules)
-goes through cloudpickle.
+from importable modules, and those a script or notebook defines: ``byvalue``) then never
+import cloudpickle (~20-25 ms of cold start); the rest (classes defined in ``__main__``,
+lambdas and closures of other modules) goes through cloudpickle. Large arrays go as
+files where a placer says so (``dumps_with``, at the end).
 
 Insights (``Parallel(insights=True)``) change the messages in one place each, and only
 for the batches of such a call: the request's ``insights`` field (sent only when true),
@@ -138,7 +138,7 @@ def encode_request(batch: Batch, track: bool, placer: shm.ArgumentPlacer | None 
 
 def decode_request(data: bytes) -> Request:
     """In the worker. Raises ``shm.NotInherited`` when a pinned array is missing."""
-    return Request(*pickle.loads(data))
+    return Request(*byvalue.unpickle(data))
 
 
 def _dumps_request(pickler: type, request: Request, placer: shm.ArgumentPlacer | None) -> bytes:
@@ -353,14 +353,13 @@ def task_pipe_room(fd: int) -> int:
 
 
 # ------------------------------------------------ pickling with arrays placed in files
-
-_pickler_classes: dict[type, type] = {}
-
-
 class Placer(Protocol):
     """Reduces a numpy array to a file reference for pickling, or returns None."""
 
     def reduce(self, arr: Any) -> tuple | None: ...
+
+
+_pickler_classes: dict[type, type] = {}
 
 
 def dumps_with(base: type, obj: Any, placer: Placer, protocol: int = 5) -> bytes:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .._errors import PoolError
 from . import worker
+from .byvalue import token_main_caches
 from .lifetime import hand_over_ctrl_c
 from .mp_patches import patch_exec, skip_main_in_workers, spawning
 from .protocol import STATUS_SLOTS
@@ -291,6 +292,8 @@ def start_worker(start_method: str | None, pool_size: int, cpus: int,
     # and each array ~0.5 ms)
     status = memoryview(mmap.mmap(-1, 8 * STATUS_SLOTS)).cast("d") if method == "fork" \
         else ctx.RawArray("d", STATUS_SLOTS)
+    if method == "fork":  # the worker will know the script's caches it inherits
+        token_main_caches()
     # a forked child keeps a GNU OpenMP pool's state but not its threads: it must be
     # capped to one thread by a call (its variable is read only when libgomp loads)
     cap_openmp = method == "fork" and one_thread and _openmp_pool_running()
