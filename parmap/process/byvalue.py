@@ -18,9 +18,10 @@ the way cloudpickle does, for what a script's functions are made of:
   worker imports too;
 * methods bound to an object, with the function by value (:func:`bind`);
 * ``functools.lru_cache``/``cache`` wrappers of such functions, as a cache of the same
-  size around the function by value, one per worker and cache of the caller's for the
-  worker's life (:func:`cached`; by reference, as cloudpickle sends them, the worker
-  looks the name up in a ``__main__`` that does not have it).
+  size around the function by value, kept in each worker, one per cache of the caller's
+  (:func:`cached`: a forked worker uses the one it inherited; by reference, as
+  cloudpickle sends them, the worker looks the name up in a ``__main__`` that does not
+  have it).
 
 :class:`ImportablePickler` raises for what this does not cover (a class defined in
 ``__main__`` and whatever else names ``__main__`` as its module, a module that is not

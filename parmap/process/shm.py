@@ -123,8 +123,8 @@ class ArgumentPlacer:
         #: the weak references above whose array died: its files go at the next reduce
         #: or at close. A call whose input makes a new array per task (a stream) kept
         #: every one of them, and its file, until it ended. An array that died is in no
-        #: batch still running (a batch holds its tasks, so their arrays, until it is
-        #: done), and no later task can name it.
+        #: batch still running (a batch holds its tasks, so their arrays, and the arrays
+        #: its encoding placed, ``held``, until it is done), and no later task names it.
         self._dead: list[Any] = []
         self.reuse = True  # may an array remapped by an earlier call go without a copy?
         self._folder: str | None = None
