@@ -310,6 +310,15 @@ def test_a_stream_of_arrays_over_foreign_buffers_keeps_only_the_files_in_flight(
     assert max(in_shm) <= 5, in_shm
 
 
+
+def test_new_views_of_one_array_over_a_foreign_buffer_keep_its_file_while_needed():
+    # such a view is its own "C copy", held weakly: a later view of the same geometry
+    # used the first one's file, and the first one's death removed it (FileNotFoundError)
+    root = np.frombuffer(big(3.0).tobytes())
+    out = Parallel(n_jobs=2, batch_size=1)(
+        delayed(first_after)(root[:], 0.005) for _ in range(30))
+    assert out == [3.0] * 30
+
 class MadeWhenPickled:
     """Pickles as a large array made on the spot: an array that exists only while its
     batch is encoded."""

@@ -162,7 +162,7 @@ class ArgumentPlacer:
         else:
             held = getattr(self._local, "arrays", None)
             if held is not None:
-                held.append(arr)  # (and so its root, its C copy, their files)
+                held.append(arr)  # (and so its root, their file)
             root = arr
             while isinstance(root.base, np.ndarray):
                 root = root.base
@@ -181,6 +181,8 @@ class ArgumentPlacer:
                         made = arr if arr.flags.c_contiguous else arr.copy(order="C")
                         self._copies[key] = (weakref.ref(root, self._dead.append),
                                              weakref.ref(made) if made is arr else made)
+                if held is not None:
+                    held.append(made)  # the copy whose file the batch names
                 arr = root = made
             pinned = self._pin(root)
             if pinned is not None:
