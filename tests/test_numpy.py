@@ -273,8 +273,6 @@ def test_a_closed_call_is_freed_without_waiting_for_a_garbage_collection():
         gc.enable()
 
 
-
-
 @pytest.mark.parametrize("view", [False, True], ids=["arrays", "views-copied"])
 def test_a_stream_of_new_arrays_keeps_only_the_files_of_tasks_in_flight(
         count_placements, view):
@@ -310,7 +308,6 @@ def test_a_stream_of_arrays_over_foreign_buffers_keeps_only_the_files_in_flight(
     assert max(in_shm) <= 5, in_shm
 
 
-
 def test_new_views_of_one_array_over_a_foreign_buffer_keep_its_file_while_needed():
     # such a view is its own "C copy", held weakly: a later view of the same geometry
     # used the first one's file, and the first one's death removed it (FileNotFoundError)
@@ -318,6 +315,7 @@ def test_new_views_of_one_array_over_a_foreign_buffer_keep_its_file_while_needed
     out = Parallel(n_jobs=2, batch_size=1)(
         delayed(first_after)(root[:], 0.005) for _ in range(30))
     assert out == [3.0] * 30
+
 
 class MadeWhenPickled:
     """Pickles as a large array made on the spot: an array that exists only while its
@@ -336,6 +334,7 @@ def test_an_array_made_while_its_batch_is_pickled_keeps_its_file_until_the_batch
     out = Parallel(n_jobs=2, batch_size=1)(
         delayed(first_after)(MadeWhenPickled(float(i)), 0.02) for i in range(20))
     assert out == [float(i) for i in range(20)]
+
 
 def test_a_with_blocks_end_frees_the_files_of_a_generator_still_referenced():
     arr = big(1.0)

@@ -332,7 +332,6 @@ def test_workers_do_not_rerun_an_unguarded_main_script(tmp_path, method):
     assert out.stdout.splitlines() == ["top-level ran", "[1, 2, 3, 4]"]
 
 
-
 def test_the_resource_tracker_parmap_launches_goes_without_site_and_no_other(monkeypatch):
     from multiprocessing import util
 
@@ -380,6 +379,7 @@ def test_the_resource_tracker_runs_no_file_of_the_callers_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[0, 1, 2, 3]"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stat.py"]
+
 
 def test_batches_travel_compactly_and_errors_still_name_the_task():
     from parmap._delayed import Batch, compact
