@@ -332,18 +332,20 @@ def unpickle(data: bytes) -> Any:
     caches' functions take the globals, cells and defaults that came with it (their
     globals are the worker's copy of ``__main__``, which thereby catches up with the
     caller's for the names those functions use)."""
-    loaded = False
     try:
-        obj, loaded = pickle.loads(data), True
-    finally:
-        _refresh_inherited(loaded)
+        obj = pickle.loads(data)
+    except BaseException:
+        del _to_refresh[:]  # half-made functions: nothing to take from them
+        raise
+    if _to_refresh:  # (a forked worker sent an inherited cache: rare)
+        _refresh_inherited()
     return obj
 
 
-def _refresh_inherited(loaded: bool) -> None:
+def _refresh_inherited() -> None:
     pending = _to_refresh[:]
     del _to_refresh[:]
-    for target, sent in pending if loaded else ():
+    for target, sent in pending:
         target.__globals__.update(
             (name, value) for name, value in sent.__globals__.items()
             if not name.startswith("__"))
